@@ -1,0 +1,19 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+GPT2_RANKS = os.path.join(SHARED, "tokenizers", "gpt2.tiktoken")
+
+
+def shared_path(*parts):
+    """A file under ../shared/data; tests that need it skip (with the reason) only where ../shared is absent."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{path} is missing in CI, where ../shared must be present")
+        pytest.skip(f"{path} not present (../shared/data is absent in this clone)")
+    return path
