@@ -1,0 +1,491 @@
+"""
+GPT-2 pretraining in one file, build-nanogpt style: read it top to bottom.
+
+    python train_gpt.py configs/demo.yaml                          # one process: cuda, mps or cpu
+    torchrun --nproc_per_node=4 train_gpt.py configs/gpt2_124m_10b.yaml
+    python train_gpt.py configs/demo.yaml resume=latest            # continue exactly where it stopped
+    python train_gpt.py configs/demo.yaml bench=true               # tokens/s and MFU, no checkpoints
+
+What happens in a step: `grad_accum_steps` micro batches of (micro_batch_size, block_size) tokens per
+rank are pushed through the model (bf16 autocast on cuda), their gradients summed (DDP all-reduces
+only on the last one), clipped to norm 1.0, and AdamW takes one step at the learning rate of a linear
+warmup + cosine schedule. One step always consumes `total_batch_size` tokens over all ranks.
+
+Checkpoints hold everything needed to continue bit for bit: weights, optimizer, step, the data
+loader's position and the RNG state. SIGTERM / SIGUSR1 (SLURM preemption or time limit) only set a
+flag; at the next step boundary the run saves a checkpoint and exits with code 0.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+import common
+from model import GPT, GPTConfig, MODEL_SIZES, model_config
+
+
+@dataclass
+class Config:
+    # data: token shards + meta.json written by prepare_data.py
+    data_dir: str = "data/fineweb_edu_10b"
+    tokenizer: Optional[str] = None  # expected tokenizer kind of the data (gpt2|byte); checked against meta.json
+    tokenizer_file: Optional[str] = None  # GPT-2 ranks file for offline use (only HellaSwag needs the tokenizer)
+    # model: a size from model.MODEL_SIZES, optionally reshaped; or HF GPT-2 weights to start from
+    model: str = "gpt2"
+    n_layer: int = 0  # 0 = the size's default
+    n_head: int = 0
+    n_embd: int = 0
+    block_size: int = 1024  # sequence length T
+    dropout: float = 0.0
+    init_from: str = "scratch"  # scratch | an HF GPT-2 hub id (gpt2, gpt2-medium, ...) or a local HF folder
+    # batch: tokens per optimizer step over all ranks = micro_batch_size * block_size * world_size * accum
+    micro_batch_size: int = 32  # sequences per forward pass per GPU
+    total_batch_size: int = 524288  # 2**19 tokens, as GPT-3 small
+    # optimisation
+    max_steps: int = 19073  # 10B tokens / 2**19
+    warmup_steps: int = 715
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # system
+    device: str = "auto"  # auto | cuda | mps | cpu
+    dtype: str = "auto"  # auto (bf16 on cuda, else fp32) | bf16 | fp32
+    compile: bool = True  # torch.compile on cuda (never on cpu/mps, where it costs more than it gives)
+    # output, evaluation, checkpoints
+    out_dir: str = "out/gpt2_124m"
+    log_interval: int = 10  # steps between train-loss records (the only per-step host syncs)
+    val_interval: int = 250  # steps between validation losses (0 = never; always at the end)
+    val_steps: int = 20  # batches per rank per validation
+    hellaswag_file: Optional[str] = None  # e.g. ../shared/data/hellaswag/hellaswag_val_full.txt
+    hellaswag_interval: int = 250
+    hellaswag_limit: int = 0  # 0 = all items
+    ckpt_interval: int = 2000  # steps between checkpoints (0 = only at the end)
+    keep_last_k: int = 0  # keep only the newest k checkpoints (0 = keep all)
+    resume: Optional[str] = None  # latest (newest in out_dir, or a fresh start if none) | a checkpoint path
+    stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
+    # benchmark: time bench_steps steps after bench_warmup, print tokens/s and MFU, write results.json, exit
+    bench: bool = False
+    bench_steps: int = 20
+    bench_warmup: int = 5
+    peak_flops: float = 0.0  # accelerator peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
+
+
+DTYPES = ("auto", "bf16", "fp32")
+# dense bf16 peak FLOP/s by torch.cuda.get_device_name() substring, first match wins
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("A100", 312e12)]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def check_config(cfg):
+    """Mistakes that need no data or devices to spot: refuse them before anything starts."""
+    if cfg.model not in MODEL_SIZES:
+        raise common.ConfigError(f"model '{cfg.model}' is not a known size; choose from {', '.join(MODEL_SIZES)}")
+    if cfg.dtype not in DTYPES:
+        raise common.ConfigError(f"dtype '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
+    for key in ("micro_batch_size", "total_batch_size", "block_size", "max_steps", "log_interval", "bench_steps"):
+        if getattr(cfg, key) <= 0:
+            raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
+    if cfg.tokenizer is not None and cfg.tokenizer not in ("gpt2", "byte"):
+        raise common.ConfigError(f"tokenizer '{cfg.tokenizer}' is not one of gpt2, byte")
+
+
+def grad_accum_steps(cfg, world_size):
+    tokens_per_micro_step = cfg.micro_batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % tokens_per_micro_step:
+        raise common.ConfigError(
+            f"total_batch_size {cfg.total_batch_size} is not divisible by micro_batch_size * block_size * world_size "
+            f"= {cfg.micro_batch_size} * {cfg.block_size} * {world_size} = {tokens_per_micro_step}")
+    return cfg.total_batch_size // tokens_per_micro_step
+
+
+def build_model(cfg, vocab_size):
+    """A fresh GPT of the configured size, or HF GPT-2 weights copied into a model with a padded vocabulary."""
+    if cfg.init_from == "scratch":
+        return GPT(model_config(cfg.model, vocab_size, cfg.block_size, cfg.dropout,
+                                cfg.n_layer or None, cfg.n_head or None, cfg.n_embd or None))
+    pretrained = GPT.from_pretrained(cfg.init_from)
+    pc = pretrained.config
+    if cfg.block_size > pc.block_size:
+        raise common.ConfigError(f"block_size {cfg.block_size} exceeds the {pc.block_size} positions of {cfg.init_from}")
+    # keep every pretrained row and all positions (so the export stays HF-shaped); pad the vocab for speed
+    config = GPTConfig(block_size=pc.block_size, vocab_size=max(vocab_size, common.padded_vocab_size(pc.vocab_size)),
+                       n_layer=pc.n_layer, n_head=pc.n_head, n_embd=pc.n_embd, dropout=cfg.dropout, bias=pc.bias)
+    model = GPT(config)
+    source = pretrained.state_dict()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in ("transformer.wte.weight", "lm_head.weight"):
+                v[:source[k].shape[0]].copy_(source[k])  # rows past the real vocab keep their random init
+            else:
+                v.copy_(source[k])
+    return model
+
+
+def lookup_peak_flops(cfg, device_type):
+    """(peak FLOP/s or None, device name): `peak_flops=` wins, else the GPU's dense bf16 peak from the table."""
+    name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops, name
+    for key, flops in PEAK_BF16_FLOPS if device_type == "cuda" else []:
+        if key in name:
+            return flops, name
+    return None, name
+
+
+# -----------------------------------------------------------------------------
+# preemption: the handler only sets a flag; the loop saves and exits at the next step boundary
+
+STOP = {"signal": None}
+
+
+def _request_stop(signum, frame):
+    STOP["signal"] = signal.Signals(signum).name
+
+
+def install_signal_handlers():
+    """Returns the previous handlers, so that a caller (a test) gets its process back as it was."""
+    STOP["signal"] = None
+    return {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+# -----------------------------------------------------------------------------
+
+
+def all_reduce(t, op, d):
+    """In place over all ranks; op 'avg' is a sum divided by the world size (older gloo builds have no AVG)."""
+    if d.ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "avg" else op)
+        if op == "avg":
+            t /= d.world_size
+    return t
+
+
+def evaluate_val_loss(model, cfg, d, autocast):
+    """Mean loss over val_steps batches of a fresh val loader (each rank its own slice), averaged over ranks."""
+    loader = common.ShardLoader(cfg.data_dir, "val", cfg.micro_batch_size, cfg.block_size, d.rank, d.world_size)
+    model.eval()
+    total = torch.zeros((), device=d.device)
+    with torch.no_grad():
+        for _ in range(cfg.val_steps):
+            x, y = loader.next_batch()
+            with autocast:
+                _, loss = model(x.to(d.device), y.to(d.device))
+            total += loss.detach()
+    model.train()
+    return all_reduce(total / cfg.val_steps, "avg", d).item()
+
+
+def evaluate_hellaswag(model, tokenizer, items, d, autocast):
+    """acc / acc_norm over the items, split across ranks and summed. Contexts longer than the model's
+    block are cut from the left (the ending is what is scored; cut positions get zero logits)."""
+    block = model.config.block_size
+
+    def logits_fn(idx):
+        with autocast:
+            logits = model(idx[:, -block:])[0].float()
+        if idx.size(1) > block:
+            pad = logits.new_zeros(idx.size(0), idx.size(1) - block, logits.size(-1))
+            logits = torch.cat([pad, logits], dim=1)
+        return logits
+
+    model.eval()
+    counts = common.hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master)
+    model.train()
+    c = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long, device=d.device)
+    correct, correct_norm, n = all_reduce(c, dist.ReduceOp.SUM, d).tolist()
+    return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n}
+
+
+def fmt(record):
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
+def main(argv=None):
+    cfg = common.load_config(Config, argv)
+    check_config(cfg)
+    d = common.setup_dist(cfg.device)
+    previous_handlers = install_signal_handlers()
+    try:
+        return train(cfg, d)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        common.cleanup_dist(d)
+
+
+def train(cfg, d):
+    accum = grad_accum_steps(cfg, d.world_size)
+    meta = common.load_meta(cfg.data_dir)
+    if cfg.tokenizer is not None and meta["tokenizer"]["kind"] != cfg.tokenizer:
+        raise common.ConfigError(f"tokenizer '{cfg.tokenizer}' was asked for, but {cfg.data_dir} holds "
+                                 f"'{meta['tokenizer']['kind']}' tokens")
+    vocab_size = common.padded_vocab_size(meta["vocab_size"])
+
+    # ---- where to start: fresh, or from a checkpoint (model, optimizer, step, data position, RNG)
+    ckpt = None
+    if cfg.resume and not cfg.bench:
+        if cfg.resume == "latest":
+            if common.list_checkpoints(cfg.out_dir):
+                ckpt = common.load_checkpoint(cfg.out_dir, expected_kind="gpt")
+        else:
+            ckpt = common.load_checkpoint(cfg.resume, expected_kind="gpt")
+    elif not cfg.bench and common.list_checkpoints(cfg.out_dir):
+        raise common.ConfigError(f"{cfg.out_dir} already holds checkpoints; continue with resume=latest, "
+                                 "or choose another out_dir")
+    start_step = ckpt["step"] + 1 if ckpt else 0
+    if ckpt and start_step >= cfg.max_steps:
+        if d.master:
+            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {cfg.max_steps} steps")
+        return {"status": "already_finished", "step": ckpt["step"]}
+
+    torch.manual_seed(cfg.seed)  # same seed on every rank: identical initial weights without a broadcast
+    if d.device_type == "cuda":
+        torch.cuda.manual_seed(cfg.seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+    if ckpt:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = build_model(cfg, vocab_size)
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise common.ConfigError(f"data vocab {meta['vocab_size']} exceeds the model's {model.config.vocab_size}")
+    model.to(d.device)
+    raw_model = model  # plain module: checkpoints, evaluation (variable shapes would recompile)
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device_type == "cuda")
+    autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    if cfg.compile and d.device_type == "cuda":
+        model = torch.compile(model)
+    if d.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), d.device_type)
+    train_loader = common.ShardLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.block_size,
+                                      d.rank, d.world_size)
+    val_loss = None
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.set_state(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"])
+        val_loss = ckpt.get("val_loss")
+
+    hellaswag_items = tokenizer = None
+    if cfg.hellaswag_file and not cfg.bench:
+        hellaswag_items = common.load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None)
+        tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)
+
+    if ckpt and d.master:
+        # records logged after the checkpoint (a crash between checkpoints) are about to be redone
+        log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        if os.path.isfile(log_path):
+            kept = [r for r in common.read_jsonl(log_path) if r.get("step", -1) <= ckpt["step"]]
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(log_path + ".tmp", log_path)
+    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None)
+    if d.master:
+        common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
+    n_params = raw_model.num_params()
+    flops_per_token = raw_model.flops_per_token(cfg.block_size)
+    peak, device_name = lookup_peak_flops(cfg, d.device_type)
+    logger.info(f"model {cfg.model if cfg.init_from == 'scratch' else cfg.init_from}: {n_params / 1e6:.2f}M "
+                f"non-embedding params, vocab {raw_model.config.vocab_size} | device {d.device} x{d.world_size} "
+                f"({device_name}), {'bf16' if use_bf16 else 'fp32'}, compile {cfg.compile and d.device_type == 'cuda'}"
+                f" | {cfg.total_batch_size} tokens/step = {cfg.micro_batch_size} x {cfg.block_size} x "
+                f"{d.world_size} ranks x {accum} accum")
+    if ckpt:
+        logger.info(f"resumed from {ckpt['path']} at step {start_step}")
+
+    def train_step(step):
+        """One optimizer step over `accum` micro batches; returns device tensors (no host sync)."""
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            x, y = train_loader.next_batch()
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            # DDP all-reduces gradients only on the last micro step; before that they just accumulate
+            # (no_sync must cover the forward too: DDP arms its reducer there)
+            with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
+                with autocast:
+                    _, loss = model(x, y)
+                loss = loss / accum  # the mean over the whole step, not a sum over micro batches
+                loss_accum += loss.detach()
+                loss.backward()
+        all_reduce(loss_accum, "avg", d)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = common.cosine_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        return loss_accum, grad_norm, lr
+
+    def synchronize():
+        if d.device_type == "cuda":
+            torch.cuda.synchronize()
+
+    if cfg.bench:
+        return bench(cfg, d, train_step, synchronize, logger, n_params, flops_per_token, peak, device_name, accum)
+
+    def save(step):
+        path = common.checkpoint_path(cfg.out_dir, step)
+        if d.master:
+            common.save_checkpoint(path, {
+                "kind": "gpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
+                "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "step": step,
+                "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
+                "val_loss": val_loss})
+            if cfg.keep_last_k > 0:
+                for _, old in common.list_checkpoints(cfg.out_dir)[:-cfg.keep_last_k]:
+                    os.remove(old)
+        if d.ddp:
+            dist.barrier()
+        return path
+
+    # ---- the loop
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=d.device)  # NaN/Inf watch without a sync
+    run_t0 = time.time()
+    interval_t0, interval_steps = time.time(), 0
+    timed_tokens, timed_seconds = 0, 0.0  # throughput, leaving out the first (warm-up/compile) step
+    train_loss, hellaswag, status, step = None, None, "done", start_step - 1
+    bar = common.progress(total=cfg.max_steps, initial=start_step, master=d.master, desc="train", unit="step")
+
+    def log(record):  # log.jsonl + log.txt, and a line above the bar
+        logger.log(record, echo=False)
+        if d.master:
+            bar.write(fmt(record))
+
+    for step in range(start_step, cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+        loss_accum, grad_norm, lr = train_step(step)
+        interval_steps += 1
+        bad = ~torch.isfinite(loss_accum)
+        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, step), first_bad_step)
+        bar.update(1)
+
+        val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
+        hella_now = hellaswag_items is not None and (
+            last_step or (cfg.hellaswag_interval > 0 and (step + 1) % cfg.hellaswag_interval == 0))
+        ckpt_now = last_step or (cfg.ckpt_interval > 0 and (step + 1) % cfg.ckpt_interval == 0)
+        user_stop = step == cfg.stop_after_step
+        log_now = ((step + 1) % cfg.log_interval == 0 or step == start_step or val_now or hella_now
+                   or ckpt_now or user_stop)
+        # a signal stops the run at a step boundary; under DDP the ranks agree on it at a log point
+        if d.ddp:
+            signal_stop = False
+            if log_now:
+                flag = torch.tensor(int(STOP["signal"] is not None), device=d.device)
+                signal_stop = bool(all_reduce(flag, dist.ReduceOp.MAX, d).item())
+        else:
+            signal_stop = STOP["signal"] is not None
+        log_now = log_now or signal_stop
+
+        if log_now:
+            train_loss, norm = loss_accum.item(), grad_norm.item()  # the host sync of this interval
+            if not math.isfinite(train_loss):
+                bad_step = int(first_bad_step.item())
+                good = [p for s, p in common.list_checkpoints(cfg.out_dir) if s < bad_step]
+                bar.close()
+                msg = (f"loss is {train_loss} at step {bad_step}: training diverged. Last good checkpoint: "
+                       f"{good[-1] if good else 'none'}")
+                logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
+                raise TrainingDiverged(msg)
+            synchronize()
+            dt = (time.time() - interval_t0) / interval_steps
+            tokens_per_sec = cfg.total_batch_size / dt
+            if step != start_step:
+                timed_tokens += cfg.total_batch_size * interval_steps
+                timed_seconds += dt * interval_steps
+            record = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
+                      "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec,
+                      "tokens": (step + 1) * cfg.total_batch_size}
+            log(record)
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+            if val_now and cfg.val_steps > 0:
+                val_loss = evaluate_val_loss(raw_model, cfg, d, autocast)
+                rec = {"type": "val", "step": step, "val_loss": val_loss}
+                log(rec)
+            if hella_now:
+                hellaswag = evaluate_hellaswag(raw_model, tokenizer, hellaswag_items, d, autocast)
+                rec = {"type": "hellaswag", "step": step, **hellaswag}
+                log(rec)
+            if ckpt_now or user_stop or signal_stop:
+                path = save(step)
+            if (signal_stop or user_stop) and not last_step:
+                status = "preempted" if signal_stop else "stopped"
+                why = f"received {STOP['signal']}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
+                bar.close()
+                logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+                break
+            interval_t0, interval_steps = time.time(), 0  # evaluation and saving are not training time
+    bar.close()
+
+    tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
+    results = {
+        "status": status, "steps": step + 1, "final_train_loss": train_loss, "final_val_loss": val_loss,
+        "tokens_seen": (step + 1) * cfg.total_batch_size, "tokens_per_sec": tokens_per_sec,
+        "tokens_per_sec_per_device": tokens_per_sec / d.world_size if tokens_per_sec else None,
+        "mfu": tokens_per_sec * flops_per_token / (peak * d.world_size) if tokens_per_sec and peak else None,
+        "seconds": time.time() - run_t0, "n_params": n_params, "world_size": d.world_size, "device": device_name,
+        "hellaswag_acc_norm": hellaswag["acc_norm"] if hellaswag else None,
+        "resumed_from_step": start_step - 1 if ckpt else None,
+    }
+    if d.master:
+        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        if status == "done":
+            logger.info(f"done: {step + 1} steps, train loss {train_loss:.4f}, val loss "
+                        f"{val_loss if val_loss is None else round(val_loss, 4)}, results in {cfg.out_dir}")
+    return results
+
+
+def bench(cfg, d, train_step, synchronize, logger, n_params, flops_per_token, peak, device_name, accum):
+    """Throughput of full optimizer steps: bench_warmup untimed steps (compile, allocator), then bench_steps."""
+    for step in common.progress(range(cfg.bench_warmup), master=d.master, desc="bench warm-up"):
+        train_step(step)
+    synchronize()
+    t0 = time.time()
+    for step in common.progress(range(cfg.bench_warmup, cfg.bench_warmup + cfg.bench_steps), master=d.master,
+                                desc="bench"):
+        loss_accum, _, _ = train_step(step)
+    loss = loss_accum.item()
+    synchronize()
+    seconds = time.time() - t0
+    tokens_per_sec = cfg.bench_steps * cfg.total_batch_size / seconds
+    per_device = tokens_per_sec / d.world_size
+    mfu = per_device * flops_per_token / peak if peak else None
+    results = {"bench": True, "model": cfg.model, "n_params": n_params, "block_size": cfg.block_size,
+               "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": accum, "world_size": d.world_size,
+               "dtype": cfg.dtype, "device": device_name, "bench_steps": cfg.bench_steps,
+               "step_ms": 1000 * seconds / cfg.bench_steps, "tokens_per_sec": tokens_per_sec,
+               "tokens_per_sec_per_device": per_device, "flops_per_token": flops_per_token, "peak_flops": peak,
+               "mfu": mfu, "final_train_loss": loss}
+    logger.log({"type": "bench", **{k: v for k, v in results.items() if k != "bench"}}, echo=False)
+    mfu_text = f"MFU {100 * mfu:.1f}% of {peak / 1e12:.1f} TFLOP/s" if mfu is not None else "MFU n/a"
+    logger.info(f"bench: {tokens_per_sec:,.0f} tokens/s ({per_device:,.0f} tokens/s per device, "
+                f"{results['step_ms']:.1f} ms/step) | {mfu_text} | {device_name}")
+    if d.master:
+        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.ConfigError, TrainingDiverged, FileNotFoundError, common.ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
