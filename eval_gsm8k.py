@@ -1,0 +1,771 @@
+"""
+One evaluation tool for every model the repository makes or loads: a native checkpoint (file, run folder,
+RUN/latest), a folder written by export_hf.py, or any HF causal LM (hub id or folder).
+
+    python eval_gsm8k.py task=gsm8k model=out/run/latest out_dir=out/eval/run limit=200 fewshot=8 \
+        data_path=../shared/data/gsm8k/test.jsonl tokenizer_file=../shared/data/tokenizers/gpt2.tiktoken
+
+Tasks
+  gsm8k      GSM8K test (1,319; limit= for a subset): k-shot (fewshot=8, exemplars from the train split) for
+             base models, or zero-shot in sft.py's chat format `User: ...\nAssistant:` with fewshot=0.
+             Scored `strict` (the number after ####) and `flexible` (the last number), numbers normalised.
+  svamp      SVAMP, same prompts and scoring (k-shot exemplars come from GSM8K train, as in the CoT papers).
+  probes     deterministic arithmetic suites: 12x12 multiplication table, two-digit x one-digit, addition,
+             subtraction; accuracy per suite. A multiplication token counts as the text it decodes to.
+  hellaswag  acc (summed loss) and acc_norm (mean per-token loss of the ending), common.hellaswag_scores.
+  sweep      every checkpoint of a run folder -> checkpoint_results.json and a learning curve PNG per metric.
+  compare    several results folders (runs=[a,b]) -> comparison_report.json and a bar chart.
+
+Generation: vLLM when it is installed and a GPU is present (engine=auto|vllm), else batched greedy decoding
+with a KV cache in plain PyTorch/transformers (engine=hf): native checkpoints go through the same in-memory
+GPT-2 conversion that export_hf.py writes. Every run writes config.json, log.jsonl/log.txt, results.json and
+predictions.jsonl to out_dir.
+"""
+import dataclasses
+import inspect
+import json
+import os
+import random
+import re
+import sys
+import time
+from decimal import Decimal, InvalidOperation
+from typing import List, Optional
+
+import torch
+
+import common
+import export_hf
+
+TASKS = ("gsm8k", "svamp", "probes", "hellaswag", "sweep", "compare")
+
+
+@dataclasses.dataclass
+class Config:
+    task: str = "gsm8k"              # gsm8k | svamp | probes | hellaswag | sweep | compare
+    model: str = ""                  # native ckpt / run folder / RUN/latest, an exported folder, or an HF id
+    out_dir: str = "out/eval"
+    limit: int = 0                   # first N items (per suite for probes); 0 = all
+    fewshot: int = 8                 # k-shot exemplars for base models; 0 = zero-shot chat format (SFT models)
+    fewshot_path: str = ""           # GSM8K train jsonl for exemplars; default: train.jsonl beside the data, else the hub
+    fewshot_seed: int = 1234         # which train exemplars (fixed for the whole run, as in lm-evaluation-harness)
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    data_path: str = ""              # local data file for this task (wins over the per-task paths below)
+    gsm8k_path: str = ""             # local files per task, so one config serves every task;
+    svamp_path: str = ""             # empty = the HF hub through `datasets`
+    hellaswag_path: str = ""
+    tokenizer_file: str = ""         # GPT-2 ranks for native checkpoints (default: the run's, else tiktoken's cache)
+    engine: str = "auto"             # auto (vLLM if installed and on CUDA, else hf) | vllm | hf
+    device: str = "auto"
+    dtype: str = "auto"              # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+    probe_n: int = 100               # items per sampled probe suite (the 12x12 table is always complete)
+    probe_max_new_tokens: int = 16
+    sweep_tasks: List[str] = dataclasses.field(default_factory=lambda: ["gsm8k", "probes"])
+    runs: List[str] = dataclasses.field(default_factory=list)        # compare: results folders, baseline first
+    labels: List[str] = dataclasses.field(default_factory=list)      # compare: names for the runs
+    gpu_memory_utilization: float = 0.85  # vLLM
+
+
+# -----------------------------------------------------------------------------
+# answers: extraction and normalisation (strict = after ####, flexible = last number), as lm-evaluation-harness
+
+NUMBER_RE = re.compile(r"-?\$?-?\d[\d,]*(?:\.\d+)?")
+STRICT_RE = re.compile(r"####\s*(-?\s*\$?\s*-?\d[\d,]*(?:\.\d+)?)")
+
+
+def normalize_number(text):
+    """'$1,234.50' -> '1234.5', '18.0' -> '18', '-3' -> '-3'; None when there is no number."""
+    if text is None:
+        return None
+    s = re.sub(r"[\s,$]", "", str(text)).rstrip(".")
+    m = re.search(r"-?\d+(?:\.\d+)?", s)  # drops units and other trailing words ('18dollars')
+    if not m:
+        return None
+    try:
+        d = Decimal(m.group(0))
+    except InvalidOperation:
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_strict(completion):
+    m = STRICT_RE.search(completion)
+    return normalize_number(m.group(1)) if m else None
+
+
+def extract_flexible(completion):
+    found = NUMBER_RE.findall(completion)
+    return normalize_number(found[-1]) if found else None
+
+
+def same_number(pred, gold):
+    if pred is None or gold is None:
+        return False
+    try:
+        return Decimal(pred) == Decimal(gold)
+    except InvalidOperation:
+        return pred == gold
+
+
+def score_completion(completion, gold):
+    strict, flexible = extract_strict(completion), extract_flexible(completion)
+    return {"extracted": {"strict": strict, "flexible": flexible},
+            "correct": {"strict": same_number(strict, gold), "flexible": same_number(flexible, gold)}}
+
+
+def cut_at_stop(text, stop):
+    """The completion up to the first stop string."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+# -----------------------------------------------------------------------------
+# data: HF hub through `datasets` (lazy import) or local files
+
+
+def _hub(name, config, split):
+    from datasets import load_dataset
+    return load_dataset(name, config, split=split) if config else load_dataset(name, split=split)
+
+
+def gsm8k_gold(answer):
+    return normalize_number(answer.split("####")[-1])
+
+
+def load_gsm8k(data_path="", split="test"):
+    rows = common.read_jsonl(data_path) if data_path else list(_hub("openai/gsm8k", "main", split))
+    return [{"id": i, "question": r["question"], "answer": r["answer"], "gold": gsm8k_gold(r["answer"])}
+            for i, r in enumerate(rows)]
+
+
+def load_svamp(data_path=""):
+    if data_path:
+        if not os.path.isfile(data_path):
+            raise FileNotFoundError(f"SVAMP file not found: {data_path}")
+        with open(data_path) as f:
+            rows = json.load(f)
+    else:
+        rows = list(_hub("ChilleD/SVAMP", None, "test"))
+    return [{"id": r.get("ID", i), "question": f"{r['Body'].strip()} {r['Question'].strip()}",
+             "gold": normalize_number(r["Answer"])} for i, r in enumerate(rows)]
+
+
+def load_hellaswag_items(data_path="", limit=None):
+    if data_path:
+        return common.load_hellaswag(data_path, limit)
+    rows = _hub("Rowan/hellaswag", None, "validation")
+    items = [{"ctx": r["ctx"], "endings": list(r["endings"]), "label": int(r["label"])} for r in rows]
+    return items[:limit] if limit else items
+
+
+def task_data_path(cfg, task):
+    return cfg.data_path or getattr(cfg, f"{task}_path", "")
+
+
+def fewshot_exemplars(cfg, k, data_path=""):
+    """k fixed GSM8K train exemplars: fewshot_path, else train.jsonl beside the task's data file (or in
+    ../gsm8k of the shared data layout), else the hub's train split."""
+    if k <= 0:
+        return []
+    path = cfg.fewshot_path
+    if not path:
+        candidates = []
+        for beside in (data_path, cfg.gsm8k_path):
+            if beside:
+                here = os.path.dirname(os.path.abspath(beside))
+                candidates += [os.path.join(here, "train.jsonl"), os.path.join(here, "..", "gsm8k", "train.jsonl")]
+        path = next((c for c in candidates if os.path.isfile(c)), "")
+    train = load_gsm8k(path, split="train")
+    return random.Random(cfg.fewshot_seed).sample(train, k)
+
+
+CHAT_TEMPLATE = "User: {question}\nAssistant:"  # the format sft.py trains
+CHAT_STOP = ["User:"]
+FEWSHOT_STOP = ["\n\n", "Question:"]
+
+
+def build_prompt(question, exemplars):
+    if not exemplars:
+        return CHAT_TEMPLATE.format(question=question)
+    shots = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in exemplars)
+    return shots + f"Question: {question}\nAnswer:"
+
+
+# arithmetic probes: fixed suites, 3-shot in the suite's own format, answer = last number of the first line
+PROBE_OPS = {"mul_table": "*", "mul_2d_1d": "*", "add_2d": "+", "sub_2d": "-"}
+PROBE_STOP = ["\n"]
+
+
+def probe_pairs(suite, n, seed=0):
+    rng = random.Random(f"probe-{suite}-{seed}")
+    if suite == "mul_table":
+        return [(a, b) for a in range(1, 13) for b in range(1, 13)]
+    if suite == "mul_2d_1d":
+        pool = [(a, b) for a in range(10, 100) for b in range(2, 10)]
+    elif suite == "add_2d":
+        pool = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    elif suite == "sub_2d":
+        pool = [(a, b) for a in range(10, 100) for b in range(10, 100) if a >= b]
+    else:
+        raise ValueError(f"unknown probe suite {suite!r}")
+    return rng.sample(pool, min(n, len(pool)))
+
+
+def probe_answer(a, op, b):
+    return {"*": a * b, "+": a + b, "-": a - b}[op]
+
+
+def probe_items(n=100, seed=0, limit=0):
+    items = []
+    for suite, op in PROBE_OPS.items():
+        pairs = probe_pairs(suite, n, seed)
+        chosen = pairs[:limit] if limit else pairs
+        for i, (a, b) in enumerate(chosen):
+            rng = random.Random(f"shots-{suite}-{seed}-{i}")
+            shots = rng.sample([p for p in pairs if p != (a, b)], 3)
+            prompt = "".join(f"Q: {x} {op} {y}\nA: {x}{op}{y}={probe_answer(x, op, y)}\n\n" for x, y in shots)
+            prompt += f"Q: {a} {op} {b}\nA:"
+            items.append({"id": f"{suite}-{i}", "suite": suite, "question": f"{a}{op}{b}", "prompt": prompt,
+                          "gold": str(probe_answer(a, op, b))})
+    return items
+
+
+# -----------------------------------------------------------------------------
+# models: one interface (an HF causal LM + a tokenizer wrapper) for native checkpoints and HF models
+
+
+class NativeTokenizer:
+    """common.Tokenizer behind the interface the tasks use (ids exactly as in training)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_ids = {tok.eot_id}
+        self.pad_id = tok.eot_id
+
+    def encode(self, text):
+        return self.tok.encode(text)
+
+    def encode_prompt(self, text):
+        return self.tok.encode(text)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+class HFTokenizer:
+    def __init__(self, tok, generation_config=None):
+        self.tok = tok
+        eos = set()
+        for e in (getattr(generation_config, "eos_token_id", None), tok.eos_token_id):
+            if isinstance(e, int):
+                eos.add(e)
+            elif e:
+                eos.update(e)
+        self.eos_ids = eos
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
+
+    def encode(self, text):  # continuation pieces (HellaSwag endings): no BOS
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def encode_prompt(self, text):  # a whole prompt: BOS where the model wants one
+        return self.tok(text, add_special_tokens=True, verbose=False)["input_ids"]
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    hf: torch.nn.Module          # a transformers causal LM
+    tok: object                  # NativeTokenizer | HFTokenizer
+    name: str                    # what the user passed
+    kind: str                    # native | hf
+    max_positions: Optional[int]
+    info: dict                   # checkpoint path, step, val_loss (native)
+    hf_dir: Optional[str] = None  # a folder vLLM can load (None for native until exported)
+    native_checkpoint: Optional[str] = None
+
+
+def is_native(path):
+    if os.path.isfile(path):
+        return path.endswith(".pt")
+    if os.path.basename(path) == "latest":
+        return True
+    return os.path.isdir(path) and bool(common.list_checkpoints(path))
+
+
+def resolve_device(device):
+    return common.autodetect_device() if device == "auto" else device
+
+
+def resolve_dtype(dtype, device):
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
+    if not name:
+        raise common.ConfigError("model= is required (a checkpoint, run folder, RUN/latest, HF folder or hub id)")
+    if is_native(name):
+        gpt, tok, ckpt = export_hf.load_native(name, tokenizer_file or None)
+        hf = export_hf.to_hf_model(gpt, tok).to(device=device, dtype=dtype).eval()
+        info = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
+                "tokenizer": tok.spec}
+        return LoadedModel(hf, NativeTokenizer(tok), name, "native", gpt.config.block_size, info,
+                           native_checkpoint=ckpt["path"])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(name)
+    c = hf.config
+    max_pos = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+    info = {}
+    if os.path.isfile(os.path.join(name, "export_info.json")):
+        with open(os.path.join(name, "export_info.json")) as f:
+            e = json.load(f)
+        info = {"checkpoint": e.get("source_checkpoint"), "step": e.get("step"), "val_loss": e.get("val_loss")}
+    return LoadedModel(hf, HFTokenizer(tok, hf.generation_config), name, "hf", max_pos, info, hf_dir=name)
+
+
+# -----------------------------------------------------------------------------
+# generation: batched greedy decoding with a KV cache (plain PyTorch/transformers), or vLLM
+
+
+@torch.no_grad()
+def generate_greedy(model, prompts, max_new_tokens, eos_ids, pad_id, stop_fn=None):
+    """Greedy continuation of each prompt (lists of ids), batched with left padding and a KV cache.
+    Returns the generated ids per prompt, without the EOS token. stop_fn(row, ids) -> True ends a row early.
+    Finished rows leave the batch (their cache rows are dropped), so the batch runs as long as its longest row."""
+    device = next(model.parameters()).device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, L - len(p):] = 1
+    idx, mask = idx.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as without padding
+    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+    past, last_pos = out.past_key_values, pos[:, -1:]
+    nxt = out.logits[:, -1].float().argmax(-1)
+    generated = [[] for _ in range(B)]
+    rows = list(range(B))  # the prompt index of each batch row still running
+    done = [False] * B     # used only when the cache cannot drop rows (legacy tuple caches)
+    for step in range(max_new_tokens):
+        keep = []
+        for j, t in enumerate(nxt.tolist()):
+            i = rows[j]
+            if done[i]:
+                continue
+            if t in eos_ids:
+                done[i] = True
+                continue
+            generated[i].append(t)
+            if stop_fn is not None and stop_fn(i, generated[i]):
+                done[i] = True
+                continue
+            keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows) and hasattr(past, "batch_select_indices"):
+            sel = torch.tensor(keep, device=device)
+            past.batch_select_indices(sel)
+            mask, last_pos, nxt = mask[sel], last_pos[sel], nxt[sel]
+            rows = [rows[j] for j in keep]
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos, past_key_values=past,
+                    use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].float().argmax(-1)
+    return generated
+
+
+class PlainEngine:
+    name = "hf"
+
+    def __init__(self, lm, batch_size):
+        self.lm, self.batch_size = lm, batch_size
+
+    def generate(self, prompts, max_new_tokens, stop):
+        tok = self.lm.tok
+
+        def stop_fn(i, ids):  # decode the tail: a stop string can only end in the newest tokens
+            return any(s in tok.decode(ids[-(len(s) + 8):]) for s in stop) if stop else False
+
+        return generate_greedy(self.lm.hf, prompts, max_new_tokens, tok.eos_ids, tok.pad_id, stop_fn)
+
+    def close(self):
+        pass
+
+
+def vllm_available():
+    """vLLM is used only when it is installed and CUDA is present (never imported otherwise)."""
+    if not torch.cuda.is_available():
+        return False
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMEngine:
+    """vllm.LLM on an HF folder (native checkpoints are exported, verified, to a temporary folder first).
+    Prompts go in as token ids from our tokenizer, so multiplication tokens are exactly the training ones."""
+    name = "vllm"
+
+    def __init__(self, lm, cfg, dtype):
+        from vllm import LLM
+        self.lm = lm
+        self.batch_size = max(cfg.batch_size, 512)  # vLLM schedules its own batches; chunks only feed the bar
+        model_dir = lm.hf_dir
+        if lm.kind == "native":
+            import tempfile
+            self._tmp = tempfile.TemporaryDirectory(prefix="eval_export_")
+            model_dir = os.path.join(self._tmp.name, "hf")
+            export_hf.export(lm.native_checkpoint, model_dir, cfg.tokenizer_file or None)
+        # vLLM takes the GPU: the transformers copy moves out of its way (loss-based tasks run before this)
+        lm.hf.to("cpu")
+        torch.cuda.empty_cache()
+        self.llm = LLM(model=model_dir, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"),
+                       seed=0, max_model_len=lm.max_positions, gpu_memory_utilization=cfg.gpu_memory_utilization)
+
+    def generate(self, prompts, max_new_tokens, stop):
+        from vllm import SamplingParams
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop) or None,
+                                stop_token_ids=sorted(self.lm.tok.eos_ids), skip_special_tokens=True)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        eos = self.lm.tok.eos_ids
+        return [[t for t in o.outputs[0].token_ids if t not in eos] for o in outs]
+
+    def close(self):
+        """Free the GPU for the next checkpoint of a sweep (vLLM keeps memory while an LLM object lives)."""
+        import gc
+        del self.llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()
+
+
+def make_engine(cfg, lm, dtype):
+    if cfg.engine not in ("auto", "vllm", "hf"):
+        raise common.ConfigError(f"engine must be auto, vllm or hf, got {cfg.engine!r}")
+    if cfg.engine == "vllm" and not vllm_available():
+        raise RuntimeError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
+    if cfg.engine == "vllm" or (cfg.engine == "auto" and vllm_available()):
+        return VLLMEngine(lm, cfg, dtype)
+    return PlainEngine(lm, cfg.batch_size)
+
+
+# -----------------------------------------------------------------------------
+# tasks
+
+
+def truncate_prompt(ids, lm, max_new_tokens):
+    """Keep the end of prompts that would not leave room for max_new_tokens (as lm-evaluation-harness)."""
+    if not lm.max_positions:
+        return ids, False
+    room = lm.max_positions - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{lm.max_positions} positions")
+    return (ids[-room:], True) if len(ids) > room else (ids, False)
+
+
+def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
+    """Generate for every item (sorted by prompt length to waste little padding), score, keep the order.
+    Returns (records, seconds, truncated)."""
+    encoded, truncated = [], 0
+    for it in items:
+        ids, cut = truncate_prompt(lm.tok.encode_prompt(it["prompt"]), lm, max_new_tokens)
+        encoded.append(ids)
+        truncated += cut
+    order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
+    records = [None] * len(items)
+    n_correct = n_done = 0
+    t0 = time.time()
+    bar = common.progress(total=len(items), desc=desc)
+    for start in range(0, len(order), engine.batch_size):
+        chunk = order[start:start + engine.batch_size]
+        outs = engine.generate([encoded[i] for i in chunk], max_new_tokens, stop)
+        for i, ids in zip(chunk, outs):
+            completion = cut_at_stop(lm.tok.decode(ids), stop)
+            rec = {"id": items[i]["id"], "prompt": items[i]["prompt"], "completion": completion,
+                   "gold": items[i]["gold"], "new_tokens": len(ids), **score_fn(items[i], completion)}
+            records[i] = rec
+            n_correct += int(rec["correct"]["flexible"] if isinstance(rec["correct"], dict) else rec["correct"])
+            n_done += 1
+        bar.update(len(chunk))
+        bar.set_postfix(acc=f"{n_correct / n_done:.3f}")
+    bar.close()
+    return records, time.time() - t0, truncated
+
+
+def task_math(cfg, lm, engine, task):
+    """gsm8k / svamp: k-shot or zero-shot chat prompts; strict and flexible accuracy."""
+    path = task_data_path(cfg, task)
+    data = load_gsm8k(path) if task == "gsm8k" else load_svamp(path)
+    if cfg.limit:
+        data = data[:cfg.limit]
+    exemplars = fewshot_exemplars(cfg, cfg.fewshot, path)
+    for it in data:
+        it["prompt"] = build_prompt(it["question"], exemplars)
+    stop = FEWSHOT_STOP if exemplars else CHAT_STOP
+    records, seconds, truncated = run_generation(data, lm, engine, cfg.max_new_tokens, stop,
+                                                 lambda it, c: score_completion(c, it["gold"]), task)
+    n = len(records)
+    strict = sum(r["correct"]["strict"] for r in records)
+    flexible = sum(r["correct"]["flexible"] for r in records)
+    metrics = {f"{task}_strict": strict / n, f"{task}_flexible": flexible / n}
+    counts = {"n": n, "strict_correct": strict, "flexible_correct": flexible,
+              "no_number": sum(r["extracted"]["flexible"] is None for r in records),
+              "truncated_prompts": truncated, "fewshot": len(exemplars),
+              "prompt_format": "fewshot" if exemplars else "chat",
+              "generated_tokens": sum(r["new_tokens"] for r in records)}
+    return metrics, counts, records, seconds
+
+
+def task_probes(cfg, lm, engine):
+    items = probe_items(cfg.probe_n, limit=cfg.limit)
+
+    def score(it, completion):
+        pred = extract_flexible(completion)
+        return {"suite": it["suite"], "extracted": pred, "correct": same_number(pred, it["gold"])}
+
+    records, seconds, truncated = run_generation(items, lm, engine, cfg.probe_max_new_tokens, PROBE_STOP,
+                                                 score, "probes")
+    metrics, counts = {}, {"truncated_prompts": truncated}
+    for suite in PROBE_OPS:
+        rs = [r for r in records if r["suite"] == suite]
+        metrics[f"probe_{suite}"] = sum(r["correct"] for r in rs) / len(rs)
+        counts[suite] = {"n": len(rs), "correct": sum(r["correct"] for r in rs)}
+    metrics["probes_mean"] = sum(metrics[f"probe_{s}"] for s in PROBE_OPS) / len(PROBE_OPS)
+    counts["n"] = len(records)
+    return metrics, counts, records, seconds
+
+
+@torch.no_grad()
+def task_hellaswag(cfg, lm):
+    items = load_hellaswag_items(task_data_path(cfg, "hellaswag"), cfg.limit or None)
+    device = next(lm.hf.parameters()).device
+
+    def logits_fn(idx):
+        return lm.hf(input_ids=idx).logits
+
+    records, correct, correct_norm = [], 0, 0
+    t0 = time.time()
+    bar = common.progress(items, desc="hellaswag")
+    for i, item in enumerate(bar):
+        summed, mean = common.hellaswag_scores(logits_fn, lm.tok, item, device)
+        pred, pred_norm = int(summed.argmin()), int(mean.argmin())
+        correct += pred == item["label"]
+        correct_norm += pred_norm == item["label"]
+        records.append({"id": i, "ctx": item["ctx"], "label": item["label"], "pred": pred, "pred_norm": pred_norm,
+                        "sum_loss": summed.tolist(), "mean_loss": mean.tolist(),
+                        "correct": pred == item["label"], "correct_norm": pred_norm == item["label"]})
+        bar.set_postfix(acc_norm=f"{correct_norm / (i + 1):.3f}")
+    n = len(records)
+    metrics = {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
+    return metrics, {"n": n, "correct": correct, "correct_norm": correct_norm}, records, time.time() - t0
+
+
+def evaluate(cfg, lm, task, out_dir, engine=None):
+    """Run one task on a loaded model and write config.json, results.json, predictions.jsonl, logs."""
+    os.makedirs(out_dir, exist_ok=True)
+    common.atomic_write_json(os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "task": task})
+    logger = common.Logger(out_dir)
+    if task == "hellaswag":
+        metrics, counts, records, seconds = task_hellaswag(cfg, lm)
+        engine_name = "loss"
+    else:
+        engine = engine or make_engine(cfg, lm, next(lm.hf.parameters()).dtype)
+        engine_name = engine.name
+        if task in ("gsm8k", "svamp"):
+            metrics, counts, records, seconds = task_math(cfg, lm, engine, task)
+        elif task == "probes":
+            metrics, counts, records, seconds = task_probes(cfg, lm, engine)
+        else:
+            raise common.ConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    with open(os.path.join(out_dir, "predictions.jsonl.tmp"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(os.path.join(out_dir, "predictions.jsonl.tmp"), os.path.join(out_dir, "predictions.jsonl"))
+    results = {"task": task, "model": lm.name, "model_kind": lm.kind, **lm.info, "engine": engine_name,
+               "metrics": metrics, "counts": counts, "n": counts["n"], "seconds": round(seconds, 3),
+               "samples_per_s": counts["n"] / seconds if seconds > 0 else None,
+               "data": task_data_path(cfg, task) or "hub", "config": {**dataclasses.asdict(cfg), "task": task}}
+    common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
+    logger.log({"task": task, **metrics, "n": counts["n"], "seconds": round(seconds, 2),
+                "samples_per_s": results["samples_per_s"]})
+    return results
+
+
+# -----------------------------------------------------------------------------
+# sweep and compare
+
+
+def plot_curves(rows, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = sorted({k for r in rows for k in r["metrics"]})
+    paths = []
+    for m in metrics:
+        pts = [(r["step"], r["metrics"][m]) for r in rows if r["metrics"].get(m) is not None]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel(m)
+        ax.set_title(f"{m} over training")
+        ax.grid(alpha=0.3)
+        path = os.path.join(out_dir, f"curve_{m}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_sweep(cfg):
+    """Evaluate every checkpoint of a run folder on sweep_tasks; learning curves per metric."""
+    run_dir = os.path.dirname(cfg.model) if os.path.basename(cfg.model) == "latest" else cfg.model
+    ckpts = common.list_checkpoints(run_dir)
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoints (ckpt_*.pt) in {run_dir}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "probes", "hellaswag")]
+    if bad or not cfg.sweep_tasks:
+        raise common.ConfigError(f"sweep_tasks must be some of gsm8k, svamp, probes, hellaswag; got {cfg.sweep_tasks}")
+    if cfg.data_path:
+        raise common.ConfigError("a sweep runs several tasks: give gsm8k_path/svamp_path/hellaswag_path, not data_path")
+    tasks = sorted(cfg.sweep_tasks, key=lambda t: t != "hellaswag")  # loss tasks first: vLLM may take the GPU after
+    rows, t0 = [], time.time()
+    for step, path in ckpts:
+        lm = load_model(path, cfg.tokenizer_file, device, dtype)
+        metrics = {}
+        if lm.info.get("val_loss") is not None:
+            metrics["val_loss"] = lm.info["val_loss"]
+        engine = None  # one generation engine per checkpoint, shared by its tasks
+        for task in tasks:
+            sub = dataclasses.replace(cfg, task=task)
+            if task != "hellaswag" and engine is None:
+                engine = make_engine(sub, lm, dtype)
+            res = evaluate(sub, lm, task, os.path.join(cfg.out_dir, f"step_{step:06d}", task), engine)
+            metrics.update(res["metrics"])
+        if engine is not None:
+            engine.close()
+        rows.append({"step": step, "checkpoint": path, "metrics": metrics})
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+    plots = plot_curves(rows, cfg.out_dir)
+    report = {"run": run_dir, "tasks": list(cfg.sweep_tasks), "checkpoints": rows,
+              "plots": [os.path.basename(p) for p in plots], "seconds": round(time.time() - t0, 2)}
+    common.atomic_write_json(os.path.join(cfg.out_dir, "checkpoint_results.json"), report)
+    return report
+
+
+def folder_metrics(folder):
+    """Metrics of a results folder: its results.json and those one level down (one per task), or the
+    last checkpoint of a sweep's checkpoint_results.json."""
+    metrics = {}
+    candidates = [os.path.join(folder, "results.json")]
+    if os.path.isdir(folder):
+        candidates += [os.path.join(folder, d, "results.json") for d in sorted(os.listdir(folder))]
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path) as f:
+                metrics.update(json.load(f).get("metrics", {}))
+    sweep = os.path.join(folder, "checkpoint_results.json")
+    if not metrics and os.path.isfile(sweep):
+        with open(sweep) as f:
+            metrics.update(json.load(f)["checkpoints"][-1]["metrics"])
+    if not metrics:
+        raise FileNotFoundError(f"no results.json or checkpoint_results.json in {folder}")
+    return metrics
+
+
+def run_compare(cfg):
+    """Several results folders (the first is the baseline) -> comparison_report.json + comparison.png."""
+    if len(cfg.runs) < 2:
+        raise common.ConfigError("compare needs runs=[baseline_dir,other_dir,...] (two or more results folders)")
+    labels = list(cfg.labels) or [os.path.basename(os.path.normpath(r)) for r in cfg.runs]
+    if len(labels) != len(cfg.runs):
+        raise common.ConfigError(f"{len(labels)} labels for {len(cfg.runs)} runs")
+    per_run = {lab: folder_metrics(r) for lab, r in zip(labels, cfg.runs)}
+    names = sorted({m for ms in per_run.values() for m in ms})
+    base = labels[0]
+    table = {m: {lab: per_run[lab].get(m) for lab in labels} for m in names}
+    delta = {m: {lab: (v - table[m][base]) if v is not None and table[m][base] is not None else None
+                 for lab, v in table[m].items() if lab != base} for m in names}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    chart = os.path.join(cfg.out_dir, "comparison.png")
+    # accuracies share one 0..1 axis; losses and other scales stay in the report only
+    charted = [m for m in names if all(v is None or 0.0 <= v <= 1.0 for v in table[m].values()) and "loss" not in m]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(charted) + 2), 4.5))
+    width = 0.8 / len(labels)
+    for j, lab in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(charted))]
+        bars = ax.bar(xs, [table[m][lab] or 0.0 for m in charted], width, label=lab)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    top = max([v for m in charted for v in table[m].values() if v is not None] + [0.0])
+    ax.set_ylim(0, min(1.05, max(0.1, top * 1.2)))
+    ax.set_xticks(range(len(charted)))
+    ax.set_xticklabels(charted, rotation=30, ha="right")
+    ax.set_ylabel("accuracy")
+    ax.set_title(" vs ".join(labels))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(chart, dpi=100)
+    plt.close(fig)
+    report = {"baseline": base,
+              "runs": [{"label": lab, "path": r, "metrics": per_run[lab]} for lab, r in zip(labels, cfg.runs)],
+              "metrics": table, "delta_vs_baseline": delta, "chart": os.path.basename(chart), "charted": charted}
+    common.atomic_write_json(os.path.join(cfg.out_dir, "comparison_report.json"), report)
+    return report
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = common.load_config(Config, argv)
+    if cfg.task not in TASKS:
+        raise common.ConfigError(f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
+    if cfg.task == "compare":
+        report = run_compare(cfg)
+        for m, vals in report["metrics"].items():
+            print(f"{m}: " + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in vals.items()))
+        return report
+    if cfg.task == "sweep":
+        return run_sweep(cfg)
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    lm = load_model(cfg.model, cfg.tokenizer_file, device, resolve_dtype(cfg.dtype, device))
+    load_seconds = time.time() - t0
+    results = evaluate(cfg, lm, cfg.task, cfg.out_dir)
+    results["load_seconds"] = round(load_seconds, 2)
+    common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    print(f"{cfg.task} on {cfg.model}: " + ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items())
+          + f" (n={results['n']}, {results['seconds']:.1f}s, {results['samples_per_s']:.3f} samples/s, "
+            f"engine {results['engine']}) -> {cfg.out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,264 @@
+"""eval_gsm8k.py: answer scoring, probes, the KV-cache generator, HellaSwag, end-to-end GSM8K on real test
+questions, checkpoint sweeps and comparisons, all on tiny models."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import common
+import eval_gsm8k as ev
+import export_hf
+from conftest import shared_path
+from test_export_hf import greedy_uncached, make_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny GPT-2-tokenizer run with multiplication tokens, and its verified HF export."""
+    ranks = shared_path("tokenizers", "gpt2.tiktoken")
+    root = tmp_path_factory.mktemp("evalrun")
+    gpt, tok = make_run(str(root / "run"), "gpt2", (1, 12), steps=10, block_size=256, tokenizer_file=ranks)
+    export_hf.export(str(root / "run"), str(root / "hf"), ranks)
+    return {"gpt": gpt, "tok": tok, "run": str(root / "run"), "hf": str(root / "hf"), "ranks": ranks, "root": root}
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+@pytest.mark.parametrize("completion, gold, strict, flexible", [
+    (" She has 5+3=<<5+3=8>>8 apples.\n#### 8", "8", True, True),
+    (" The answer is 8 dollars.", "8", False, True),            # no ####: only flexible finds it
+    (" #### 8\nWait, maybe 9", "8", True, False),               # flexible takes the last number
+    (" It costs $1,234.00 in total.\n#### $1,234.00", "1234", True, True),
+    (" The temperature drops to -7 degrees.\n#### -7", "-7", True, True),
+    (" Each one is 2.50 so\n#### 2.50", "2.5", True, True),
+    (" Half of 5 is 2.5.", "2.5", False, True),                 # a sentence's full stop is not a decimal
+    (" #### 18.0 dollars", "18", True, True),
+    (" So 3*4=12", "12", False, True),                          # a decoded multiplication token
+    (" I do not know.", "5", False, False),                     # no number at all
+    (" #### 7", "-7", False, False),
+])
+def test_strict_and_flexible_scoring(completion, gold, strict, flexible):
+    s = ev.score_completion(completion, gold)
+    assert s["correct"] == {"strict": strict, "flexible": flexible}
+    if "####" not in completion:
+        assert s["extracted"]["strict"] is None
+
+
+def test_number_normalisation():
+    assert ev.normalize_number("$1,234.50") == "1234.5"
+    assert ev.normalize_number("18.0") == "18"
+    assert ev.normalize_number(" -3 ") == "-3"
+    assert ev.normalize_number("72.") == "72"
+    assert ev.normalize_number("5 apples") == "5"
+    assert ev.normalize_number(51.0) == "51"
+    assert ev.normalize_number("none") is None
+    assert ev.extract_flexible("from 1,000 to 12,500, then") == "12500"
+    assert ev.cut_at_stop("a\n#### 3\n\nQuestion: next", ev.FEWSHOT_STOP) == "a\n#### 3"
+
+
+def test_local_data_and_golds():
+    gsm = ev.load_gsm8k(shared_path("gsm8k", "test.jsonl"))
+    assert len(gsm) == 1319 and gsm[0]["gold"] == "18"  # Janet's ducks
+    assert all(g["gold"] is not None for g in gsm)
+    svamp = ev.load_svamp(shared_path("svamp", "SVAMP.json"))
+    assert len(svamp) == 1000 and svamp[0]["gold"] == "51"
+    assert svamp[0]["question"].endswith("How much do you have to pay to buy each pack?")
+    items = ev.load_hellaswag_items(shared_path("hellaswag", "hellaswag_val_full.txt"), limit=5)
+    assert len(items) == 5 and all(len(it["endings"]) == 4 for it in items)
+
+
+# -----------------------------------------------------------------------------
+# probes
+
+
+class ScriptedEngine:
+    """Answers each probe with fixed token ids (right or wrong) through the real decode/stop/score path."""
+    name = "scripted"
+    batch_size = 7
+
+    def __init__(self, tok, by_prompt):
+        self.tok, self.by_prompt = tok, by_prompt
+
+    def generate(self, prompts, max_new_tokens, stop):
+        return [self.by_prompt[tuple(p)] for p in prompts]
+
+
+def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_path):
+    a, b = ev.probe_items(), ev.probe_items()
+    assert a == b
+    suites = {s: [it for it in a if it["suite"] == s] for s in ev.PROBE_OPS}
+    assert len(suites["mul_table"]) == 144 and all(len(v) == 100 for k, v in suites.items() if k != "mul_table")
+    for it in a:
+        x, op, y = [int(t) if t.isdigit() else t for t in re.split(r"([*+-])", it["question"])]
+        assert int(it["gold"]) == ev.probe_answer(x, op, y)
+        assert it["prompt"].endswith(f"Q: {x} {op} {y}\nA:") and it["prompt"].count(f"Q: {x} {op} {y}\n") == 1
+    assert ev.probe_items(limit=3) == [it for s in ev.PROBE_OPS for it in suites[s][:3]]
+
+    tok = run["tok"]
+    lm = ev.LoadedModel(hf=None, tok=ev.NativeTokenizer(tok), name="scripted", kind="native", max_positions=256,
+                        info={})
+    items = ev.probe_items(limit=4)
+    right = {tuple(lm.tok.encode_prompt(it["prompt"])): tok.encode(f" {it['question']}={it['gold']}\nQ: junk")
+             for it in items}
+    ids = right[tuple(lm.tok.encode_prompt(items[0]["prompt"]))]  # mul_table 1*1: a single mul token
+    assert tok.decode(ids[:1]) == " " and ids[1] == tok.mul_ids[(1, 1)]  # the answer's digits live in a mul token
+    cfg = ev.Config(task="probes", limit=4)
+    metrics, counts, records, _ = ev.task_probes(cfg, lm, ScriptedEngine(tok, right))
+    assert metrics == {**{f"probe_{s}": 1.0 for s in ev.PROBE_OPS}, "probes_mean": 1.0}
+    assert records[0]["completion"] == " 1*1=1"  # cut at the newline, the mul token decoded to its text
+    wrong = {k: tok.encode(" 7") for k in right}
+    metrics, _, _, _ = ev.task_probes(cfg, lm, ScriptedEngine(tok, wrong))
+    assert metrics["probes_mean"] == 0.0
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def test_kv_cache_generator_equals_uncached_greedy(run):
+    lm = ev.load_model(run["run"], run["ranks"])
+    tok, gpt = run["tok"], run["gpt"]
+    prompts = [tok.encode(t, allow_special=True) for t in
+               ["<|user|> What is 7*8? <|assistant|>", "Hi", "So 3 x 4 = 12 and 5*5=25, then 6*6 is"]]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
+    got = ev.generate_greedy(lm.hf, prompts, 10, eos_ids=set(), pad_id=tok.eot_id)
+    for p, g in zip(prompts, got):
+        assert g == greedy_uncached(gpt, p, 10)[len(p):]
+    # EOS ends a row (not included), the others run on; stop_fn ends a row early
+    eos = got[0][3]
+    stopped = ev.generate_greedy(lm.hf, prompts, 10, eos_ids={eos}, pad_id=tok.eot_id)
+    assert stopped[0] == got[0][:got[0].index(eos)] and len(stopped[0]) <= 3
+    for s, g in zip(stopped, got):  # rows left in the shrunken batch decode exactly as before
+        assert s == (g[:g.index(eos)] if eos in g else g)
+    early = ev.generate_greedy(lm.hf, prompts, 10, set(), tok.eot_id, stop_fn=lambda i, ids: i == 1 and len(ids) == 2)
+    assert early == [got[0], got[1][:2], got[2]]
+
+
+def test_vllm_path_is_guarded(run):
+    if not torch.cuda.is_available():
+        assert ev.vllm_available() is False  # never imported, never used without CUDA
+        lm = ev.load_model(run["run"], run["ranks"])
+        with pytest.raises(RuntimeError, match="engine=vllm needs"):
+            ev.make_engine(ev.Config(engine="vllm"), lm, torch.float32)
+        assert isinstance(ev.make_engine(ev.Config(engine="auto"), lm, torch.float32), ev.PlainEngine)
+    with pytest.raises(common.ConfigError, match="unknown task"):
+        ev.main(["task=mmlu", "model=x"])
+
+
+# -----------------------------------------------------------------------------
+# tasks end to end
+
+
+def test_hellaswag_equals_direct_computation(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = shared_path("hellaswag", "hellaswag_val_full.txt")
+    res = ev.main(["task=hellaswag", f"model={run['run']}", f"data_path={path}", "limit=12",
+                   f"out_dir={tmp_path}", f"tokenizer_file={run['ranks']}"])
+    preds = common.read_jsonl(str(tmp_path / "predictions.jsonl"))
+    # independently: the exported HF model and tokenizer, per-token losses of each ending
+    hf = AutoModelForCausalLM.from_pretrained(run["hf"], dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(run["hf"])
+    correct = correct_norm = 0
+    for item, rec in zip(common.load_hellaswag(path, 12), preds):
+        sums, means = [], []
+        ctx = hf_tok(item["ctx"], add_special_tokens=False)["input_ids"]
+        for ending in item["endings"]:
+            end = hf_tok(" " + ending, add_special_tokens=False)["input_ids"]
+            seq = torch.tensor([ctx + end])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(input_ids=seq).logits[0, :-1].float(), -1)
+            nll = -logp[torch.arange(seq.size(1) - 1), seq[0, 1:]][len(ctx) - 1:]
+            sums.append(nll.sum().item())
+            means.append(nll.mean().item())
+        pred, pred_norm = min(range(4), key=sums.__getitem__), min(range(4), key=means.__getitem__)
+        assert (rec["pred"], rec["pred_norm"]) == (pred, pred_norm)
+        assert rec["mean_loss"] == pytest.approx(means, abs=1e-4)
+        correct += pred == item["label"]
+        correct_norm += pred_norm == item["label"]
+    assert res["metrics"] == {"hellaswag_acc": correct / 12, "hellaswag_acc_norm": correct_norm / 12}
+    assert res["n"] == 12
+
+
+def test_gsm8k_end_to_end_on_exported_model(run, tmp_path):
+    data = shared_path("gsm8k", "test.jsonl")
+    out = tmp_path / "gsm8k"
+    res = ev.main(["task=gsm8k", f"model={run['hf']}", f"out_dir={out}", "limit=20", "fewshot=1",
+                   "batch_size=8", "max_new_tokens=12", f"data_path={data}"])
+    with open(out / "results.json") as f:
+        saved = json.load(f)
+    assert saved["metrics"] == res["metrics"] and set(saved["metrics"]) == {"gsm8k_strict", "gsm8k_flexible"}
+    for key in ("model", "model_kind", "engine", "counts", "n", "seconds", "samples_per_s", "config"):
+        assert key in saved, key
+    assert saved["n"] == 20 and saved["engine"] == "hf" and saved["model_kind"] == "hf" and saved["samples_per_s"] > 0
+    assert saved["step"] == 9  # export_info.json carries the checkpoint's step
+    assert os.path.isfile(out / "config.json") and os.path.isfile(out / "log.jsonl")
+    preds = common.read_jsonl(str(out / "predictions.jsonl"))
+    golds = [ev.gsm8k_gold(json.loads(line)["answer"]) for line in open(data).readlines()[:20]]
+    assert [p["gold"] for p in preds] == golds
+    train_q = [json.loads(line)["question"] for line in open(shared_path("gsm8k", "train.jsonl"))]
+    for p in preds:
+        assert set(p) >= {"prompt", "completion", "extracted", "gold", "correct"}
+        assert p["prompt"].startswith("Question: ") and p["prompt"].endswith("\nAnswer:")
+        assert p["prompt"].split("\nAnswer:")[0][len("Question: "):] in train_q  # the exemplar is from train
+        assert p["new_tokens"] <= 12 and "\n\n" not in p["completion"]
+        assert ev.score_completion(p["completion"], p["gold"])["correct"] == p["correct"]
+    n_flex = sum(p["correct"]["flexible"] for p in preds)
+    assert saved["metrics"]["gsm8k_flexible"] == n_flex / 20 and saved["counts"]["flexible_correct"] == n_flex
+
+
+def test_svamp_zero_shot_chat_format_on_native_checkpoint(run, tmp_path):
+    res = ev.main(["task=svamp", f"model={run['run']}/latest", f"out_dir={tmp_path}", "limit=4", "fewshot=0",
+                   "max_new_tokens=6", f"data_path={shared_path('svamp', 'SVAMP.json')}",
+                   f"tokenizer_file={run['ranks']}"])
+    preds = common.read_jsonl(str(tmp_path / "predictions.jsonl"))
+    assert res["counts"]["prompt_format"] == "chat" and res["model_kind"] == "native" and res["n"] == 4
+    assert all(p["prompt"].startswith("User: ") and p["prompt"].endswith("\nAssistant:") for p in preds)
+    assert [p["gold"] for p in preds] == [s["gold"] for s in ev.load_svamp(shared_path("svamp", "SVAMP.json"))[:4]]
+
+
+@pytest.fixture(scope="module")
+def sweep(run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for steps in (1, 2, 3):  # ckpt_000000 .. ckpt_000002 in one run folder
+        make_run(str(root / "run"), "gpt2", (1, 12), steps=steps, seed=steps, tokenizer_file=run["ranks"])
+    report = ev.main(["task=sweep", f"model={root / 'run'}", f"out_dir={root / 'sweep'}", "sweep_tasks=[probes,gsm8k]",
+                      f"gsm8k_path={shared_path('gsm8k', 'test.jsonl')}", "limit=2", "fewshot=0",
+                      "max_new_tokens=4", "probe_max_new_tokens=4", f"tokenizer_file={run['ranks']}"])
+    return root, report
+
+
+def test_sweep_writes_checkpoint_results_and_curves(sweep):
+    root, report = sweep
+    with open(root / "sweep" / "checkpoint_results.json") as f:
+        saved = json.load(f)
+    assert [r["step"] for r in saved["checkpoints"]] == [0, 1, 2] == [r["step"] for r in report["checkpoints"]]
+    metrics = set(saved["checkpoints"][0]["metrics"])
+    assert metrics == {"val_loss", "gsm8k_strict", "gsm8k_flexible", "probes_mean"} | {f"probe_{s}" for s in ev.PROBE_OPS}
+    for r in saved["checkpoints"]:
+        with open(root / "sweep" / f"step_{r['step']:06d}" / "probes" / "results.json") as f:
+            assert json.load(f)["metrics"]["probes_mean"] == r["metrics"]["probes_mean"]
+        assert r["metrics"]["val_loss"] == torch.load(r["checkpoint"], weights_only=False)["val_loss"]
+    for m in metrics:
+        png = root / "sweep" / f"curve_{m}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", m
+
+
+def test_compare_writes_report_and_chart(sweep, tmp_path):
+    root, report = sweep
+    runs = [str(root / "sweep" / "step_000000"), str(root / "sweep" / "step_000002")]
+    out = tmp_path / "cmp"
+    ev.main(["task=compare", f"runs=[{runs[0]},{runs[1]}]", "labels=[baseline,mul_tokens]", f"out_dir={out}"])
+    with open(out / "comparison_report.json") as f:
+        rep = json.load(f)
+    first, last = report["checkpoints"][0]["metrics"], report["checkpoints"][2]["metrics"]
+    assert rep["baseline"] == "baseline"
+    for m in ("gsm8k_flexible", "probe_mul_table", "probes_mean"):
+        assert rep["metrics"][m] == {"baseline": first[m], "mul_tokens": last[m]}
+        assert rep["delta_vs_baseline"][m]["mul_tokens"] == pytest.approx(last[m] - first[m])
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(common.ConfigError, match="two or more"):
+        ev.main(["task=compare", f"runs=[{runs[0]}]", f"out_dir={out}"])
