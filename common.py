@@ -578,6 +578,28 @@ def read_jsonl(path):
 
 
 # -----------------------------------------------------------------------------
+# GSM8K: rows {question, answer} from a local jsonl or the HF hub; the gold number after '####'
+
+FINAL_ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+
+
+def load_gsm8k(split="test", data_path=""):
+    """GSM8K rows {question, answer}: a local jsonl (e.g. ../shared/data/gsm8k/test.jsonl) or HF openai/gsm8k."""
+    if data_path:
+        if not os.path.isfile(data_path):
+            raise FileNotFoundError(f"GSM8K file not found: {data_path}")
+        return read_jsonl(data_path)
+    from datasets import load_dataset  # lazily: only needed when reading from the hub
+    return list(load_dataset("openai/gsm8k", "main", split=split))
+
+
+def final_answer(text):
+    """The number after the last '####' (GSM8K's answer line), commas removed, as a string; None if absent."""
+    found = FINAL_ANSWER_RE.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+# -----------------------------------------------------------------------------
 # HellaSwag: pick the ending the model finds most likely (acc: summed loss, acc_norm: mean per-token loss)
 
 

@@ -136,11 +136,11 @@ def _hub(name, config, split):
 
 
 def gsm8k_gold(answer):
-    return normalize_number(answer.split("####")[-1])
+    return normalize_number(common.final_answer(answer))
 
 
 def load_gsm8k(data_path="", split="test"):
-    rows = common.read_jsonl(data_path) if data_path else list(_hub("openai/gsm8k", "main", split))
+    rows = common.load_gsm8k(split, data_path)
     return [{"id": i, "question": r["question"], "answer": r["answer"], "gold": gsm8k_gold(r["answer"])}
             for i, r in enumerate(rows)]
 

@@ -128,7 +128,7 @@ def gold_answer(answer_text):
     """GSM8K's gold answer: the number after '####', as an int when it is whole."""
     if "####" not in answer_text:
         raise ValueError(f"GSM8K answer without '####': {answer_text[-80:]!r}")
-    value = parse_number(answer_text.split("####")[-1])
+    value = parse_number(common.final_answer(answer_text))
     if value is None:
         raise ValueError(f"GSM8K answer with a non-numeric final answer: {answer_text[-80:]!r}")
     return int(value) if value.is_integer() else value
@@ -169,13 +169,7 @@ def parse_output(text):
 
 def load_gsm8k(split, data_path="", num_examples=-1):
     """[{index, id, question, answer_numerical}] from a local jsonl or HF openai/gsm8k (main)."""
-    if data_path:
-        if not os.path.isfile(data_path):
-            raise FileNotFoundError(f"data_path not found: {data_path}")
-        rows = common.read_jsonl(data_path)
-    else:
-        import datasets  # lazily: only needed when reading from the hub
-        rows = list(datasets.load_dataset("openai/gsm8k", "main", split=split))
+    rows = common.load_gsm8k(split, data_path)
     if num_examples is not None and num_examples > 0:
         rows = rows[:num_examples]
     return [{"index": i, "id": f"gsm8k_{split}_{i}", "question": r["question"],

@@ -616,12 +616,6 @@ def synthetic_math_problems(n, seed=0, max_value=100, min_steps=1, max_steps=4, 
     return [synthetic_math_problem(i, seed, max_value, min_steps, max_steps, templates, ops) for i in range(n)]
 
 
-def gsm8k_answer(answer):
-    """The gold number of a GSM8K-format answer (the text after '####'), or None."""
-    m = re.search(r"####\s*(-?[\d,]*\.?\d+)", answer)
-    return m.group(1).replace(",", "") if m else None
-
-
 # arithmetic facts, in the surface forms MUL_RE recognises (the mul_tokens condition turns correct
 # in-range products into single tokens) and the same forms for + - /
 MUL_FORMS = ("{a}*{b}={c}", "{a} * {b} = {c}", "{a} x {b} = {c}", "{a} × {b} = {c}", "{a} times {b} is {c}")

@@ -84,7 +84,7 @@ def test_synthetic_problems_are_correct(knobs):
             assert shown.group(3) == shown.group(4)
         assert re.fullmatch(r"#### \d+", final), final
         assert int(final[5:]) == last  # the answer is the final computed value
-        assert P.gsm8k_answer(p["answer"]) == str(last)
+        assert common.final_answer(p["answer"]) == str(last)
     templates = {p["template"] for p in problems}
     assert len({p["question"] for p in problems}) > 390
     assert len(templates) >= (12 if hi <= 4 else 4), templates
@@ -98,7 +98,7 @@ def test_synthetic_problem_knobs():
         assert not any(set(expr) & set("*/") for expr, _ in ANNOTATION_RE.findall(p["answer"]))
     small = P.synthetic_math_problems(200, seed=2, max_value=10)
     big = P.synthetic_math_problems(200, seed=2, max_value=1000)
-    mean = lambda ps: np.mean([int(P.gsm8k_answer(p["answer"])) for p in ps])
+    mean = lambda ps: np.mean([int(common.final_answer(p["answer"])) for p in ps])
     assert mean(big) > 3 * mean(small)
     with pytest.raises(ValueError, match="templates"):
         P.synthetic_math_problems(1, templates=["nope"])
