@@ -181,6 +181,21 @@ def autodetect_device():
     return "cpu"
 
 
+def resolve_dtype(dtype, device):
+    """'auto' (bf16 on cuda, else fp32) | float32 | bfloat16 | float16 -> a torch dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def vllm_available():
+    """vLLM is the fast path only where it is installed and CUDA is present (never imported otherwise)."""
+    import importlib.util
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
 def setup_dist(device="auto"):
     """Initialise torch.distributed when launched by torchrun (RANK set), else a single process."""
     if int(os.environ.get("RANK", -1)) != -1:
@@ -278,7 +293,7 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu"):
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only: resumable on fewer GPUs
     return state
 
 
@@ -287,7 +302,7 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +382,12 @@ class ShardLoader:
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1):
         self.shards = find_shards(data_dir, split)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        window = B * T * world_size + 1
+        for path in self.shards:  # headers and lengths now, so a bad or short shard fails at start
+            n = len(read_shard(path))
+            if n < window:
+                raise ShardError(f"{path} has {n} tokens, fewer than one batch window ({B}*{T}*{world_size}+1); "
+                                 "use a smaller batch, or regenerate the data so no shard is that short")
         self.reset()
 
     def reset(self):
@@ -379,9 +400,6 @@ class ShardLoader:
     def set_state(self, state):
         self.shard, self.pos = state["shard"], state["pos"]
         self.tokens = read_shard(self.shards[self.shard])
-        if len(self.tokens) < self.B * self.T * self.world_size + 1:
-            raise ShardError(f"{self.shards[self.shard]} has {len(self.tokens)} tokens, fewer than one batch "
-                             f"window ({self.B}*{self.T}*{self.world_size}+1); use a smaller batch or more data")
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -537,6 +555,10 @@ def padded_vocab_size(n, multiple=64):
 # logging: log.jsonl (machine), log.txt (human), stdout; rank 0 only
 
 
+def format_record(record):
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
 class Logger:
     def __init__(self, out_dir, master=True, resume=False):
         self.master = master
@@ -553,7 +575,7 @@ class Logger:
         record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        line = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        line = format_record(record)
         self.txt.write(line + "\n")
         self.txt.flush()
         if echo:
@@ -580,7 +602,7 @@ def read_jsonl(path):
 # -----------------------------------------------------------------------------
 # GSM8K: rows {question, answer} from a local jsonl or the HF hub; the gold number after '####'
 
-FINAL_ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+FINAL_ANSWER_RE = re.compile(r"####\s*(-?\s*\$?\s*-?\d[\d,]*(?:\.\d+)?)")
 
 
 def load_gsm8k(split="test", data_path=""):
@@ -594,17 +616,46 @@ def load_gsm8k(split="test", data_path=""):
 
 
 def final_answer(text):
-    """The number after the last '####' (GSM8K's answer line), commas removed, as a string; None if absent."""
+    """The number after the last '####' (GSM8K's answer line), normalised; None if absent."""
     found = FINAL_ANSWER_RE.findall(text)
-    return found[-1].replace(",", "") if found else None
+    return normalize_number(found[-1]) if found else None
+
+
+def normalize_number(text):
+    """'$1,234.50' -> '1234.5', '18.0' -> '18', '- 3' -> '-3', '18 dollars' -> '18'; None without a number."""
+    from decimal import Decimal, InvalidOperation
+    if text is None:
+        return None
+    s = re.sub(r"[\s,$]", "", str(text)).rstrip(".")
+    m = re.search(r"-?\d+(?:\.\d+)?", s)  # drops units and other trailing words
+    if not m:
+        return None
+    try:
+        d = Decimal(m.group(0))
+    except InvalidOperation:
+        return None
+    return str(int(d)) if d == d.to_integral_value() else format(d.normalize(), "f")
+
+
+def same_number(a, b):
+    """Exact numeric equality of two answers (strings or numbers), after normalisation."""
+    from decimal import Decimal
+    a, b = normalize_number(a), normalize_number(b)
+    return a is not None and b is not None and Decimal(a) == Decimal(b)
 
 
 # -----------------------------------------------------------------------------
 # HellaSwag: pick the ending the model finds most likely (acc: summed loss, acc_norm: mean per-token loss)
 
 
-def load_hellaswag(path, limit=None):
-    """Items {ctx, endings[4], label} from HF-style jsonl or the 6-lines-per-item text export."""
+def load_hellaswag(path="", limit=None):
+    """Items {ctx, endings[4], label} from HF-style jsonl, the 6-lines-per-item text export, or (an empty
+    path or 'Rowan/hellaswag') the validation split of Rowan/hellaswag on the HF hub."""
+    if not path or path == "Rowan/hellaswag":
+        from datasets import load_dataset  # lazily: only needed when reading from the hub
+        rows = load_dataset("Rowan/hellaswag", split="validation")
+        items = [{"ctx": r["ctx"], "endings": list(r["endings"]), "label": int(r["label"])} for r in rows]
+        return items[:limit] if limit else items
     if not os.path.isfile(path):
         raise FileNotFoundError(f"HellaSwag file not found: {path}")
     items = []
@@ -625,14 +676,18 @@ def load_hellaswag(path, limit=None):
 
 
 @torch.no_grad()
-def hellaswag_scores(logits_fn, tokenizer, item, device):
-    """Per-ending (summed loss, mean loss) of ' ' + ending after the context; logits_fn(idx) -> logits."""
+def hellaswag_scores(logits_fn, tokenizer, item, device, max_len=None):
+    """Per-ending (summed loss, mean loss) of ' ' + ending after the context; logits_fn(idx) -> logits.
+    With max_len, rows longer than the model's positions lose context tokens from the left."""
     ctx = tokenizer.encode(item["ctx"])
     rows, masks = [], []
     for ending in item["endings"]:
         end = tokenizer.encode(" " + ending)
-        rows.append(ctx + end)
-        masks.append([0] * len(ctx) + [1] * len(end))
+        row, mask = ctx + end, [0] * len(ctx) + [1] * len(end)
+        if max_len is not None and len(row) > max_len:
+            row, mask = row[-max_len:], mask[-max_len:]
+        rows.append(row)
+        masks.append(mask)
     T = max(len(r) for r in rows)
     idx = torch.zeros((4, T), dtype=torch.long)
     mask = torch.zeros((4, T), dtype=torch.float)
@@ -648,13 +703,13 @@ def hellaswag_scores(logits_fn, tokenizer, item, device):
     return summed, summed / m.sum(1)
 
 
-def hellaswag_eval(logits_fn, tokenizer, items, device, rank=0, world_size=1, master=True):
+def hellaswag_eval(logits_fn, tokenizer, items, device, rank=0, world_size=1, master=True, max_len=None):
     """acc and acc_norm over `items` (split across ranks; the caller all-reduces the counts if DDP)."""
     correct = correct_norm = n = 0
     for i, item in enumerate(progress(items, master=master, desc="hellaswag", leave=False)):
         if i % world_size != rank:
             continue
-        summed, mean = hellaswag_scores(logits_fn, tokenizer, item, device)
+        summed, mean = hellaswag_scores(logits_fn, tokenizer, item, device, max_len)
         correct += int(summed.argmin().item() == item["label"])
         correct_norm += int(mean.argmin().item() == item["label"])
         n += 1

@@ -29,7 +29,6 @@ import random
 import re
 import sys
 import time
-from decimal import Decimal, InvalidOperation
 from typing import List, Optional
 
 import torch
@@ -71,49 +70,22 @@ class Config:
 # answers: extraction and normalisation (strict = after ####, flexible = last number), as lm-evaluation-harness
 
 NUMBER_RE = re.compile(r"-?\$?-?\d[\d,]*(?:\.\d+)?")
-STRICT_RE = re.compile(r"####\s*(-?\s*\$?\s*-?\d[\d,]*(?:\.\d+)?)")
-
-
-def normalize_number(text):
-    """'$1,234.50' -> '1234.5', '18.0' -> '18', '-3' -> '-3'; None when there is no number."""
-    if text is None:
-        return None
-    s = re.sub(r"[\s,$]", "", str(text)).rstrip(".")
-    m = re.search(r"-?\d+(?:\.\d+)?", s)  # drops units and other trailing words ('18dollars')
-    if not m:
-        return None
-    try:
-        d = Decimal(m.group(0))
-    except InvalidOperation:
-        return None
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
 
 
 def extract_strict(completion):
-    m = STRICT_RE.search(completion)
-    return normalize_number(m.group(1)) if m else None
+    m = common.FINAL_ANSWER_RE.search(completion)  # the first '####' answer, as lm-evaluation-harness
+    return common.normalize_number(m.group(1)) if m else None
 
 
 def extract_flexible(completion):
     found = NUMBER_RE.findall(completion)
-    return normalize_number(found[-1]) if found else None
-
-
-def same_number(pred, gold):
-    if pred is None or gold is None:
-        return False
-    try:
-        return Decimal(pred) == Decimal(gold)
-    except InvalidOperation:
-        return pred == gold
+    return common.normalize_number(found[-1]) if found else None
 
 
 def score_completion(completion, gold):
     strict, flexible = extract_strict(completion), extract_flexible(completion)
     return {"extracted": {"strict": strict, "flexible": flexible},
-            "correct": {"strict": same_number(strict, gold), "flexible": same_number(flexible, gold)}}
+            "correct": {"strict": common.same_number(strict, gold), "flexible": common.same_number(flexible, gold)}}
 
 
 def cut_at_stop(text, stop):
@@ -130,13 +102,8 @@ def cut_at_stop(text, stop):
 # data: HF hub through `datasets` (lazy import) or local files
 
 
-def _hub(name, config, split):
-    from datasets import load_dataset
-    return load_dataset(name, config, split=split) if config else load_dataset(name, split=split)
-
-
 def gsm8k_gold(answer):
-    return normalize_number(common.final_answer(answer))
+    return common.final_answer(answer)
 
 
 def load_gsm8k(data_path="", split="test"):
@@ -152,17 +119,10 @@ def load_svamp(data_path=""):
         with open(data_path) as f:
             rows = json.load(f)
     else:
-        rows = list(_hub("ChilleD/SVAMP", None, "test"))
+        from datasets import load_dataset  # lazily: only needed when reading from the hub
+        rows = list(load_dataset("ChilleD/SVAMP", split="test"))
     return [{"id": r.get("ID", i), "question": f"{r['Body'].strip()} {r['Question'].strip()}",
-             "gold": normalize_number(r["Answer"])} for i, r in enumerate(rows)]
-
-
-def load_hellaswag_items(data_path="", limit=None):
-    if data_path:
-        return common.load_hellaswag(data_path, limit)
-    rows = _hub("Rowan/hellaswag", None, "validation")
-    items = [{"ctx": r["ctx"], "endings": list(r["endings"]), "label": int(r["label"])} for r in rows]
-    return items[:limit] if limit else items
+             "gold": common.normalize_number(r["Answer"])} for i, r in enumerate(rows)]
 
 
 def task_data_path(cfg, task):
@@ -305,12 +265,6 @@ def resolve_device(device):
     return common.autodetect_device() if device == "auto" else device
 
 
-def resolve_dtype(dtype, device):
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
     if not name:
         raise common.ConfigError("model= is required (a checkpoint, run folder, RUN/latest, HF folder or hub id)")
@@ -407,14 +361,6 @@ class PlainEngine:
         pass
 
 
-def vllm_available():
-    """vLLM is used only when it is installed and CUDA is present (never imported otherwise)."""
-    if not torch.cuda.is_available():
-        return False
-    import importlib.util
-    return importlib.util.find_spec("vllm") is not None
-
-
 class VLLMEngine:
     """vllm.LLM on an HF folder (native checkpoints are exported, verified, to a temporary folder first).
     Prompts go in as token ids from our tokenizer, so multiplication tokens are exactly the training ones."""
@@ -457,9 +403,9 @@ class VLLMEngine:
 def make_engine(cfg, lm, dtype):
     if cfg.engine not in ("auto", "vllm", "hf"):
         raise common.ConfigError(f"engine must be auto, vllm or hf, got {cfg.engine!r}")
-    if cfg.engine == "vllm" and not vllm_available():
+    if cfg.engine == "vllm" and not common.vllm_available():
         raise RuntimeError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
-    if cfg.engine == "vllm" or (cfg.engine == "auto" and vllm_available()):
+    if cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()):
         return VLLMEngine(lm, cfg, dtype)
     return PlainEngine(lm, cfg.batch_size)
 
@@ -537,7 +483,7 @@ def task_probes(cfg, lm, engine):
 
     def score(it, completion):
         pred = extract_flexible(completion)
-        return {"suite": it["suite"], "extracted": pred, "correct": same_number(pred, it["gold"])}
+        return {"suite": it["suite"], "extracted": pred, "correct": common.same_number(pred, it["gold"])}
 
     records, seconds, truncated = run_generation(items, lm, engine, cfg.probe_max_new_tokens, PROBE_STOP,
                                                  score, "probes")
@@ -553,7 +499,7 @@ def task_probes(cfg, lm, engine):
 
 @torch.no_grad()
 def task_hellaswag(cfg, lm):
-    items = load_hellaswag_items(task_data_path(cfg, "hellaswag"), cfg.limit or None)
+    items = common.load_hellaswag(task_data_path(cfg, "hellaswag"), cfg.limit or None)
     device = next(lm.hf.parameters()).device
 
     def logits_fn(idx):
@@ -563,7 +509,7 @@ def task_hellaswag(cfg, lm):
     t0 = time.time()
     bar = common.progress(items, desc="hellaswag")
     for i, item in enumerate(bar):
-        summed, mean = common.hellaswag_scores(logits_fn, lm.tok, item, device)
+        summed, mean = common.hellaswag_scores(logits_fn, lm.tok, item, device, max_len=lm.max_positions)
         pred, pred_norm = int(summed.argmin()), int(mean.argmin())
         correct += pred == item["label"]
         correct_norm += pred_norm == item["label"]
@@ -642,7 +588,7 @@ def run_sweep(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = common.resolve_dtype(cfg.dtype, device)
     bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "probes", "hellaswag")]
     if bad or not cfg.sweep_tasks:
         raise common.ConfigError(f"sweep_tasks must be some of gsm8k, svamp, probes, hellaswag; got {cfg.sweep_tasks}")
@@ -752,7 +698,7 @@ def main(argv=None):
         return run_sweep(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
-    lm = load_model(cfg.model, cfg.tokenizer_file, device, resolve_dtype(cfg.dtype, device))
+    lm = load_model(cfg.model, cfg.tokenizer_file, device, common.resolve_dtype(cfg.dtype, device))
     load_seconds = time.time() - t0
     results = evaluate(cfg, lm, cfg.task, cfg.out_dir)
     results["load_seconds"] = round(load_seconds, 2)

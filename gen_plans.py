@@ -109,34 +109,19 @@ def build_messages(question):
 
 # "PLAN:" / "**Plan:**" / "## Execution:" at the start of a line
 MARKER_RE = re.compile(r"^[ \t>#*_]*(PLAN|EXECUTION)[ \t*_]*:[ \t*_]*", re.IGNORECASE | re.MULTILINE)
-FINAL_RE = re.compile(r"####[ \t]*\$?[ \t]*(-?[\d,]*\.?\d+)")
-
-
-def parse_number(text):
-    """'1,234' / '$18' / '18.00' / '-3' -> float, or None when it is not a number."""
-    if text is None:
-        return None
-    s = str(text).strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
-        value = float(s)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def gold_answer(answer_text):
     """GSM8K's gold answer: the number after '####', as an int when it is whole."""
     if "####" not in answer_text:
         raise ValueError(f"GSM8K answer without '####': {answer_text[-80:]!r}")
-    value = parse_number(common.final_answer(answer_text))
+    value = common.final_answer(answer_text)
     if value is None:
         raise ValueError(f"GSM8K answer with a non-numeric final answer: {answer_text[-80:]!r}")
-    return int(value) if value.is_integer() else value
+    return int(value) if "." not in value else float(value)
 
 
 def answers_match(predicted, gold):
-    p, g = parse_number(predicted), parse_number(gold)
-    return p is not None and g is not None and abs(p - g) <= 1e-6 * max(1.0, abs(g))
+    """The same check eval_gsm8k.py scores with (common.same_number), so 'valid' means what eval means."""
+    return common.same_number(predicted, gold)
 
 
 def parse_output(text):
@@ -153,12 +138,12 @@ def parse_output(text):
         return None
     plan = text[plan_m.end():exec_m.start()].strip().strip("*_ ").strip()
     rest = text[exec_m.end():]
-    final = FINAL_RE.search(rest)
+    final = common.FINAL_ANSWER_RE.search(rest)
     if final is None:
         return None
     steps = rest[:final.start()].strip().strip("*_ ").strip()
-    answer = final.group(1).replace(",", "")
-    if not plan or not steps or "####" in plan or parse_number(answer) is None:
+    answer = common.normalize_number(final.group(1))
+    if not plan or not steps or "####" in plan or answer is None:
         return None
     return {"plan": plan, "execution": f"{steps}\n#### {answer}", "answer": answer}
 
@@ -178,14 +163,6 @@ def load_gsm8k(split, data_path="", num_examples=-1):
 
 # -----------------------------------------------------------------------------
 # backends: generate(conversations, temperature, seeds) -> one answer string per conversation
-
-
-def vllm_available():
-    import importlib.util
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    import torch
-    return torch.cuda.is_available()
 
 
 def prompt_text(tokenizer, messages):
@@ -227,10 +204,7 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if cfg.dtype == "auto":
-            dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        else:
-            dtype = getattr(torch, cfg.dtype)
+        dtype = common.resolve_dtype(cfg.dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device).eval()
 
     def generate(self, conversations, temperature, seeds):
@@ -250,9 +224,9 @@ class TransformersBackend:
 def make_backend(cfg):
     name = cfg.backend
     if name == "auto":
-        name = "vllm" if vllm_available() else "transformers"
+        name = "vllm" if common.vllm_available() else "transformers"
     if name == "vllm":
-        if not vllm_available():
+        if not common.vllm_available():
             raise RuntimeError("backend=vllm needs the vllm package and a CUDA GPU; use --backend transformers")
         return VLLMBackend(cfg)
     if name == "transformers":

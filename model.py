@@ -67,7 +67,8 @@ class CausalSelfAttention(nn.Module):
         hd = C // self.n_head
         q, k, v = (t.view(B, T, self.n_head, hd) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
-        if attn_mask is None and flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        # q, not x: under autocast the LayerNorm output x is fp32 while the c_attn projections come out in bf16
+        if attn_mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             y = flash_attn_func(q, k, v, dropout_p=p, causal=True)  # (B, T, H, hd)
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)

@@ -193,27 +193,19 @@ def evaluate_val_loss(model, cfg, d, autocast):
 
 def evaluate_hellaswag(model, tokenizer, items, d, autocast):
     """acc / acc_norm over the items, split across ranks and summed. Contexts longer than the model's
-    block are cut from the left (the ending is what is scored; cut positions get zero logits)."""
-    block = model.config.block_size
+    block lose tokens from the left (the ending is what is scored)."""
 
     def logits_fn(idx):
         with autocast:
-            logits = model(idx[:, -block:])[0].float()
-        if idx.size(1) > block:
-            pad = logits.new_zeros(idx.size(0), idx.size(1) - block, logits.size(-1))
-            logits = torch.cat([pad, logits], dim=1)
-        return logits
+            return model(idx)[0].float()
 
     model.eval()
-    counts = common.hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master)
+    counts = common.hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master,
+                                   max_len=model.config.block_size)
     model.train()
     c = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long, device=d.device)
     correct, correct_norm, n = all_reduce(c, dist.ReduceOp.SUM, d).tolist()
     return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n}
-
-
-def fmt(record):
-    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
 
 
 def main(argv=None):
@@ -327,7 +319,6 @@ def train(cfg, d):
                 loss = loss / accum  # the mean over the whole step, not a sum over micro batches
                 loss_accum += loss.detach()
                 loss.backward()
-        all_reduce(loss_accum, "avg", d)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = common.cosine_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
         for group in optimizer.param_groups:
@@ -368,7 +359,7 @@ def train(cfg, d):
     def log(record):  # log.jsonl + log.txt, and a line above the bar
         logger.log(record, echo=False)
         if d.master:
-            bar.write(fmt(record))
+            bar.write(common.format_record(record))
 
     for step in range(start_step, cfg.max_steps):
         last_step = step == cfg.max_steps - 1
@@ -396,9 +387,13 @@ def train(cfg, d):
         log_now = log_now or signal_stop
 
         if log_now:
-            train_loss, norm = loss_accum.item(), grad_norm.item()  # the host sync of this interval
+            # the rank average and the host sync of this interval (gradients are already all-reduced)
+            train_loss, norm = all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
             if not math.isfinite(train_loss):
-                bad_step = int(first_bad_step.item())
+                # the earliest step any rank saw a bad loss (-1, "none seen", must not win the MIN)
+                never = torch.iinfo(torch.long).max
+                first = torch.where(first_bad_step < 0, torch.full_like(first_bad_step, never), first_bad_step)
+                bad_step = int(all_reduce(first, dist.ReduceOp.MIN, d).item())
                 good = [p for s, p in common.list_checkpoints(cfg.out_dir) if s < bad_step]
                 bar.close()
                 msg = (f"loss is {train_loss} at step {bad_step}: training diverged. Last good checkpoint: "

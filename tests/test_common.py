@@ -94,12 +94,46 @@ def test_shard_loader_ranks_are_disjoint_and_cover_the_window(tmp_path):
             assert torch.equal(x[:, 1:], y[:, :-1])
             seen.append(x.flatten())
     seen = torch.cat(seen)
-    assert len(set(seen.tolist())) == len(seen)  # no token position read twice
+    # the tokens are their own positions here: together the ranks read every position of 5 windows once
+    assert sorted(seen.tolist()) == list(range(5 * R * B * T))
     # state round trip: a fresh loader set to a saved state continues identically
     state = loaders[1].state()
     fresh = common.ShardLoader(str(tmp_path), "train", B, T, 1, R)
     fresh.set_state(state)
     assert torch.equal(fresh.next_batch()[0], loaders[1].next_batch()[0])
+
+
+def test_shard_loader_rolls_over_to_the_next_shard_and_wraps(tmp_path):
+    B, T = 2, 4  # a window of 9 tokens: shard 0 (20 tokens) gives 2 batches, shard 1 (12 tokens) 1
+    common.write_shard(tmp_path / "train_000000.bin", np.arange(20), vocab_size=1000)
+    common.write_shard(tmp_path / "train_000001.bin", np.arange(100, 112), vocab_size=1000)
+    loader = common.ShardLoader(str(tmp_path), "train", B, T)
+    firsts = [loader.next_batch()[0][0, 0].item() for _ in range(4)]
+    assert firsts == [0, 8, 100, 0]
+
+
+def test_a_short_shard_is_refused_when_the_loader_starts(tmp_path):
+    common.write_shard(tmp_path / "train_000000.bin", np.arange(100), vocab_size=1000)
+    common.write_shard(tmp_path / "train_000001.bin", np.arange(5), vocab_size=1000)
+    with pytest.raises(common.ShardError, match="train_000001.bin has 5 tokens, fewer than one batch window"):
+        common.ShardLoader(str(tmp_path), "train", 2, 4)
+
+
+# -----------------------------------------------------------------------------
+# numbers and GSM8K answers
+
+
+def test_number_normalisation_and_gsm8k_final_answers():
+    assert common.normalize_number("$1,234.50") == "1234.5" and common.normalize_number("18.0") == "18"
+    assert common.normalize_number("- 3") == "-3" and common.normalize_number("5 apples") == "5"
+    assert common.normalize_number("none") is None
+    assert common.final_answer("She makes 9 * 2 = $18.\n#### 18") == "18"
+    assert common.final_answer("#### 1,200 ... #### $-7.50") == "-7.5"  # the last answer line
+    assert common.final_answer("no answer line") is None
+    assert common.same_number("18.00", 18) and common.same_number("$1,200", "1200")
+    assert not common.same_number("17", 18) and not common.same_number(None, 18)
+    rows = common.load_gsm8k("test", shared_path("gsm8k", "test.jsonl"))
+    assert len(rows) == 1319 and common.final_answer(rows[0]["answer"]) == "18"
 
 
 # -----------------------------------------------------------------------------
@@ -203,6 +237,22 @@ def test_checkpoint_of_another_model_or_not_ours_is_refused(tmp_path):
 
 # -----------------------------------------------------------------------------
 # hellaswag file and learning-rate schedule
+
+
+def test_hellaswag_long_contexts_are_cut_from_the_left():
+    tok = common.Tokenizer("byte")
+    item = {"ctx": "a long context " * 4, "endings": ["one", "two", "three", "four!"], "label": 0}
+    seen = []
+
+    def logits_fn(idx):
+        seen.append(idx.shape[1])
+        return torch.zeros(idx.shape[0], idx.shape[1], tok.vocab_size)
+
+    summed, mean = common.hellaswag_scores(logits_fn, tok, item, "cpu", max_len=16)
+    assert seen == [16]
+    # uniform logits: each ending's summed loss is its length times log(V), whatever was cut
+    lengths = torch.tensor([len(" " + e) for e in item["endings"]], dtype=torch.float)
+    assert torch.allclose(summed, lengths * np.log(tok.vocab_size), rtol=1e-5)
 
 
 def test_hellaswag_text_export_loads():

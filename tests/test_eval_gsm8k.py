@@ -49,13 +49,13 @@ def test_strict_and_flexible_scoring(completion, gold, strict, flexible):
 
 
 def test_number_normalisation():
-    assert ev.normalize_number("$1,234.50") == "1234.5"
-    assert ev.normalize_number("18.0") == "18"
-    assert ev.normalize_number(" -3 ") == "-3"
-    assert ev.normalize_number("72.") == "72"
-    assert ev.normalize_number("5 apples") == "5"
-    assert ev.normalize_number(51.0) == "51"
-    assert ev.normalize_number("none") is None
+    assert common.normalize_number("$1,234.50") == "1234.5"
+    assert common.normalize_number("18.0") == "18"
+    assert common.normalize_number(" -3 ") == "-3"
+    assert common.normalize_number("72.") == "72"
+    assert common.normalize_number("5 apples") == "5"
+    assert common.normalize_number(51.0) == "51"
+    assert common.normalize_number("none") is None
     assert ev.extract_flexible("from 1,000 to 12,500, then") == "12500"
     assert ev.cut_at_stop("a\n#### 3\n\nQuestion: next", ev.FEWSHOT_STOP) == "a\n#### 3"
 
@@ -67,7 +67,7 @@ def test_local_data_and_golds():
     svamp = ev.load_svamp(shared_path("svamp", "SVAMP.json"))
     assert len(svamp) == 1000 and svamp[0]["gold"] == "51"
     assert svamp[0]["question"].endswith("How much do you have to pay to buy each pack?")
-    items = ev.load_hellaswag_items(shared_path("hellaswag", "hellaswag_val_full.txt"), limit=5)
+    items = common.load_hellaswag(shared_path("hellaswag", "hellaswag_val_full.txt"), limit=5)
     assert len(items) == 5 and all(len(it["endings"]) == 4 for it in items)
 
 
@@ -140,7 +140,7 @@ def test_kv_cache_generator_equals_uncached_greedy(run):
 
 def test_vllm_path_is_guarded(run):
     if not torch.cuda.is_available():
-        assert ev.vllm_available() is False  # never imported, never used without CUDA
+        assert common.vllm_available() is False  # never imported, never used without CUDA
         lm = ev.load_model(run["run"], run["ranks"])
         with pytest.raises(RuntimeError, match="engine=vllm needs"):
             ev.make_engine(ev.Config(engine="vllm"), lm, torch.float32)
