@@ -442,10 +442,37 @@ def train(cfg, d):
     }
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        plot_curves(cfg.out_dir)
         if status == "done":
             logger.info(f"done: {step + 1} steps, train loss {train_loss:.4f}, val loss "
                         f"{val_loss if val_loss is None else round(val_loss, 4)}, results in {cfg.out_dir}")
     return results
+
+
+def plot_curves(out_dir):
+    """loss.png from log.jsonl: train and val loss against step, HellaSwag acc_norm beside them if measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = common.read_jsonl(os.path.join(out_dir, "log.jsonl"))
+    series = {kind: [(r["step"], r[key]) for r in rows if r.get("type") == kind]
+              for kind, key in (("train", "loss"), ("val", "val_loss"), ("hellaswag", "acc_norm"))}
+    panels = 2 if series["hellaswag"] else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for kind, style in (("train", "-"), ("val", "o-")):
+        if series[kind]:
+            ax.plot(*zip(*series[kind]), style, label=f"{kind} loss", markersize=3)
+    ax.set(xlabel="step", ylabel="loss", title=os.path.basename(os.path.normpath(out_dir)))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if panels == 2:
+        axes[0][1].plot(*zip(*series["hellaswag"]), "o-", color="C2", markersize=3)
+        axes[0][1].set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+        axes[0][1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
 
 
 def bench(cfg, d, train_step, synchronize, logger, n_params, flops_per_token, peak, device_name, accum):

@@ -43,4 +43,4 @@ python export_hf.py --checkpoint "$OUT_DIR/latest" --output-dir "hf/$RUN" "${TOK
 echo "== 4/4 eval_gsm8k: arithmetic probes of hf/$RUN"
 python eval_gsm8k.py task=probes model="hf/$RUN" out_dir="out/eval/$RUN/probes" ${EVAL_ARGS:-}
 
-echo "== done: training results in $OUT_DIR/results.json, probe accuracy in out/eval/$RUN/probes/results.json"
+echo "== done: training results in $OUT_DIR/results.json (curve: $OUT_DIR/loss.png), probe accuracy in out/eval/$RUN/probes/results.json"

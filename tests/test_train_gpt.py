@@ -182,6 +182,8 @@ def test_results_json_has_the_promised_fields(data_dir, tmp_path):
     assert {"loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec"} <= set(rec)
     assert rec["lr"] == pytest.approx(common.cosine_lr(5, 3e-3, 3e-4, 2, 6))
     assert os.path.getsize(os.path.join(out, "log.txt")) > 0
+    with open(os.path.join(out, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_nan_loss_stops_with_the_step_and_last_good_checkpoint(data_dir, tmp_path):
