@@ -382,12 +382,17 @@ class ShardLoader:
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1):
         self.shards = find_shards(data_dir, split)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        # every header and length is checked now, so a corrupt shard fails at start rather than hours in;
+        # a shard shorter than one batch window (the tail of a small source) cannot be read and is left out
         window = B * T * world_size + 1
-        for path in self.shards:  # headers and lengths now, so a bad or short shard fails at start
-            n = len(read_shard(path))
-            if n < window:
-                raise ShardError(f"{path} has {n} tokens, fewer than one batch window ({B}*{T}*{world_size}+1); "
-                                 "use a smaller batch, or regenerate the data so no shard is that short")
+        short = [p for p in self.shards if len(read_shard(p)) < window]
+        self.shards = [p for p in self.shards if p not in short]
+        if not self.shards:
+            raise ShardError(f"every {split} shard in {data_dir} is shorter than one batch window "
+                             f"({B}*{T}*{world_size}+1 tokens); use a smaller batch or more data")
+        if short and rank == 0:
+            print(f"warning: skipping {len(short)} {split} shard(s) shorter than one batch window: "
+                  f"{', '.join(os.path.basename(p) for p in short)}", file=sys.stderr)
         self.reset()
 
     def reset(self):

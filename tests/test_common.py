@@ -112,10 +112,16 @@ def test_shard_loader_rolls_over_to_the_next_shard_and_wraps(tmp_path):
     assert firsts == [0, 8, 100, 0]
 
 
-def test_a_short_shard_is_refused_when_the_loader_starts(tmp_path):
+def test_short_and_corrupt_shards_are_found_when_the_loader_starts(tmp_path, capsys):
     common.write_shard(tmp_path / "train_000000.bin", np.arange(100), vocab_size=1000)
-    common.write_shard(tmp_path / "train_000001.bin", np.arange(5), vocab_size=1000)
-    with pytest.raises(common.ShardError, match="train_000001.bin has 5 tokens, fewer than one batch window"):
+    common.write_shard(tmp_path / "train_000001.bin", np.arange(5), vocab_size=1000)  # a short tail
+    loader = common.ShardLoader(str(tmp_path), "train", 2, 4)
+    assert [os.path.basename(p) for p in loader.shards] == ["train_000000.bin"]
+    assert "skipping 1 train shard(s)" in capsys.readouterr().err
+    with pytest.raises(common.ShardError, match="every train shard .* is shorter than one batch window"):
+        common.ShardLoader(str(tmp_path), "train", 8, 16)
+    (tmp_path / "train_000002.bin").write_bytes((tmp_path / "train_000000.bin").read_bytes()[:-7])
+    with pytest.raises(common.ShardError, match="train_000002.bin: header promises 100 tokens"):
         common.ShardLoader(str(tmp_path), "train", 2, 4)
 
 
