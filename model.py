@@ -5,7 +5,6 @@ scaled_dot_product_attention. forward() takes explicit position ids and an expli
 so that the diffusion and any-order models can reuse the same blocks.
 """
 import inspect
-import math
 from dataclasses import dataclass, asdict
 
 import torch

@@ -189,8 +189,7 @@ def test_mul_token_injection(kind):
     for text in ["3*4=12", "3 x 4 = 12", "3 × 4 = 12", "3 times 4 is 12", "12*12=144"]:
         ids = tok.encode(text)
         assert len(ids) == 1 and ids[0] in mul_ids, text
-        a, b = text.replace("×", "x").replace("times", "x").replace("*", "x").split("x")[0], None
-        assert tok.decode(ids) == {"3": "3*4=12", "12": "12*12=144"}[a.strip()]
+        assert tok.decode(ids) == ("12*12=144" if text.startswith("12") else "3*4=12")
     # wrong products, out-of-range factors and parts of longer numbers stay text
     for text in ["3*4=13", "13*4=52", "3*4=120", "23*4=92", "3*4=12.5", "0*5=0"]:
         ids = tok.encode(text)
