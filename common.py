@@ -822,6 +822,138 @@ def padded_vocab_size(n, multiple=64):
     return ((n + multiple - 1) // multiple) * multiple
 
 
+# HF tokenizer: common.Tokenizer -> a `tokenizers` ByteLevel BPE with the same ids (the notes on the
+# differences are in export_hf.py, which verifies them; model.save_hf_folder writes the result)
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable unicode char map (the vocabulary's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+BYTE_ENCODER = bytes_to_unicode()
+
+
+def token_str(b):
+    return "".join(BYTE_ENCODER[x] for x in b)
+
+
+def merges_from_ranks(ranks):
+    """Recover the BPE merge list from tiktoken ranks: the merge that creates token t is the last step of
+    running BPE on t's bytes with only the ranks below t's own. Ordered by rank (= GPT-2's merges.txt)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while True:  # tiktoken's BPE: merge the adjacent pair of lowest rank, restricted to ranks < rank
+            best = None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best is None or r < best[0]):
+                    best = (r, i)
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two lower-ranked tokens")
+        merges.append((token_str(parts[0]), token_str(parts[1])))
+    return merges
+
+
+def gpt2_ranks(tok):
+    """{token bytes: id} of the base BPE, read through tiktoken's public API (no private attributes)."""
+    enc = tok.base
+    return {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != tok.eot_id}
+
+
+def mul_split_regex(tok):
+    """Isolates exactly the canonical strings of the multiplication tokens, with MUL_RE's guards
+    (not preceded by a digit, '.' or ','; not followed by a digit or by '.'/',' and a digit)."""
+    strings = sorted((tok.id_to_text[i] for i in tok.mul_ids.values()), key=len, reverse=True)
+    return "(?:" + "|".join(re.escape(s) for s in strings) + ")"
+
+
+def build_hf_tokenizer(tok):
+    """A `tokenizers.Tokenizer` giving the same ids as `tok` (see the module notes for the exceptions)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if tok.kind == "gpt2":
+        ranks = gpt2_ranks(tok)
+        vocab = {token_str(b): i for b, i in ranks.items()}
+        merges = merges_from_ranks(ranks)
+    else:  # byte: ids 0..255 are the bytes themselves, no merges
+        vocab = {BYTE_ENCODER[i]: i for i in range(256)}
+        merges = []
+    # end of text, extra tokens and multiplication tokens sit in the BPE vocabulary at their own ids
+    # (so the added-token machinery reuses those ids instead of appending new ones)
+    for text, i in tok.special.items():
+        vocab[text] = i
+    for i in tok.mul_ids.values():
+        vocab[tok.id_to_text[i]] = i
+    if len(set(vocab.values())) != tok.vocab_size or max(vocab.values()) != tok.vocab_size - 1:
+        raise ValueError(f"vocabulary ids are not 0..{tok.vocab_size - 1}")
+
+    # ignore_merges: a whole pre-token found in the vocabulary is taken as is, which is what tiktoken does
+    hf = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
+    splits = []
+    if tok.mul_ids:
+        hf.normalizer = normalizers.Sequence([
+            normalizers.Replace(Regex(rf"(?<![\d.,]){a}\s*(?:\*|×|\bx\b|\btimes\b)\s*{b}\s*(?:=|\bis\b)\s*{a * b}"
+                                      r"(?![\d]|[.,]\d)"), f"{a}*{b}={a * b}")
+            for (a, b), _ in sorted(tok.mul_ids.items(), key=lambda kv: kv[1])])
+        alternatives = mul_split_regex(tok)
+        splits.append(pre_tokenizers.Split(Regex(r"(?<![\d.,])" + alternatives + r"(?![\d]|[.,]\d)"), behavior="isolated"))
+        whole_mul = r"\A" + alternatives + r"\z|"  # keeps an isolated product in one piece through the next split
+    else:
+        whole_mul = ""
+    if tok.kind == "gpt2":
+        splits.append(pre_tokenizers.Split(Regex(whole_mul + GPT2_PATTERN), behavior="isolated"))
+    splits.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tok.special])
+    return hf
+
+
+def hf_tokenizer(tok, model_max_length):
+    """The transformers wrapper around build_hf_tokenizer (what save_pretrained writes)."""
+    from transformers import PreTrainedTokenizerFast
+    eot = GPT2_EOT
+    return PreTrainedTokenizerFast(tokenizer_object=build_hf_tokenizer(tok), bos_token=eot, eos_token=eot,
+                                   unk_token=eot, pad_token=eot, model_max_length=model_max_length,
+                                   clean_up_tokenization_spaces=False)
+
+
+def sample_text(tok):
+    """Text for the tokenizer check: prose, numbers, whitespace, unicode, every special/extra token, every
+    multiplication token in canonical form, and near-misses that must stay plain text."""
+    parts = [
+        "The quick brown fox jumps over the lazy dog. It's 3:45pm; they'll pay $1,234.50 (or 12.5%)!\n\n",
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.\n",
+        "  indented\tTabs\r\nCRLF  and   spaces. Ünïcödé: café, naïve, 日本語, emoji 🙂, math ∑ x² ≥ 0.\n",
+        "#### 72\n<<48/2=24>> 1*1=1? 13*4=52, 3*4=13, 3*4=125, 123*4=492, 3*4=12.5, 1.3*4=12 ",
+        "surface forms: 3 x 4 = 12, 3 × 4 = 12, 3 times 4 is 12, 3 * 4 = 12, 2 x 6 = 12 bags, 12x12=144\n",
+    ]
+    for text in tok.special:
+        parts.append(f"{text}a {text}\n")
+    for i in sorted(tok.mul_ids.values()):
+        s = tok.id_to_text[i]
+        parts.append(f"{s} ({s}),x{s}\n")
+    return "".join(parts)
+
+
+
 # -----------------------------------------------------------------------------
 # logging: log.jsonl (machine), log.txt (human), stdout; rank 0 only
 

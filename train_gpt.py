@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 import common
-from model import GPT, GPTConfig, MODEL_SIZES, model_config
+from model import GPT, GPTConfig, MODEL_SIZES, from_hf, model_config
 
 
 @dataclass
@@ -108,7 +108,7 @@ def build_model(cfg, vocab_size):
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg.model, vocab_size, cfg.block_size, cfg.dropout,
                                 cfg.n_layer or None, cfg.n_head or None, cfg.n_embd or None))
-    pretrained = GPT.from_pretrained(cfg.init_from)
+    pretrained = from_hf(cfg.init_from)
     pc = pretrained.config
     if cfg.block_size > pc.block_size:
         raise common.ConfigError(f"block_size {cfg.block_size} exceeds the {pc.block_size} positions of {cfg.init_from}")
