@@ -386,3 +386,14 @@ def test_val_bits_per_byte_of_byte_tokens_is_the_loss_in_bits(data_dir, tmp_path
     # byte tokens are one byte each and this corpus has no end-of-text token: bpb = nats / ln 2
     assert rec["val_bpb"] == pytest.approx(rec["val_loss"] / np.log(2), rel=1e-6)
     assert json.load(open(os.path.join(out, "results.json")))["final_val_bpb"] == rec["val_bpb"]
+
+
+def test_resume_refuses_a_config_that_contradicts_the_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train_gpt.main(tiny_args(data_dir, out, max_steps=4, stop_after_step=1, val_interval=0))
+    with pytest.raises(common.ConfigError, match="model='tiny' in the checkpoint but 'small' now"):
+        train_gpt.main(tiny_args(data_dir, out, max_steps=4, val_interval=0, model="small", resume="latest"))
+    with pytest.raises(common.ConfigError, match="block_size=32 in the checkpoint but 64 now"):
+        train_gpt.main(tiny_args(data_dir, out, max_steps=4, val_interval=0, block_size=64, resume="latest"))
+    train_gpt.main(tiny_args(data_dir, out, max_steps=4, val_interval=0, max_lr=1e-3, resume="latest"))  # allowed
+    assert common.load_checkpoint(out)["step"] == 3
