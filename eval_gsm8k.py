@@ -14,7 +14,11 @@ Tasks
              subtraction; accuracy per suite. A multiplication token counts as the text it decodes to.
   hellaswag  acc (summed loss) and acc_norm (mean per-token loss of the ending), common.hellaswag_scores.
   sweep      every checkpoint of a run folder -> checkpoint_results.json and a learning curve PNG per metric.
-  compare    several results folders (runs=[a,b]) -> comparison_report.json and a bar chart.
+  compare    several conditions (runs=[a,b], the first the baseline; each a results folder, or one with
+             pretrain/ sft/ grpo/ stage folders and sweep/; train_runs= their pretraining runs) ->
+             comparison_report.json (accuracies with 95% Wilson intervals and counts, McNemar's exact test
+             per task on the same questions, tokens per answer, val bits per byte and HellaSwag curves) and
+             comparison.png, the whole comparison on one page.
 
 Generation: vLLM when it is installed and a GPU is present (engine=auto|vllm), else batched greedy decoding
 with a KV cache in plain PyTorch/transformers (engine=hf): native checkpoints go through the same in-memory
@@ -24,6 +28,7 @@ predictions.jsonl to out_dir.
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -64,6 +69,8 @@ class Config:
     sweep_tasks: List[str] = dataclasses.field(default_factory=lambda: ["gsm8k", "probes"])
     runs: List[str] = dataclasses.field(default_factory=list)        # compare: results folders, baseline first
     labels: List[str] = dataclasses.field(default_factory=list)      # compare: names for the runs
+    train_runs: List[str] = dataclasses.field(default_factory=list)  # compare: their pretraining runs (curves)
+    stages: List[str] = dataclasses.field(default_factory=lambda: ["pretrain", "sft", "grpo"])  # compare
     gpu_memory_utilization: float = 0.85  # vLLM
 
 
@@ -624,13 +631,9 @@ def folder_metrics(folder):
     """Metrics of a results folder: its results.json and those one level down (one per task), or the
     last checkpoint of a sweep's checkpoint_results.json."""
     metrics = {}
-    candidates = [os.path.join(folder, "results.json")]
-    if os.path.isdir(folder):
-        candidates += [os.path.join(folder, d, "results.json") for d in sorted(os.listdir(folder))]
-    for path in candidates:
-        if os.path.isfile(path):
-            with open(path) as f:
-                metrics.update(json.load(f).get("metrics", {}))
+    for path in task_results(folder):
+        with open(path) as f:
+            metrics.update(json.load(f).get("metrics", {}))
     sweep = os.path.join(folder, "checkpoint_results.json")
     if not metrics and os.path.isfile(sweep):
         with open(sweep) as f:
@@ -640,47 +643,268 @@ def folder_metrics(folder):
     return metrics
 
 
+def task_results(folder):
+    """results.json of a folder and of its task subfolders."""
+    candidates = [os.path.join(folder, "results.json")]
+    if os.path.isdir(folder):
+        candidates += [os.path.join(folder, d, "results.json") for d in sorted(os.listdir(folder))]
+    return [p for p in candidates if os.path.isfile(p)]
+
+
+# statistics for the comparison: a 95% interval for each accuracy, and a paired test between two models
+# answering the same questions (the one a reviewer asks for: their accuracies are not independent samples)
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k, n, z=Z95):
+    """Wilson score interval of a proportion k/n: stays inside [0, 1] and is sound at k = 0 or n (where the
+    normal approximation gives a zero-width interval)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def mcnemar_exact(b, c):
+    """Exact two-sided McNemar p-value: b, c = the questions only the first / only the second model got right.
+    Under no difference each discordant pair goes either way with probability 1/2: a binomial test on b of b+c."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def scored_outcomes(folder):
+    """Per-question outcomes of every task under a results folder, from predictions.jsonl:
+    {metric: {question id: correct}}, and {task: mean generated tokens per answer}."""
+    outcomes, tokens = {}, {}
+    for path in task_results(folder):
+        preds = os.path.join(os.path.dirname(path), "predictions.jsonl")
+        if not os.path.isfile(preds):
+            continue
+        with open(path) as f:
+            task = json.load(f)["task"]
+        records = common.read_jsonl(preds)
+        for r in records:
+            if "correct_norm" in r:  # hellaswag
+                outcomes.setdefault("hellaswag_acc_norm", {})[r["id"]] = bool(r["correct_norm"])
+                outcomes.setdefault("hellaswag_acc", {})[r["id"]] = bool(r["correct"])
+            elif isinstance(r["correct"], dict):  # gsm8k, svamp, synthetic: strict and flexible
+                for how, ok in r["correct"].items():
+                    outcomes.setdefault(f"{task}_{how}", {})[r["id"]] = bool(ok)
+            else:  # probes: one suite per record
+                outcomes.setdefault(f"probe_{r['suite']}", {})[r["id"]] = bool(r["correct"])
+        if records and "new_tokens" in records[0]:
+            tokens[task] = sum(r["new_tokens"] for r in records) / len(records)
+    return outcomes, tokens
+
+
+def accuracy_with_ci(outcome):
+    k, n = sum(outcome.values()), len(outcome)
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n if n else None, "correct": k, "n": n, "ci95": [lo, hi]}
+
+
+def paired_test(base, other):
+    """McNemar's exact test on the questions both models answered."""
+    ids = sorted(set(base) & set(other), key=str)
+    b = sum(base[i] and not other[i] for i in ids)
+    c = sum(other[i] and not base[i] for i in ids)
+    return {"n_paired": len(ids), "only_baseline_correct": b, "only_other_correct": c,
+            "p_value": mcnemar_exact(b, c)}
+
+
+def run_stages(run, stages):
+    """{stage: folder}: the stage subfolders of a run folder (pretrain/sft/grpo), or the folder itself."""
+    found = {s: os.path.join(run, s) for s in stages if task_results(os.path.join(run, s))}
+    return found or {"eval": run}
+
+
+def pretraining_curves(train_run, sweep_dir):
+    """Val loss and bits per byte, and HellaSwag acc_norm, over steps: from the pretraining run's log.jsonl,
+    else from the checkpoint sweep; with the run's final figures from results.json."""
+    curves = {"val_loss": [], "val_bpb": [], "hellaswag_acc_norm": []}
+    final = {}
+    log = os.path.join(train_run, "log.jsonl") if train_run else ""
+    if log and os.path.isfile(log):
+        for r in common.read_jsonl(log):
+            if r.get("type") == "val":
+                curves["val_loss"].append([r["step"], r["val_loss"]])
+                if r.get("val_bpb") is not None:
+                    curves["val_bpb"].append([r["step"], r["val_bpb"]])
+            elif r.get("type") == "hellaswag":
+                curves["hellaswag_acc_norm"].append([r["step"], r["acc_norm"]])
+        results = os.path.join(train_run, "results.json")
+        if os.path.isfile(results):
+            with open(results) as f:
+                res = json.load(f)
+            final = {k: res.get(k) for k in ("steps", "final_train_loss", "final_val_loss", "final_val_bpb",
+                                              "hellaswag_acc_norm", "tokens_seen")}
+    sweep = os.path.join(sweep_dir, "checkpoint_results.json")
+    if os.path.isfile(sweep):
+        with open(sweep) as f:
+            rows = json.load(f)["checkpoints"]
+        for key in curves:
+            if not curves[key]:
+                curves[key] = [[r["step"], r["metrics"][key]] for r in rows if r["metrics"].get(key) is not None]
+    return curves, final
+
+
 def run_compare(cfg):
-    """Several results folders (the first is the baseline) -> comparison_report.json + comparison.png."""
+    """Several conditions (the first is the baseline) -> comparison_report.json + comparison.png.
+    Each run folder holds results folders per task, directly or per stage (pretrain/, sft/, grpo/), and
+    optionally sweep/; train_runs names the pretraining run folders, for the curves."""
     if len(cfg.runs) < 2:
         raise common.ConfigError("compare needs runs=[baseline_dir,other_dir,...] (two or more results folders)")
     labels = list(cfg.labels) or [os.path.basename(os.path.normpath(r)) for r in cfg.runs]
     if len(labels) != len(cfg.runs):
         raise common.ConfigError(f"{len(labels)} labels for {len(cfg.runs)} runs")
-    per_run = {lab: folder_metrics(r) for lab, r in zip(labels, cfg.runs)}
-    names = sorted({m for ms in per_run.values() for m in ms})
+    if cfg.train_runs and len(cfg.train_runs) != len(cfg.runs):
+        raise common.ConfigError(f"{len(cfg.train_runs)} train_runs for {len(cfg.runs)} runs")
     base = labels[0]
+    stages_of = {lab: run_stages(run, cfg.stages) for lab, run in zip(labels, cfg.runs)}
+    stages = [s for s in list(cfg.stages) + ["eval"] if any(s in st for st in stages_of.values())]
+
+    # every metric per run (a stage's metrics are named stage/metric when the runs have stages)
+    per_run = {}
+    for lab in labels:
+        per_run[lab] = {}
+        for stage, folder in stages_of[lab].items():
+            prefix = "" if stage == "eval" else f"{stage}/"
+            per_run[lab].update({prefix + m: v for m, v in folder_metrics(folder).items()})
+    names = sorted({m for ms in per_run.values() for m in ms})
     table = {m: {lab: per_run[lab].get(m) for lab in labels} for m in names}
     delta = {m: {lab: (v - table[m][base]) if v is not None and table[m][base] is not None else None
                  for lab, v in table[m].items() if lab != base} for m in names}
+
+    # accuracies with intervals, paired tests against the baseline, tokens per answer: per stage
+    accuracy, mcnemar, tokens = {}, {}, {}
+    for stage in stages:
+        scored = {lab: scored_outcomes(stages_of[lab][stage]) for lab in labels if stage in stages_of[lab]}
+        accuracy[stage] = {lab: {m: accuracy_with_ci(o) for m, o in sorted(out.items())}
+                           for lab, (out, _) in scored.items()}
+        tokens[stage] = {lab: tok for lab, (_, tok) in scored.items()}
+        if base in scored:
+            mcnemar[stage] = {lab: {m: paired_test(scored[base][0][m], o) for m, o in sorted(out.items())
+                                    if m in scored[base][0]}
+                              for lab, (out, _) in scored.items() if lab != base}
+
+    pretraining = {}
+    for j, (lab, run) in enumerate(zip(labels, cfg.runs)):
+        curves, final = pretraining_curves(cfg.train_runs[j] if cfg.train_runs else "", os.path.join(run, "sweep"))
+        pretraining[lab] = {"final": final, "curves": curves}
+
     os.makedirs(cfg.out_dir, exist_ok=True)
     chart = os.path.join(cfg.out_dir, "comparison.png")
-    # accuracies share one 0..1 axis; losses and other scales stay in the report only
-    charted = [m for m in names if all(v is None or 0.0 <= v <= 1.0 for v in table[m].values()) and "loss" not in m]
+    plot_report(chart, labels, stages, accuracy, mcnemar, tokens, pretraining)
+    report = {"baseline": base,
+              "runs": [{"label": lab, "path": r, "metrics": per_run[lab]} for lab, r in zip(labels, cfg.runs)],
+              "metrics": table, "delta_vs_baseline": delta, "stages": stages,
+              "accuracy": accuracy, "mcnemar": mcnemar, "tokens_per_answer": tokens, "pretraining": pretraining,
+              "notes": {"ci95": "Wilson score interval", "mcnemar": "exact two-sided, on the questions both runs "
+                        "answered", "val_bpb": "validation bits per byte: comparable across tokenizers, unlike "
+                        "per-token loss"},
+              "chart": os.path.basename(chart)}
+    common.atomic_write_json(os.path.join(cfg.out_dir, "comparison_report.json"), report)
+    return report
+
+
+def main_accuracies(accuracy):
+    """The metrics the page shows as bars: the math task (flexible), the probe suites, HellaSwag acc_norm."""
+    names = sorted({m for by_lab in accuracy.values() for ms in by_lab.values() for m in ms})
+    math_names = [m for m in names if m.endswith("_flexible")]
+    probe_names = [m for m in names if m.startswith("probe_")]
+    return math_names + [m for m in names if m == "hellaswag_acc_norm"], probe_names
+
+
+def plot_report(path, labels, stages, accuracy, mcnemar, tokens, pretraining):
+    """One page: pretraining curves (val bits per byte or loss, HellaSwag), accuracies per stage with 95%
+    intervals and sample counts, probe suites, tokens per answer, and the paired tests."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(charted) + 2), 4.5))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+    colors = {lab: f"C{j}" for j, lab in enumerate(labels)}
+
+    # pretraining curves
+    for ax, keys, title in ((axes[0, 0], ("val_bpb", "val_loss"), "validation"),
+                            (axes[0, 1], ("hellaswag_acc_norm",), "HellaSwag acc_norm")):
+        for lab in labels:
+            curves = pretraining[lab]["curves"]
+            key = next((k for k in keys if curves.get(k)), None)
+            if key:
+                ax.plot(*zip(*curves[key]), marker=".", color=colors[lab], label=f"{lab} ({key})")
+        ax.set_title(f"pretraining: {title}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no curves", ha="center", transform=ax.transAxes)
+
+    main_names, probe_names = main_accuracies(accuracy)
+    bar_groups(axes[0, 2], labels, colors, [(s, m) for m in main_names for s in stages], accuracy,
+               "accuracy per stage (95% Wilson CI, k/n)")
+    bar_groups(axes[1, 0], labels, colors, [(s, m) for s in stages for m in probe_names], accuracy,
+               "arithmetic probes per stage (95% Wilson CI)")
+
+    ax = axes[1, 1]  # generated tokens per answer
+    groups = [(s, t) for s in stages for t in sorted({t for tok in tokens[s].values() for t in tok})]
     width = 0.8 / len(labels)
     for j, lab in enumerate(labels):
-        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(charted))]
-        bars = ax.bar(xs, [table[m][lab] or 0.0 for m in charted], width, label=lab)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    top = max([v for m in charted for v in table[m].values() if v is not None] + [0.0])
-    ax.set_ylim(0, min(1.05, max(0.1, top * 1.2)))
-    ax.set_xticks(range(len(charted)))
-    ax.set_xticklabels(charted, rotation=30, ha="right")
-    ax.set_ylabel("accuracy")
-    ax.set_title(" vs ".join(labels))
-    ax.legend()
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, [tokens[s].get(lab, {}).get(t, 0.0) for s, t in groups], width, color=colors[lab], label=lab)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{s}\n{t}" for s, t in groups], fontsize=7)
+    ax.set_title("generated tokens per answer")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 2]  # the paired tests as a table
+    ax.axis("off")
+    rows = [[s, lab, m, f"{t['only_baseline_correct']}/{t['only_other_correct']}", str(t["n_paired"]),
+             f"{t['p_value']:.3g}"]
+            for s in stages for lab, tests in mcnemar.get(s, {}).items() for m, t in tests.items()
+            if not m.endswith("_strict") and m != "hellaswag_acc"]
+    if rows:
+        table = ax.table(cellText=rows[:28], colLabels=["stage", "vs", "metric", "b/c", "n", "p"],
+                         colWidths=[0.13, 0.17, 0.34, 0.12, 0.1, 0.14], loc="upper center", cellLoc="left")
+        table.auto_set_font_size(False)
+        table.set_fontsize(7)
+    ax.set_title(f"McNemar exact test vs {labels[0]}\n(b: only {labels[0]} right, c: only the other right)")
+    fig.suptitle(" vs ".join(labels))
     fig.tight_layout()
-    fig.savefig(chart, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    report = {"baseline": base,
-              "runs": [{"label": lab, "path": r, "metrics": per_run[lab]} for lab, r in zip(labels, cfg.runs)],
-              "metrics": table, "delta_vs_baseline": delta, "chart": os.path.basename(chart), "charted": charted}
-    common.atomic_write_json(os.path.join(cfg.out_dir, "comparison_report.json"), report)
-    return report
+
+
+def bar_groups(ax, labels, colors, groups, accuracy, title):
+    """Grouped bars of accuracies (one bar per run) with Wilson intervals and k/n in each bar."""
+    groups = [(s, m) for s, m in groups if any(m in by_metric for by_metric in accuracy.get(s, {}).values())]
+    width = 0.8 / len(labels)
+    for j, lab in enumerate(labels):
+        xs, ys, errs, counts = [], [], [[], []], []
+        for i, (stage, m) in enumerate(groups):
+            a = accuracy.get(stage, {}).get(lab, {}).get(m)
+            if a is None or a["n"] == 0:
+                continue
+            xs.append(i + (j - (len(labels) - 1) / 2) * width)
+            ys.append(a["accuracy"])
+            errs[0].append(a["accuracy"] - a["ci95"][0])
+            errs[1].append(a["ci95"][1] - a["accuracy"])
+            counts.append(f"{a['correct']}/{a['n']}")
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, color=colors[lab], label=lab)
+        for x, count in zip(xs, counts):  # the sample count at the foot of each bar
+            ax.text(x, 0.01, count, rotation=90, ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{s}\n{m}" for s, m in groups], fontsize=7, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
 
 
 # -----------------------------------------------------------------------------
