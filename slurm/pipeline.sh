@@ -1,46 +1,223 @@
 #!/usr/bin/env bash
-# End-to-end pipeline: text -> token shards -> pretraining -> HuggingFace export -> evaluation.
+# The whole experiment in one command: for every condition (baseline, mul_tokens) the token shards, GPT
+# pretraining, the HF export, SFT (one stage after another: Tulu, then GSM8K), GRPO, and the evaluations after
+# each (GSM8K, arithmetic probes, HellaSwag, and the sweep over the pretraining checkpoints); then the report
+# comparing the conditions (eval_gsm8k.py task=compare: comparison_report.json and comparison.png).
 #
-# With no arguments it runs the offline CPU demo on the built-in synthetic math corpus (a few minutes on a
-# laptop; byte tokenizer, so it needs no files and no network):
-#   bash slurm/pipeline.sh
-# On a cluster, the same stages with the seed experiment's configs, one node with 4 GPUs:
-#   sbatch --nodes=1 --gpus-per-node=4 --cpus-per-task=32 --time=48:00:00 slurm/pipeline.sh \
-#       configs/data_fineweb_edu_10b.yaml configs/gpt2_124m_10b.yaml
-# Every stage is resumable, so a rerun (or a requeued job) skips what is already done.
+#   bash slurm/pipeline.sh                                   # the offline CPU demo: configs/demo/
+#   sbatch slurm/pipeline.sh configs/gpt2_124m_10b           # the seed's experiment, one node of 4 GPUs
+#   bash slurm/pipeline.sh configs/gpt2_124m_10b --skip-data --conditions mul_tokens
+#   bash slurm/pipeline.sh --dry-run                         # print what would run, run nothing
 #
-# Arguments: [DATA_CONFIG] [TRAIN_CONFIG]. Environment: NPROC (processes for train_gpt; default: the GPUs
-# SLURM gave us, else 1), EVAL_ARGS (extra key=value for eval_gsm8k.py), TOKENIZER_FILE (GPT-2 ranks file for
-# offline machines, passed to the stages that need it).
+# CONFIG_DIR/pipeline.env names each stage's config (read it: it is the experiment's table of contents).
+# Options: --skip-data --skip-pretrain --skip-sft --skip-rl (--rl turns GRPO on where it is off by default)
+#   --skip-eval --conditions baseline,mul_tokens --out DIR (default out/<experiment>) --data DIR (default
+#   data/<experiment>) --dry-run.  Environment: NPROC (processes per training stage; default: the GPUs SLURM
+#   gave us, else those nvidia-smi lists, else 1), EVAL_ARGS (extra key=value for every evaluation).
+#
+# A stage whose outputs are complete is skipped, so a rerun after a failure (or a requeued job) continues
+# where it broke, and a second run runs nothing. Each stage's command is printed before it runs, to rerun
+# one by hand. Training stages resume from their newest checkpoint (resume=latest). Under SLURM, USR1 (sent
+# before the time limit, --signal below) or SIGTERM makes the running stage checkpoint and exit, and the job
+# requeues itself.
 #SBATCH --job-name=pipeline
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=32
+#SBATCH --mem=256G
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 
-DATA_CONFIG=${1:-configs/data_demo.yaml}
-TRAIN_CONFIG=${2:-configs/demo.yaml}
-NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-1}}
-TOK_ARGS=()
-[ -n "${TOKENIZER_FILE:-}" ] && TOK_ARGS=(tokenizer_file="$TOKENIZER_FILE")
+CONFIG_DIR=configs/demo
+OUT_ROOT="" DATA_ROOT="" CONDITIONS_ARG="" RL_ARG=""
+SKIP_DATA=0 SKIP_PRETRAIN=0 SKIP_SFT=0 SKIP_EVAL=0 DRY_RUN=0
+die() { echo "error: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --skip-data) SKIP_DATA=1 ;;
+        --skip-pretrain) SKIP_PRETRAIN=1 ;;
+        --skip-sft) SKIP_SFT=1 ;;
+        --skip-rl) RL_ARG=0 ;;
+        --rl) RL_ARG=1 ;;
+        --skip-eval) SKIP_EVAL=1 ;;
+        --conditions) [ $# -ge 2 ] || die "--conditions needs a value"; CONDITIONS_ARG=$2; shift ;;
+        --conditions=*) CONDITIONS_ARG=${1#*=} ;;
+        --out) [ $# -ge 2 ] || die "--out needs a value"; OUT_ROOT=$2; shift ;;
+        --data) [ $# -ge 2 ] || die "--data needs a value"; DATA_ROOT=$2; shift ;;
+        --dry-run) DRY_RUN=1 ;;
+        -h | --help) sed -n '2,/^#SBATCH/p' "$0" | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) CONFIG_DIR=${1%/} ;;
+    esac
+    shift
+done
+[ -f "$CONFIG_DIR/pipeline.env" ] || die "$CONFIG_DIR/pipeline.env not found (an experiment folder such as configs/demo)"
+# shellcheck source=/dev/null
+source "$CONFIG_DIR/pipeline.env"
+EXP=$(basename "$CONFIG_DIR")
+OUT_ROOT=${OUT_ROOT:-out/$EXP}
+DATA_ROOT=${DATA_ROOT:-data/$EXP}
+CONDITIONS=${CONDITIONS_ARG:-$CONDITIONS}
+CONDITIONS=${CONDITIONS//,/ }
+RL=${RL_ARG:-$RL}
+for COND in $CONDITIONS; do
+    DATA_VAR=DATA_$COND
+    [ -n "${!DATA_VAR:-}" ] || die "unknown condition '$COND': $CONFIG_DIR/pipeline.env has no $DATA_VAR"
+done
 
-# the run folder the training config writes to, read from the YAML the same way the script does
-OUT_DIR=$(python -c "import sys, train_gpt, common; print(common.load_config(train_gpt.Config, [sys.argv[1]]).out_dir)" "$TRAIN_CONFIG")
-RUN=$(basename "$OUT_DIR")
+gpu_count() {
+    local n=0
+    command -v nvidia-smi >/dev/null && n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    echo $((n > 0 ? n : 1))
+}
+NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-$(gpu_count)}}
+LAUNCH=(python)
+[ "$NPROC" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
 
-echo "== 1/4 prepare_data: $DATA_CONFIG"
-python prepare_data.py "$DATA_CONFIG"
+# ---- preemption: pass the signal to the running stage (it checkpoints and exits 0), then requeue
+CHILD="" STOPPING=0
+on_signal() {
+    echo "$(date) $1: asking the running stage to checkpoint and exit"
+    STOPPING=1
+    [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null || true  # torchrun passes SIGTERM on to its workers
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+stop_here() {
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        echo "$(date) requeueing job $SLURM_JOB_ID; it continues from the stage that was stopped"
+        scontrol requeue "$SLURM_JOB_ID"
+    else
+        echo "$(date) stopped; run the same command again to continue"
+    fi
+    exit 0
+}
 
-echo "== 2/4 train_gpt: $TRAIN_CONFIG on $NPROC process(es) -> $OUT_DIR"
-if [ "$NPROC" -gt 1 ]; then
-  torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py "$TRAIN_CONFIG" resume=latest
-else
-  python train_gpt.py "$TRAIN_CONFIG" resume=latest
+# complete FILE [TEXT]: FILE exists (every stage writes its last output atomically) and holds TEXT
+complete() { [ -e "$1" ] && { [ -z "${2:-}" ] || grep -qF "$2" "$1"; }; }
+
+# stage NAME DONE_FILE DONE_TEXT COMMAND...: run COMMAND unless the stage is complete; afterwards it must be
+# (a training run stopped by a signal exits 0 without finishing: then the pipeline stops here)
+stage() {
+    local name=$1 done_file=$2 done_text=$3
+    shift 3
+    if complete "$done_file" "$done_text"; then
+        echo "== $name: complete ($done_file), skipped"
+        return 0
+    fi
+    echo "== $name"
+    echo "+ $*"
+    [ "$DRY_RUN" = 1 ] && return 0
+    "$@" &
+    CHILD=$!
+    local status=0
+    wait "$CHILD" || status=$?
+    while kill -0 "$CHILD" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the stage itself
+        status=0
+        wait "$CHILD" || status=$?
+    done
+    CHILD=""
+    [ "$STOPPING" = 1 ] && stop_here
+    [ "$status" = 0 ] || die "$name failed with status $status (the command is above; fix and rerun)"
+    complete "$done_file" "$done_text" || die "$name exited without writing $done_file"
+}
+
+# which tasks this checkout's eval_gsm8k.py knows (its TASKS tuple), so a config may name newer ones
+eval_knows() { grep -qE "^TASKS = .*\"$1\"" eval_gsm8k.py; }
+
+LIST() { local IFS=,; echo "[$*]"; }  # words -> [a,b,c], a list for key=value
+
+# evaluate STAGE MODEL CONFIG TASKS...: one results folder per task under OUT/COND/eval/STAGE/
+evaluate() {
+    local at=$1 model=$2 config=$3
+    shift 3
+    for TASK in "$@"; do
+        if ! eval_knows "$TASK"; then
+            echo "== eval $at/$TASK $COND: eval_gsm8k.py has no task '$TASK' in this checkout, skipped"
+            continue
+        fi
+        # shellcheck disable=SC2086  # EVAL_ARGS: several key=value
+        stage "eval $at/$TASK $COND" "$EVAL/$at/$TASK/results.json" "" \
+            python eval_gsm8k.py "$config" ${EVAL_ARGS:-} model="$model" out_dir="$EVAL/$at/$TASK" task="$TASK"
+    done
+}
+
+echo "$(date) pipeline $CONFIG_DIR: conditions [$CONDITIONS], out $OUT_ROOT, data $DATA_ROOT, $NPROC process(es)" \
+     "per training stage, job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0})"
+[ -f sft.py ] || echo "== sft.py is not in this checkout yet: the SFT stages are skipped"
+[ -f grpo.py ] || echo "== grpo.py is not in this checkout yet: the GRPO stage is skipped"
+
+for COND in $CONDITIONS; do
+    DATA_VAR=DATA_$COND
+    DATA=$DATA_ROOT/$COND
+    RUN=$OUT_ROOT/$COND/pretrain
+    HF=$OUT_ROOT/$COND/hf
+    EVAL=$OUT_ROOT/$COND/eval
+    COND_ARGS_VAR=SFT_ARGS_$COND
+    echo "==== condition $COND"
+
+    [ "$SKIP_DATA" = 1 ] || stage "prepare_data $COND" "$DATA/meta.json" "" \
+        python prepare_data.py "${!DATA_VAR}" out_dir="$DATA"
+
+    if [ "$SKIP_PRETRAIN" = 0 ]; then
+        stage "train_gpt $COND" "$RUN/results.json" '"status": "done"' \
+            "${LAUNCH[@]}" train_gpt.py "$PRETRAIN" data_dir="$DATA" out_dir="$RUN" resume=latest
+        stage "export_hf $COND" "$HF/config.json" "" \
+            python export_hf.py checkpoint="$RUN/latest" output_dir="$HF"
+    fi
+
+    MODEL=$HF  # the model each later stage starts from: the last one finished
+    if [ "$SKIP_SFT" = 0 ] && [ -f sft.py ]; then
+        for SFT_CONFIG in $SFT_CONFIGS; do
+            NAME=$(basename "$SFT_CONFIG" .yaml)
+            # shellcheck disable=SC2086  # SFT_ARGS_<condition>: several key=value
+            stage "$NAME $COND" "$OUT_ROOT/$COND/$NAME/hf/config.json" "" \
+                "${LAUNCH[@]}" sft.py "$SFT_CONFIG" ${!COND_ARGS_VAR:-} model="$MODEL" \
+                out_dir="$OUT_ROOT/$COND/$NAME" resume=latest
+            MODEL=$OUT_ROOT/$COND/$NAME/hf
+        done
+    fi
+    SFT_MODEL=$MODEL
+    if [ "$RL" = 1 ] && [ -f grpo.py ] && [ "$MODEL" != "$HF" ]; then
+        stage "grpo $COND" "$OUT_ROOT/$COND/grpo/hf/config.json" "" \
+            "${LAUNCH[@]}" grpo.py "$GRPO_CONFIG" model="$MODEL" out_dir="$OUT_ROOT/$COND/grpo" resume=latest
+        MODEL=$OUT_ROOT/$COND/grpo/hf
+    fi
+
+    if [ "$SKIP_EVAL" = 0 ]; then
+        if [ -e "$HF/config.json" ] || [ "$DRY_RUN" = 1 ]; then
+            # shellcheck disable=SC2086
+            evaluate pretrain "$HF" "$EVAL_BASE" $BASE_TASKS
+            KNOWN=()
+            for TASK in $SWEEP_TASKS; do eval_knows "$TASK" && KNOWN+=("$TASK"); done
+            # shellcheck disable=SC2086
+            stage "sweep $COND" "$EVAL/sweep/checkpoint_results.json" "" python eval_gsm8k.py "$EVAL_SWEEP" \
+                ${EVAL_ARGS:-} model="$RUN" out_dir="$EVAL/sweep" sweep_tasks="$(LIST "${KNOWN[@]}")"
+        fi
+        # shellcheck disable=SC2086
+        if [ "$SFT_MODEL" != "$HF" ]; then evaluate sft "$SFT_MODEL" "$EVAL_CHAT" $CHAT_TASKS; fi
+        # shellcheck disable=SC2086
+        if [ "$MODEL" != "$SFT_MODEL" ]; then evaluate grpo "$MODEL" "$EVAL_CHAT" $CHAT_TASKS; fi
+    fi
+done
+
+# ---- the report: every condition against the first; redone whenever an evaluation is newer than it
+set -- $CONDITIONS
+if [ "$SKIP_EVAL" = 0 ] && [ $# -ge 2 ]; then
+    REPORT=$OUT_ROOT/compare/comparison_report.json
+    RUNS=() TRAIN_RUNS=()
+    for COND in "$@"; do RUNS+=("$OUT_ROOT/$COND/eval"); TRAIN_RUNS+=("$OUT_ROOT/$COND/pretrain"); done
+    if [ -e "$REPORT" ] && [ -n "$(find "${RUNS[@]}" -name results.json -newer "$REPORT" 2>/dev/null | head -n 1)" ]; then
+        rm "$REPORT"  # out of date
+    fi
+    stage "compare $*" "$REPORT" "" python eval_gsm8k.py task=compare runs="$(LIST "${RUNS[@]}")" \
+        labels="$(LIST "$@")" train_runs="$(LIST "${TRAIN_RUNS[@]}")" out_dir="$OUT_ROOT/compare"
+    [ "$DRY_RUN" = 1 ] || echo "== report: $REPORT and $OUT_ROOT/compare/comparison.png"
 fi
-
-echo "== 3/4 export_hf: $OUT_DIR/latest -> hf/$RUN (verified against the native logits)"
-python export_hf.py --checkpoint "$OUT_DIR/latest" --output-dir "hf/$RUN" "${TOK_ARGS[@]}"
-
-echo "== 4/4 eval_gsm8k: arithmetic probes of hf/$RUN"
-python eval_gsm8k.py task=probes model="hf/$RUN" out_dir="out/eval/$RUN/probes" ${EVAL_ARGS:-}
-
-echo "== done: training results in $OUT_DIR/results.json (curve: $OUT_DIR/loss.png), probe accuracy in out/eval/$RUN/probes/results.json"
+echo "$(date) pipeline done"

@@ -4,6 +4,7 @@ skip-when-complete logic."""
 import json
 import math
 import os
+import subprocess
 
 import pytest
 
@@ -147,3 +148,153 @@ def test_report_tokens_curves_and_page(report):
 def test_compare_refuses_mismatched_train_runs(tmp_path):
     with pytest.raises(common.ConfigError, match="train_runs"):
         ev.main(["task=compare", "runs=[a,b]", "train_runs=[a]", f"out_dir={tmp_path}"])
+
+
+# ---------------------------------------------------------------------------- slurm/pipeline.sh
+
+PIPELINE = os.path.join(ROOT, "slurm", "pipeline.sh")
+
+TINY_CONFIGS = {
+    "data.yaml": "source: synthetic_math\ntokenizer: byte\ncondition: baseline\ntarget_tokens: 40000\n"
+                 "val_tokens: 8000\nshard_size: 40000\nnum_proc: 1\n",
+    "pretrain.yaml": "tokenizer: byte\nmodel: tiny\nblock_size: 64\nmicro_batch_size: 4\ntotal_batch_size: 256\n"
+                     "max_steps: 4\nwarmup_steps: 1\nmax_lr: 3.0e-3\ndtype: fp32\ndevice: cpu\nlog_interval: 2\n"
+                     "val_interval: 2\nval_steps: 1\nckpt_interval: 2\n",
+    "eval_base.yaml": "limit: 2\nprobe_n: 5\nprobe_max_new_tokens: 4\nbatch_size: 8\ndevice: cpu\n",
+    "eval_sweep.yaml": "task: sweep\nlimit: 2\nprobe_n: 5\nprobe_max_new_tokens: 4\nbatch_size: 8\ndevice: cpu\n",
+}
+
+
+def tiny_experiment(folder, sft_configs="", rl=0):
+    """An experiment folder for slurm/pipeline.sh with a few seconds' worth of every stage."""
+    os.makedirs(folder, exist_ok=True)
+    for name, text in TINY_CONFIGS.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    with open(os.path.join(folder, "pipeline.env"), "w") as f:
+        f.write(f'CONDITIONS="baseline mul_tokens"\nDATA_baseline={folder}/data.yaml\n'
+                f'DATA_mul_tokens={folder}/data.yaml\nPRETRAIN={folder}/pretrain.yaml\nSFT_CONFIGS="{sft_configs}"\n'
+                f'SFT_ARGS_mul_tokens="inject_mul_tokens=true"\nRL={rl}\nGRPO_CONFIG=configs/grpo_x.yaml\n'
+                f'EVAL_BASE={folder}/eval_base.yaml\nBASE_TASKS="probes"\nEVAL_CHAT={folder}/eval_base.yaml\n'
+                f'CHAT_TASKS="gsm8k probes"\nEVAL_SWEEP={folder}/eval_sweep.yaml\nSWEEP_TASKS="probes"\n')
+    return folder
+
+
+def pipeline(*args, script=PIPELINE, env=None):
+    proc = subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def commands(output):
+    """The commands a run printed (and ran, unless --dry-run)."""
+    return [line[2:] for line in output.splitlines() if line.startswith("+ ")]
+
+
+def test_a_second_run_does_no_stage_twice(tmp_path):
+    exp = tiny_experiment(str(tmp_path / "exp"))
+    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    rc, first = pipeline(exp, "--conditions", "baseline", "--out", out, "--data", data)
+    assert rc == 0, first[-3000:]
+    ran = " ".join(c.split()[1] for c in commands(first))
+    assert ran == "prepare_data.py train_gpt.py export_hf.py eval_gsm8k.py eval_gsm8k.py", first
+    assert json.load(open(f"{out}/baseline/pretrain/results.json"))["status"] == "done"
+    assert os.path.isfile(f"{out}/baseline/hf/config.json")
+    probes = json.load(open(f"{out}/baseline/eval/pretrain/probes/results.json"))
+    assert probes["task"] == "probes" and probes["model"].endswith("baseline/hf")
+    sweep = json.load(open(f"{out}/baseline/eval/sweep/checkpoint_results.json"))
+    assert [c["step"] for c in sweep["checkpoints"]] == [1, 3]
+    rc, second = pipeline(exp, "--conditions", "baseline", "--out", out, "--data", data)
+    assert rc == 0, second[-3000:]
+    assert commands(second) == []
+    for name in ("prepare_data", "train_gpt", "export_hf", "eval pretrain/probes", "sweep"):
+        assert f"== {name} baseline: complete (" in second
+
+
+def test_preempted_training_is_not_complete(tmp_path):
+    """results.json of a run stopped by a signal says so: the stage runs again (and resumes)."""
+    exp = tiny_experiment(str(tmp_path / "exp"))
+    out = str(tmp_path / "out")
+    os.makedirs(f"{out}/baseline/pretrain")
+    common.atomic_write_json(f"{out}/baseline/pretrain/results.json", {"status": "preempted", "steps": 2})
+    rc, text = pipeline(exp, "--dry-run", "--skip-data", "--conditions", "baseline", "--out", out)
+    assert rc == 0, text
+    assert any(c.startswith("python train_gpt.py") and "resume=latest" in c for c in commands(text))
+    common.atomic_write_json(f"{out}/baseline/pretrain/results.json", {"status": "done", "steps": 4})
+    rc, text = pipeline(exp, "--dry-run", "--skip-data", "--conditions", "baseline", "--out", out)
+    assert "== train_gpt baseline: complete (" in text
+    assert not any("train_gpt.py" in c for c in commands(text))
+
+
+@pytest.fixture()
+def checkout_with_every_stage(tmp_path):
+    """A copy of the pipeline beside empty sft.py / grpo.py / eval_gsm8k.py: a dry run shows the wiring of all
+    stages whether or not this checkout has them yet."""
+    root = tmp_path / "repo"
+    (root / "slurm").mkdir(parents=True)
+    (root / "slurm" / "pipeline.sh").write_text(open(PIPELINE).read())
+    for name in ("sft.py", "grpo.py", "prepare_data.py", "train_gpt.py", "export_hf.py"):
+        (root / name).write_text("")
+    (root / "eval_gsm8k.py").write_text('TASKS = ("gsm8k", "probes", "hellaswag", "sweep", "compare")\n')
+    exp = tiny_experiment(str(tmp_path / "exp"), sft_configs="configs/sft_a.yaml configs/sft_b.yaml", rl=1)
+    return str(root / "slurm" / "pipeline.sh"), exp
+
+
+def test_every_stage_in_order_with_the_model_of_the_stage_before(checkout_with_every_stage):
+    script, exp = checkout_with_every_stage
+    rc, text = pipeline(exp, "--dry-run", "--out", "o", "--data", "d", script=script, env={"NPROC": "4"})
+    assert rc == 0, text
+    cmds = commands(text)
+    mul = [c for c in cmds if "mul_tokens" in c and "task=compare" not in c]
+    assert [c.split()[0] if c.startswith("python") else c.split()[0] for c in mul][:2] == ["python", "torchrun"]
+    assert "--nproc_per_node=4 train_gpt.py" in mul[1]  # the GPU count from the environment
+    sft_a, sft_b, grpo = (c for c in mul if " sft.py " in c or " grpo.py " in c)
+    assert "model=o/mul_tokens/hf " in sft_a and "inject_mul_tokens=true" in sft_a
+    assert "model=o/mul_tokens/sft_a/hf " in sft_b and "out_dir=o/mul_tokens/sft_b" in sft_b
+    assert "model=o/mul_tokens/sft_b/hf " in grpo
+    evals = [c for c in mul if "eval_gsm8k.py" in c]
+    assert [c.split("out_dir=")[1].split()[0] for c in evals] == [
+        "o/mul_tokens/eval/pretrain/probes", "o/mul_tokens/eval/sweep", "o/mul_tokens/eval/sft/gsm8k",
+        "o/mul_tokens/eval/sft/probes", "o/mul_tokens/eval/grpo/gsm8k", "o/mul_tokens/eval/grpo/probes"]
+    assert "model=o/mul_tokens/grpo/hf" in evals[-1] and "sweep_tasks=[probes]" in evals[1]
+    assert not any("inject_mul_tokens" in c for c in cmds if "baseline" in c)
+    assert cmds[-1].startswith("python eval_gsm8k.py task=compare runs=[o/baseline/eval,o/mul_tokens/eval] "
+                               "labels=[baseline,mul_tokens] train_runs=[o/baseline/pretrain,o/mul_tokens/pretrain]")
+
+
+def test_skip_flags_and_conditions(checkout_with_every_stage):
+    script, exp = checkout_with_every_stage
+
+    def stages(*flags):
+        rc, text = pipeline(exp, "--dry-run", "--out", "o", *flags, script=script)
+        assert rc == 0, text
+        return {c.split()[1] if c.startswith("python") else "torchrun" for c in commands(text)}, commands(text)
+
+    names, _ = stages("--skip-data")
+    assert "prepare_data.py" not in names and {"train_gpt.py", "sft.py", "grpo.py", "eval_gsm8k.py"} <= names
+    names, _ = stages("--skip-pretrain")
+    assert not names & {"train_gpt.py", "export_hf.py"} and "sft.py" in names
+    names, _ = stages("--skip-sft")
+    assert not names & {"sft.py", "grpo.py"}  # GRPO starts from an SFT model: none, no GRPO
+    names, _ = stages("--skip-rl")
+    assert "sft.py" in names and "grpo.py" not in names
+    names, cmds = stages("--skip-eval")
+    assert "eval_gsm8k.py" not in names and "grpo.py" in names
+    _, cmds = stages("--conditions", "mul_tokens", "--skip-data")
+    assert cmds and all("mul_tokens" in c for c in cmds) and not any("compare" in c for c in cmds)
+    rc, text = pipeline(exp, "--conditions", "baseline,oops", "--dry-run", script=script)
+    assert rc == 1 and "error: unknown condition 'oops'" in text
+    rc, text = pipeline(exp, "--skip-everything", script=script)
+    assert rc == 1 and "error: unknown option --skip-everything" in text
+
+
+def test_stages_missing_from_the_checkout_are_skipped_with_a_message(tmp_path):
+    exp = tiny_experiment(str(tmp_path / "exp"), sft_configs="configs/sft_a.yaml", rl=1)
+    rc, text = pipeline(exp, "--dry-run", "--out", str(tmp_path / "o"))
+    assert rc == 0, text
+    for script in ("sft.py", "grpo.py"):
+        if os.path.exists(os.path.join(ROOT, script)):
+            assert any(f" {script} " in c for c in commands(text))
+        else:
+            assert f"{script} is not in this checkout yet" in text
+            assert not any(f" {script} " in c for c in commands(text))
