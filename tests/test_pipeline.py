@@ -4,7 +4,9 @@ skip-when-complete logic."""
 import json
 import math
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -158,8 +160,8 @@ TINY_CONFIGS = {
     "data.yaml": "source: synthetic_math\ntokenizer: byte\ncondition: baseline\ntarget_tokens: 40000\n"
                  "val_tokens: 8000\nshard_size: 40000\nnum_proc: 1\n",
     "pretrain.yaml": "tokenizer: byte\nmodel: tiny\nblock_size: 64\nmicro_batch_size: 4\ntotal_batch_size: 256\n"
-                     "max_steps: 4\nwarmup_steps: 1\nmax_lr: 3.0e-3\ndtype: fp32\ndevice: cpu\nlog_interval: 2\n"
-                     "val_interval: 2\nval_steps: 1\nckpt_interval: 2\n",
+                     "max_steps: 40\nwarmup_steps: 1\nmax_lr: 3.0e-3\ndtype: fp32\ndevice: cpu\nlog_interval: 2\n"
+                     "val_interval: 20\nval_steps: 1\nckpt_interval: 20\n",
     "eval_base.yaml": "limit: 2\nprobe_n: 5\nprobe_max_new_tokens: 4\nbatch_size: 8\ndevice: cpu\n",
     "eval_sweep.yaml": "task: sweep\nlimit: 2\nprobe_n: 5\nprobe_max_new_tokens: 4\nbatch_size: 8\ndevice: cpu\n",
 }
@@ -191,24 +193,48 @@ def commands(output):
     return [line[2:] for line in output.splitlines() if line.startswith("+ ")]
 
 
-def test_a_second_run_does_no_stage_twice(tmp_path):
+def test_a_stopped_run_continues_and_a_second_run_does_no_stage_twice(tmp_path):
     exp = tiny_experiment(str(tmp_path / "exp"))
     out, data = str(tmp_path / "out"), str(tmp_path / "data")
-    rc, first = pipeline(exp, "--conditions", "baseline", "--out", out, "--data", data)
-    assert rc == 0, first[-3000:]
-    ran = " ".join(c.split()[1] for c in commands(first))
-    assert ran == "prepare_data.py train_gpt.py export_hf.py eval_gsm8k.py eval_gsm8k.py", first
+    args = ["bash", PIPELINE, exp, "--conditions", "baseline", "--out", out, "--data", data]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # 1. USR1 (SLURM's warning before the time limit) while training: the stage checkpoints, the pipeline stops
+    with open(tmp_path / "run1.log", "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            t0 = time.time()
+            while not os.path.exists(f"{out}/baseline/pretrain/log.jsonl") and time.time() - t0 < 120:
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGUSR1)
+            assert proc.wait(timeout=120) == 0, (tmp_path / "run1.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    first = (tmp_path / "run1.log").read_text()
+    assert "USR1: asking the running stage to checkpoint and exit" in first
+    assert "stopped; run the same command again to continue" in first
+    assert not os.path.exists(f"{out}/baseline/eval/sweep/checkpoint_results.json")
+    # 2. the same command again: the stages not finished yet, and only those
+    rc, second = pipeline(exp, "--conditions", "baseline", "--out", out, "--data", data)
+    assert rc == 0, second[-3000:]
+    a, b = commands(first), commands(second)
+    if a[-1] == b[0]:  # the stage the signal stopped runs again ...
+        b = b[1:]
+    # ... and every other stage runs once, in order
+    assert [c.split()[1] for c in a + b] == ["prepare_data.py", "train_gpt.py", "export_hf.py", "eval_gsm8k.py",
+                                             "eval_gsm8k.py"], first + second
     assert json.load(open(f"{out}/baseline/pretrain/results.json"))["status"] == "done"
     assert os.path.isfile(f"{out}/baseline/hf/config.json")
     probes = json.load(open(f"{out}/baseline/eval/pretrain/probes/results.json"))
     assert probes["task"] == "probes" and probes["model"].endswith("baseline/hf")
     sweep = json.load(open(f"{out}/baseline/eval/sweep/checkpoint_results.json"))
-    assert [c["step"] for c in sweep["checkpoints"]] == [1, 3]
-    rc, second = pipeline(exp, "--conditions", "baseline", "--out", out, "--data", data)
-    assert rc == 0, second[-3000:]
-    assert commands(second) == []
+    assert [c["step"] for c in sweep["checkpoints"]][-2:] == [19, 39]  # (and where the signal stopped it)
+    # 3. once more: nothing to do
+    rc, third = pipeline(exp, "--conditions", "baseline", "--out", out, "--data", data)
+    assert rc == 0, third[-3000:]
+    assert commands(third) == []
     for name in ("prepare_data", "train_gpt", "export_hf", "eval pretrain/probes", "sweep"):
-        assert f"== {name} baseline: complete (" in second
+        assert f"== {name} baseline: complete (" in third
 
 
 def test_preempted_training_is_not_complete(tmp_path):
