@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import common
 from model import GPT, GPTConfig, MODEL_SIZES, model_config
+from tasks.hellaswag import hellaswag_eval, load_hellaswag
 
 
 @dataclass
@@ -200,8 +201,8 @@ def evaluate_hellaswag(model, tokenizer, items, d, autocast):
             return model(idx)[0].float()
 
     model.eval()
-    counts = common.hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master,
-                                   max_len=model.config.block_size)
+    counts = hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master,
+                            max_len=model.config.block_size)
     model.train()
     c = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long, device=d.device)
     correct, correct_norm, n = all_reduce(c, dist.ReduceOp.SUM, d).tolist()
@@ -279,7 +280,7 @@ def train(cfg, d):
 
     hellaswag_items = tokenizer = None
     if cfg.hellaswag_file and not cfg.bench:
-        hellaswag_items = common.load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None)
+        hellaswag_items = load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None)
         tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)
 
     if ckpt and d.master:
