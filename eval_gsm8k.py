@@ -369,9 +369,10 @@ def task_math(cfg, lm, engine, task):
 
 
 def task_probes(cfg, lm, engine):
-    items = probes.probe_items(cfg.probe_n, limit=cfg.limit)
-    records, seconds, truncated = run_generation(items, lm, engine, cfg.probe_max_new_tokens, probes.PROBE_STOP,
-                                                 probes.score_probe, "probes")
+    suites = probes.Probes(cfg.probe_n, limit=cfg.limit)
+    items = suites.examples()
+    records, seconds, truncated = run_generation(items, lm, engine, cfg.probe_max_new_tokens, suites.stop(),
+                                                 suites.evaluate, "probes")
     metrics, counts = {}, {"truncated_prompts": truncated}
     for suite in probes.PROBE_OPS:
         rs = [r for r in records if r["suite"] == suite]
@@ -431,7 +432,8 @@ def evaluate(cfg, lm, task, out_dir, engine=None):
     results = {"task": task, "model": lm.name, "model_kind": lm.kind, **lm.info, "engine": engine_name,
                "metrics": metrics, "counts": counts, "n": counts["n"], "seconds": round(seconds, 3),
                "samples_per_s": counts["n"] / seconds if seconds > 0 else None,
-               "data": task_data_path(cfg, task) or "hub", "config": {**dataclasses.asdict(cfg), "task": task}}
+               "data": "generated" if task == "synthetic" else task_data_path(cfg, task) or "hub",
+               "config": {**dataclasses.asdict(cfg), "task": task}}
     common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
     logger.log({"task": task, **metrics, "n": counts["n"], "seconds": round(seconds, 2),
                 "samples_per_s": results["samples_per_s"]})

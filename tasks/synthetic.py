@@ -29,7 +29,7 @@ MUL_SIGNS = ("*", "x")  # how GSM8K solutions write a product; the annotation al
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
-def evaluate(expr):
+def exact_value(expr):
     """Exact value (a Fraction) of an expression of integers with + - * / and parentheses."""
     def ev(node):
         if isinstance(node, ast.Expression):
@@ -45,7 +45,7 @@ def evaluate(expr):
 def calc(expr, unit=""):
     """'16 - 3 - 4' -> ('16 - 3 - 4 = <<16-3-4=9>>9', 9): one worked step with GSM8K's calculator note."""
     annotation = expr.replace(" ", "").replace("x", "*")
-    value = evaluate(annotation)
+    value = exact_value(annotation)
     if value.denominator != 1 or value < 0:
         raise AssertionError(f"synthetic step {expr} = {value} is not a whole non-negative number")
     value = int(value)
