@@ -242,6 +242,10 @@ class Engine:
                  seed=None, logprobs=False):
         """prompts: lists of token ids -> per prompt, a list of num_samples Completions."""
         check_sampling(temperature, top_p, top_k, num_samples)
+        if not prompts:
+            return []
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("an empty prompt: give at least one token (a BOS or end-of-text id)")
         longest = max(len(p) for p in prompts)
         if self.lm.max_positions and longest + max_new_tokens > self.lm.max_positions:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "

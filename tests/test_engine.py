@@ -97,6 +97,9 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
     assert torch.equal(engine_lib.sample_next(logits, 0.0, 0, 1.0, g), logits.argmax(-1))
     with pytest.raises(ValueError, match="top_p"):
         engine_lib.Engine(None).generate([[1]], 2, top_p=0.0)
+    assert engine_lib.Engine(None).generate([], 2) == []
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine_lib.Engine(None).generate([[1], []], 2)
 
 
 def test_fixed_seed_reproduces_samples_and_num_samples_shares_one_prefill(models, monkeypatch):
