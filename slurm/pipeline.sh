@@ -77,6 +77,7 @@ gpu_count() {
     echo $((n > 0 ? n : 1))
 }
 NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-$(gpu_count)}}
+[ "$NPROC" -ge 1 ] || NPROC=1
 LAUNCH=(python)
 [ "$NPROC" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node="$NPROC")
 
