@@ -393,19 +393,42 @@ def scored_outcomes(folder):
     return outcomes, tokens
 
 
+def pool_seeds(scored):
+    """The outcomes of one condition's seeds as one set, a question of seed s keyed (s, id), and the mean
+    tokens per answer over the seeds."""
+    outcomes, tokens = {}, {}
+    for s, (out, tok) in enumerate(scored):
+        for m, by_id in out.items():
+            outcomes.setdefault(m, {}).update({(s, i): ok for i, ok in by_id.items()})
+        for task, t in tok.items():
+            tokens.setdefault(task, []).append(t)
+    return outcomes, {task: sum(ts) / len(ts) for task, ts in tokens.items()}
+
+
 def accuracy_with_ci(outcome):
+    """Accuracy, counts and the Wilson interval of (seed, question) outcomes, and each seed's accuracy."""
     k, n = sum(outcome.values()), len(outcome)
     lo, hi = wilson_interval(k, n)
-    return {"accuracy": k / n if n else None, "correct": k, "n": n, "ci95": [lo, hi]}
+    seeds = sorted({s for s, _ in outcome})
+    per_seed = [sum(ok for (s, _), ok in outcome.items() if s == seed) /
+                sum(1 for (s, _) in outcome if s == seed) for seed in seeds]
+    return {"accuracy": k / n if n else None, "correct": k, "n": n, "ci95": [lo, hi], "per_seed": per_seed}
 
 
 def paired_test(base, other):
-    """McNemar's exact test on the questions both models answered."""
+    """McNemar's exact test on the questions both models answered (with seeds: the pairs seed s of each
+    condition makes on each question)."""
     ids = sorted(set(base) & set(other), key=str)
     b = sum(base[i] and not other[i] for i in ids)
     c = sum(other[i] and not base[i] for i in ids)
     return {"n_paired": len(ids), "only_baseline_correct": b, "only_other_correct": c,
             "p_value": mcnemar_exact(b, c)}
+
+
+def mean_metrics(many):
+    """The mean of each metric over a condition's seeds."""
+    names = sorted({m for ms in many for m in ms})
+    return {m: sum(ms[m] for ms in many if m in ms) / sum(m in ms for ms in many) for m in names}
 
 
 def run_stages(run, stages):
@@ -447,57 +470,66 @@ def pretraining_curves(train_run, sweep_dir):
 def run_compare(cfg):
     """Several conditions (the first is the baseline) -> comparison_report.json + comparison.png.
     Each run folder holds results folders per task, directly or per stage (pretrain/, sft/, grpo/), and
-    optionally sweep/; train_runs names the pretraining run folders, for the curves."""
-    if len(cfg.runs) < 2:
-        raise common.ConfigError("compare needs runs=[baseline_dir,other_dir,...] (two or more results folders)")
+    optionally sweep/; train_runs names the pretraining run folders, for the curves. Runs that share a label
+    are seeds of one condition: the report pools them (accuracies and intervals over every seed's answers,
+    McNemar over the pairs seed s of two conditions make on each question, metrics averaged over seeds)."""
     labels = list(cfg.labels) or [os.path.basename(os.path.normpath(r)) for r in cfg.runs]
     if len(labels) != len(cfg.runs):
         raise common.ConfigError(f"{len(labels)} labels for {len(cfg.runs)} runs")
+    conditions = list(dict.fromkeys(labels))
+    if len(conditions) < 2:
+        raise common.ConfigError("compare needs runs=[baseline_dir,other_dir,...] (two or more results folders "
+                                 "with different labels)")
     if cfg.train_runs and len(cfg.train_runs) != len(cfg.runs):
         raise common.ConfigError(f"{len(cfg.train_runs)} train_runs for {len(cfg.runs)} runs")
-    base = labels[0]
-    stages_of = {lab: run_stages(run, cfg.stages) for lab, run in zip(labels, cfg.runs)}
-    stages = [s for s in list(cfg.stages) + ["eval"] if any(s in st for st in stages_of.values())]
+    base = conditions[0]
+    seeds_of = {c: [j for j, lab in enumerate(labels) if lab == c] for c in conditions}
+    stages_of = [run_stages(run, cfg.stages) for run in cfg.runs]
+    stages = [s for s in list(cfg.stages) + ["eval"] if any(s in st for st in stages_of)]
 
-    # every metric per run (a stage's metrics are named stage/metric when the runs have stages)
-    per_run = {}
-    for lab in labels:
-        per_run[lab] = {}
-        for stage, folder in stages_of[lab].items():
+    # every metric per run (a stage's metrics are named stage/metric when the runs have stages), then per
+    # condition (the mean over its seeds)
+    per_run = []
+    for found in stages_of:
+        metrics = {}
+        for stage, folder in found.items():
             prefix = "" if stage == "eval" else f"{stage}/"
-            per_run[lab].update({prefix + m: v for m, v in folder_metrics(folder).items()})
-    names = sorted({m for ms in per_run.values() for m in ms})
-    table = {m: {lab: per_run[lab].get(m) for lab in labels} for m in names}
-    delta = {m: {lab: (v - table[m][base]) if v is not None and table[m][base] is not None else None
-                 for lab, v in table[m].items() if lab != base} for m in names}
+            metrics.update({prefix + m: v for m, v in folder_metrics(folder).items()})
+        per_run.append(metrics)
+    per_condition = {c: mean_metrics([per_run[j] for j in seeds_of[c]]) for c in conditions}
+    names = sorted({m for ms in per_condition.values() for m in ms})
+    table = {m: {c: per_condition[c].get(m) for c in conditions} for m in names}
+    delta = {m: {c: (v - table[m][base]) if v is not None and table[m][base] is not None else None
+                 for c, v in table[m].items() if c != base} for m in names}
 
     # accuracies with intervals, paired tests against the baseline, tokens per answer: per stage
     accuracy, mcnemar, tokens = {}, {}, {}
     for stage in stages:
-        scored = {lab: scored_outcomes(stages_of[lab][stage]) for lab in labels if stage in stages_of[lab]}
-        accuracy[stage] = {lab: {m: accuracy_with_ci(o) for m, o in sorted(out.items())}
-                           for lab, (out, _) in scored.items()}
-        tokens[stage] = {lab: tok for lab, (_, tok) in scored.items()}
+        scored = {c: pool_seeds([scored_outcomes(stages_of[j][stage]) for j in seeds_of[c] if stage in stages_of[j]])
+                  for c in conditions if any(stage in stages_of[j] for j in seeds_of[c])}
+        accuracy[stage] = {c: {m: accuracy_with_ci(o) for m, o in sorted(out.items())} for c, (out, _) in scored.items()}
+        tokens[stage] = {c: tok for c, (_, tok) in scored.items()}
         if base in scored:
-            mcnemar[stage] = {lab: {m: paired_test(scored[base][0][m], o) for m, o in sorted(out.items())
-                                    if m in scored[base][0]}
-                              for lab, (out, _) in scored.items() if lab != base}
+            mcnemar[stage] = {c: {m: paired_test(scored[base][0][m], o) for m, o in sorted(out.items())
+                                  if m in scored[base][0]}
+                              for c, (out, _) in scored.items() if c != base}
 
-    pretraining = {}
+    pretraining = {c: [] for c in conditions}
     for j, (lab, run) in enumerate(zip(labels, cfg.runs)):
-        curves, final = pretraining_curves(cfg.train_runs[j] if cfg.train_runs else "", os.path.join(run, "sweep"))
-        pretraining[lab] = {"final": final, "curves": curves}
+        train_run = cfg.train_runs[j] if cfg.train_runs else ""
+        curves, final = pretraining_curves(train_run, os.path.join(run, "sweep"))
+        pretraining[lab].append({"train_run": train_run, "final": final, "curves": curves})
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     chart = os.path.join(cfg.out_dir, "comparison.png")
-    plot_report(chart, labels, stages, accuracy, mcnemar, tokens, pretraining)
-    report = {"baseline": base,
-              "runs": [{"label": lab, "path": r, "metrics": per_run[lab]} for lab, r in zip(labels, cfg.runs)],
+    plot_report(chart, conditions, stages, accuracy, mcnemar, tokens, pretraining)
+    report = {"baseline": base, "conditions": conditions, "seeds": {c: len(seeds_of[c]) for c in conditions},
+              "runs": [{"label": lab, "path": r, "metrics": m} for lab, r, m in zip(labels, cfg.runs, per_run)],
               "metrics": table, "delta_vs_baseline": delta, "stages": stages,
               "accuracy": accuracy, "mcnemar": mcnemar, "tokens_per_answer": tokens, "pretraining": pretraining,
-              "notes": {"ci95": "Wilson score interval", "mcnemar": "exact two-sided, on the questions both runs "
-                        "answered", "val_bpb": "validation bits per byte: comparable across tokenizers, unlike "
-                        "per-token loss"},
+              "notes": {"ci95": "Wilson score interval (over every seed's answers when seeds are pooled)",
+                        "mcnemar": "exact two-sided, on the questions both conditions answered (seed s with seed s)",
+                        "val_bpb": "validation bits per byte: comparable across tokenizers, unlike per-token loss"},
               "chart": os.path.basename(chart)}
     common.atomic_write_json(os.path.join(cfg.out_dir, "comparison_report.json"), report)
     return report
@@ -524,10 +556,12 @@ def plot_report(path, labels, stages, accuracy, mcnemar, tokens, pretraining):
     for ax, keys, title in ((axes[0, 0], ("val_bpb", "val_loss"), "validation"),
                             (axes[0, 1], ("hellaswag_acc_norm",), "HellaSwag acc_norm")):
         for lab in labels:
-            curves = pretraining[lab]["curves"]
-            key = next((k for k in keys if curves.get(k)), None)
-            if key:
-                ax.plot(*zip(*curves[key]), marker=".", color=colors[lab], label=f"{lab} ({key})")
+            for s, seed_run in enumerate(pretraining[lab]):  # one line per seed, the legend names the first
+                curves = seed_run["curves"]
+                key = next((k for k in keys if curves.get(k)), None)
+                if key:
+                    ax.plot(*zip(*curves[key]), marker=".", color=colors[lab],
+                            label=f"{lab} ({key})" if s == 0 else None)
         ax.set_title(f"pretraining: {title}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

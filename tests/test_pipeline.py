@@ -139,12 +139,36 @@ def test_report_tokens_curves_and_page(report):
     rep, out = report
     assert rep["tokens_per_answer"]["sft"]["baseline"]["gsm8k"] == 10
     assert rep["tokens_per_answer"]["sft"]["mul_tokens"]["gsm8k"] == 8
-    mul = rep["pretraining"]["mul_tokens"]
+    mul = rep["pretraining"]["mul_tokens"][0]
     assert mul["curves"]["val_bpb"] == [[0, 2.9], [50, 1.9]]
     assert mul["curves"]["hellaswag_acc_norm"] == [[0, 0.25], [50, 0.3]]
     assert mul["final"]["final_val_bpb"] == 1.9
     png = (out / rep["chart"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # one page with six panels, not an empty figure
+
+
+def test_report_pools_seeds_of_a_condition(tmp_path):
+    """Runs sharing a label are seeds: counts add up, McNemar pairs seed s with seed s, metrics are averaged."""
+    n = 10
+    curve = [(0, 3.0), (50, 2.0)]
+    for cond, seed, right in (("baseline", 0, 3), ("baseline", 1, 5), ("mul_tokens", 0, 6), ("mul_tokens", 1, 5)):
+        # seed s of each condition gets the first `right` questions right: only_other = 3 (seed 0), 0 (seed 1)
+        write_condition(tmp_path / f"{cond}{seed}", {"pretrain": [i < right for i in range(n)],
+                                                      "sft": [i < right for i in range(n)]},
+                        [True] * 12, [10] * n, [True] * 3, curve)
+    runs = ",".join(str(tmp_path / x / "eval") for x in ("baseline0", "baseline1", "mul_tokens0", "mul_tokens1"))
+    rep = ev.main(["task=compare", f"runs=[{runs}]", "labels=[baseline,baseline,mul_tokens,mul_tokens]",
+                   f"out_dir={tmp_path / 'cmp'}"])
+    assert rep["conditions"] == ["baseline", "mul_tokens"] and rep["seeds"] == {"baseline": 2, "mul_tokens": 2}
+    a = rep["accuracy"]["sft"]["baseline"]["gsm8k_flexible"]
+    assert (a["correct"], a["n"], a["per_seed"]) == (8, 20, [0.3, 0.5])
+    assert a["ci95"] == pytest.approx(list(ev.wilson_interval(8, 20)))
+    t = rep["mcnemar"]["sft"]["mul_tokens"]["gsm8k_flexible"]
+    assert (t["n_paired"], t["only_baseline_correct"], t["only_other_correct"]) == (20, 0, 3)
+    assert t["p_value"] == pytest.approx(0.25)  # 2 * (1/2)^3
+    assert rep["metrics"]["sft/gsm8k_flexible"] == {"baseline": pytest.approx(0.4), "mul_tokens": pytest.approx(0.55)}
+    with pytest.raises(common.ConfigError, match="different labels"):
+        ev.main(["task=compare", f"runs=[{runs}]", "labels=[a,a,a,a]", f"out_dir={tmp_path / 'cmp'}"])
 
 
 def test_compare_refuses_mismatched_train_runs(tmp_path):
