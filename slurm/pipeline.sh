@@ -11,7 +11,8 @@
 #
 # CONFIG_DIR/pipeline.env names each stage's config (read it: it is the experiment's table of contents).
 # Options: --skip-data --skip-pretrain --skip-sft --skip-rl (--rl turns GRPO on where it is off by default)
-#   --skip-eval --conditions baseline,mul_tokens --out DIR (default out/<experiment>) --data DIR (default
+#   --skip-eval --conditions baseline,mul_tokens --seeds 1337,1338 (pretraining seeds, each with its own later
+#   stages under OUT/<condition>/seed<N>/; the report pools them; default: the config's one seed) --out DIR (default out/<experiment>) --data DIR (default
 #   data/<experiment>) --dry-run.  Environment: NPROC (processes per training stage; default: the GPUs SLURM
 #   gave us, else those nvidia-smi lists, else 1), EVAL_ARGS (extra key=value for every evaluation).
 #
@@ -35,7 +36,7 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 
 CONFIG_DIR=configs/demo
-OUT_ROOT="" DATA_ROOT="" CONDITIONS_ARG="" RL_ARG=""
+OUT_ROOT="" DATA_ROOT="" CONDITIONS_ARG="" RL_ARG="" SEEDS_ARG=""
 SKIP_DATA=0 SKIP_PRETRAIN=0 SKIP_SFT=0 SKIP_EVAL=0 DRY_RUN=0
 die() { echo "error: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
@@ -48,6 +49,8 @@ while [ $# -gt 0 ]; do
         --skip-eval) SKIP_EVAL=1 ;;
         --conditions) [ $# -ge 2 ] || die "--conditions needs a value"; CONDITIONS_ARG=$2; shift ;;
         --conditions=*) CONDITIONS_ARG=${1#*=} ;;
+        --seeds) [ $# -ge 2 ] || die "--seeds needs a value"; SEEDS_ARG=$2; shift ;;
+        --seeds=*) SEEDS_ARG=${1#*=} ;;
         --out) [ $# -ge 2 ] || die "--out needs a value"; OUT_ROOT=$2; shift ;;
         --data) [ $# -ge 2 ] || die "--data needs a value"; DATA_ROOT=$2; shift ;;
         --dry-run) DRY_RUN=1 ;;
@@ -66,6 +69,8 @@ DATA_ROOT=${DATA_ROOT:-data/$EXP}
 CONDITIONS=${CONDITIONS_ARG:-$CONDITIONS}
 CONDITIONS=${CONDITIONS//,/ }
 RL=${RL_ARG:-$RL}
+SEEDS=${SEEDS_ARG:-${SEEDS:-}}
+SEEDS=${SEEDS//,/ }
 for COND in $CONDITIONS; do
     DATA_VAR=DATA_$COND
     [ -n "${!DATA_VAR:-}" ] || die "unknown condition '$COND': $CONFIG_DIR/pipeline.env has no $DATA_VAR"
@@ -154,23 +159,25 @@ echo "$(date) pipeline $CONFIG_DIR: conditions [$CONDITIONS], out $OUT_ROOT, dat
 [ -f sft.py ] || echo "== sft.py is not in this checkout yet: the SFT stages are skipped"
 [ -f grpo.py ] || echo "== grpo.py is not in this checkout yet: the GRPO stage is skipped"
 
+RUNS=() TRAIN_RUNS=() LABELS=()  # for the report: one entry per condition and seed
 for COND in $CONDITIONS; do
     DATA_VAR=DATA_$COND
     DATA=$DATA_ROOT/$COND
-    RUN=$OUT_ROOT/$COND/pretrain
-    HF=$OUT_ROOT/$COND/hf
-    EVAL=$OUT_ROOT/$COND/eval
     COND_ARGS_VAR=SFT_ARGS_$COND
     echo "==== condition $COND"
-
     [ "$SKIP_DATA" = 1 ] || stage "prepare_data $COND" "$DATA/meta.json" "" \
         python prepare_data.py "${!DATA_VAR}" out_dir="$DATA"
 
+  for SEED in ${SEEDS:-config}; do  # pretraining seeds: the same data, one run (and its later stages) each
+    UNIT=$OUT_ROOT/$COND U=$COND SEED_ARGS=()
+    if [ "$SEED" != config ]; then UNIT=$OUT_ROOT/$COND/seed$SEED U="$COND seed$SEED" SEED_ARGS=(seed="$SEED"); fi
+    RUN=$UNIT/pretrain HF=$UNIT/hf EVAL=$UNIT/eval
+    RUNS+=("$EVAL") TRAIN_RUNS+=("$RUN") LABELS+=("$COND")
+
     if [ "$SKIP_PRETRAIN" = 0 ]; then
-        stage "train_gpt $COND" "$RUN/results.json" '"status": "done"' \
-            "${LAUNCH[@]}" train_gpt.py "$PRETRAIN" data_dir="$DATA" out_dir="$RUN" resume=latest
-        stage "export_hf $COND" "$HF/config.json" "" \
-            python export_hf.py checkpoint="$RUN/latest" output_dir="$HF"
+        stage "train_gpt $U" "$RUN/results.json" '"status": "done"' "${LAUNCH[@]}" train_gpt.py "$PRETRAIN" \
+            data_dir="$DATA" out_dir="$RUN" "${SEED_ARGS[@]}" resume=latest
+        stage "export_hf $U" "$HF/config.json" "" python export_hf.py checkpoint="$RUN/latest" output_dir="$HF"
     fi
 
     MODEL=$HF  # the model each later stage starts from: the last one finished
@@ -178,17 +185,16 @@ for COND in $CONDITIONS; do
         for SFT_CONFIG in $SFT_CONFIGS; do
             NAME=$(basename "$SFT_CONFIG" .yaml)
             # shellcheck disable=SC2086  # SFT_ARGS_<condition>: several key=value
-            stage "$NAME $COND" "$OUT_ROOT/$COND/$NAME/hf/config.json" "" \
-                "${LAUNCH[@]}" sft.py "$SFT_CONFIG" ${!COND_ARGS_VAR:-} model="$MODEL" \
-                out_dir="$OUT_ROOT/$COND/$NAME" resume=latest
-            MODEL=$OUT_ROOT/$COND/$NAME/hf
+            stage "$NAME $U" "$UNIT/$NAME/hf/config.json" "" "${LAUNCH[@]}" sft.py "$SFT_CONFIG" \
+                ${!COND_ARGS_VAR:-} model="$MODEL" out_dir="$UNIT/$NAME" resume=latest
+            MODEL=$UNIT/$NAME/hf
         done
     fi
     SFT_MODEL=$MODEL
     if [ "$RL" = 1 ] && [ -f grpo.py ] && [ "$MODEL" != "$HF" ]; then
-        stage "grpo $COND" "$OUT_ROOT/$COND/grpo/hf/config.json" "" \
-            "${LAUNCH[@]}" grpo.py "$GRPO_CONFIG" model="$MODEL" out_dir="$OUT_ROOT/$COND/grpo" resume=latest
-        MODEL=$OUT_ROOT/$COND/grpo/hf
+        stage "grpo $U" "$UNIT/grpo/hf/config.json" "" "${LAUNCH[@]}" grpo.py "$GRPO_CONFIG" model="$MODEL" \
+            out_dir="$UNIT/grpo" resume=latest
+        MODEL=$UNIT/grpo/hf
     fi
 
     if [ "$SKIP_EVAL" = 0 ]; then
@@ -198,7 +204,7 @@ for COND in $CONDITIONS; do
             KNOWN=()
             for TASK in $SWEEP_TASKS; do eval_knows "$TASK" && KNOWN+=("$TASK"); done
             # shellcheck disable=SC2086
-            stage "sweep $COND" "$EVAL/sweep/checkpoint_results.json" "" python eval_gsm8k.py "$EVAL_SWEEP" \
+            stage "sweep $U" "$EVAL/sweep/checkpoint_results.json" "" python eval_gsm8k.py "$EVAL_SWEEP" \
                 ${EVAL_ARGS:-} model="$RUN" out_dir="$EVAL/sweep" sweep_tasks="$(LIST "${KNOWN[@]}")"
         fi
         # shellcheck disable=SC2086
@@ -206,19 +212,18 @@ for COND in $CONDITIONS; do
         # shellcheck disable=SC2086
         if [ "$MODEL" != "$SFT_MODEL" ]; then evaluate grpo "$MODEL" "$EVAL_CHAT" $CHAT_TASKS; fi
     fi
+  done
 done
 
-# ---- the report: every condition against the first; redone whenever an evaluation is newer than it
+# ---- the report: every condition against the first (seeds pooled); redone when an evaluation is newer
 set -- $CONDITIONS
 if [ "$SKIP_EVAL" = 0 ] && [ $# -ge 2 ]; then
     REPORT=$OUT_ROOT/compare/comparison_report.json
-    RUNS=() TRAIN_RUNS=()
-    for COND in "$@"; do RUNS+=("$OUT_ROOT/$COND/eval"); TRAIN_RUNS+=("$OUT_ROOT/$COND/pretrain"); done
     if [ -e "$REPORT" ] && [ -n "$(find "${RUNS[@]}" -name results.json -newer "$REPORT" 2>/dev/null | head -n 1)" ]; then
         rm "$REPORT"  # out of date
     fi
     stage "compare $*" "$REPORT" "" python eval_gsm8k.py task=compare runs="$(LIST "${RUNS[@]}")" \
-        labels="$(LIST "$@")" train_runs="$(LIST "${TRAIN_RUNS[@]}")" out_dir="$OUT_ROOT/compare"
+        labels="$(LIST "${LABELS[@]}")" train_runs="$(LIST "${TRAIN_RUNS[@]}")" out_dir="$OUT_ROOT/compare"
     [ "$DRY_RUN" = 1 ] || echo "== report: $REPORT and $OUT_ROOT/compare/comparison.png"
 fi
 echo "$(date) pipeline done"

@@ -338,6 +338,21 @@ def test_skip_flags_and_conditions(checkout_with_every_stage):
     assert rc == 1 and "error: unknown option --skip-everything" in text
 
 
+def test_seeds_each_get_their_run_and_the_report_pools_them(checkout_with_every_stage):
+    script, exp = checkout_with_every_stage
+    rc, text = pipeline(exp, "--dry-run", "--out", "o", "--seeds", "7,8", "--skip-rl", script=script)
+    assert rc == 0, text
+    cmds = commands(text)
+    assert [c.split()[1] for c in cmds].count("prepare_data.py") == 2  # the data once per condition
+    train = [c for c in cmds if " train_gpt.py " in c]
+    assert [(c.split("out_dir=")[1].split()[0], c.split("seed=")[1].split()[0]) for c in train] == [
+        ("o/baseline/seed7/pretrain", "7"), ("o/baseline/seed8/pretrain", "8"),
+        ("o/mul_tokens/seed7/pretrain", "7"), ("o/mul_tokens/seed8/pretrain", "8")]
+    assert any("model=o/mul_tokens/seed8/sft_a/hf " in c and " sft.py " in c for c in cmds)
+    assert ("labels=[baseline,baseline,mul_tokens,mul_tokens] train_runs=[o/baseline/seed7/pretrain,"
+            "o/baseline/seed8/pretrain,o/mul_tokens/seed7/pretrain,o/mul_tokens/seed8/pretrain]") in cmds[-1]
+
+
 def test_stages_missing_from_the_checkout_are_skipped_with_a_message(tmp_path):
     exp = tiny_experiment(str(tmp_path / "exp"), sft_configs="configs/sft_a.yaml", rl=1)
     rc, text = pipeline(exp, "--dry-run", "--out", str(tmp_path / "o"))
