@@ -10,11 +10,12 @@
 #   bash slurm/pipeline.sh --dry-run                         # print what would run, run nothing
 #
 # CONFIG_DIR/pipeline.env names each stage's config (read it: it is the experiment's table of contents).
-# Options: --skip-data --skip-pretrain --skip-sft --skip-rl (--rl turns GRPO on where it is off by default)
-#   --skip-eval --conditions baseline,mul_tokens --seeds 1337,1338 (pretraining seeds, each with its own later
-#   stages under OUT/<condition>/seed<N>/; the report pools them; default: the config's one seed) --out DIR (default out/<experiment>) --data DIR (default
-#   data/<experiment>) --dry-run.  Environment: NPROC (processes per training stage; default: the GPUs SLURM
-#   gave us, else those nvidia-smi lists, else 1), EVAL_ARGS (extra key=value for every evaluation).
+# Options: --skip-data --skip-pretrain --skip-sft --skip-rl (--rl: GRPO where pipeline.env has it off)
+#   --skip-eval --conditions baseline,mul_tokens --seeds 1337,1338 (one pretraining run per seed, each with its
+#   own later stages under OUT/<condition>/seed<N>/, pooled in the report; default: the config's seed)
+#   --out DIR (default out/<experiment>) --data DIR (default data/<experiment>) --dry-run
+# Environment: NPROC (processes per training stage; default: the GPUs SLURM gave us, else those nvidia-smi
+#   lists, else 1), EVAL_ARGS (extra key=value for every evaluation).
 #
 # A stage whose outputs are complete is skipped, so a rerun after a failure (or a requeued job) continues
 # where it broke, and a second run runs nothing. Each stage's command is printed before it runs, to rerun
@@ -139,17 +140,17 @@ eval_knows() { grep -qE "^TASKS = .*\"$1\"" eval_gsm8k.py; }
 
 LIST() { local IFS=,; echo "[$*]"; }  # words -> [a,b,c], a list for key=value
 
-# evaluate STAGE MODEL CONFIG TASKS...: one results folder per task under OUT/COND/eval/STAGE/
+# evaluate STAGE MODEL CONFIG TASKS...: one results folder per task under $EVAL/STAGE/
 evaluate() {
     local at=$1 model=$2 config=$3
     shift 3
     for TASK in "$@"; do
         if ! eval_knows "$TASK"; then
-            echo "== eval $at/$TASK $COND: eval_gsm8k.py has no task '$TASK' in this checkout, skipped"
+            echo "== eval $at/$TASK $U: eval_gsm8k.py has no task '$TASK' in this checkout, skipped"
             continue
         fi
         # shellcheck disable=SC2086  # EVAL_ARGS: several key=value
-        stage "eval $at/$TASK $COND" "$EVAL/$at/$TASK/results.json" "" \
+        stage "eval $at/$TASK $U" "$EVAL/$at/$TASK/results.json" "" \
             python eval_gsm8k.py "$config" ${EVAL_ARGS:-} model="$model" out_dir="$EVAL/$at/$TASK" task="$TASK"
     done
 }
