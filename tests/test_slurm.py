@@ -119,3 +119,22 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(jobs):
     # resume is exact: the same final losses as the job that was never interrupted
     assert preempted["results"]["final_train_loss"] == pytest.approx(plain["results"]["final_train_loss"], abs=1e-6)
     assert preempted["results"]["final_val_loss"] == pytest.approx(plain["results"]["final_val_loss"], abs=1e-6)
+
+
+def test_pipeline_sbatch_header_and_dry_run_in_a_job(cluster, tmp_path):
+    """slurm/pipeline.sh as a batch job: SLURM accepts its #SBATCH lines (resources overridden to fit this
+    node), the job finds the experiment from the submit directory and prints every stage's command."""
+    log = tmp_path / "pipeline.out"
+    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=500M",
+                           f"--output={log}", "slurm/pipeline.sh", "configs/demo", "--dry-run",
+                           "--out", str(tmp_path / "out"), "--data", str(tmp_path / "data")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    wait_until(lambda: job_info(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 60, "the job")
+    text = log.read_text()
+    assert job_info(job_id)["JobState"] == "COMPLETED", text
+    assert f"job {job_id} (restart 0)" in text
+    assert "+ python train_gpt.py configs/demo/pretrain.yaml" in text and "task=compare" in text
+    requeue = [line for line in open(os.path.join(ROOT, "slurm", "pipeline.sh")) if line.startswith("#SBATCH")]
+    assert "#SBATCH --requeue\n" in requeue and any("--signal=B:USR1@" in line for line in requeue)
