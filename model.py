@@ -26,6 +26,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # sigma-GPT's double position encoding: the left half of each wpe row encodes a token's own position,
+    # the right half the position of the token it predicts next (forward's target_position_ids)
+    double_position: bool = False
 
 
 # the GPT-2 family and a few tiny sizes for tests and the CPU demo
@@ -107,6 +110,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.double_position and config.n_embd % 2:
+            raise ValueError(f"double_position splits the position code in halves: n_embd {config.n_embd} must be even")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -134,16 +139,18 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, ignore_index=-100):
+    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, ignore_index=-100,
+                target_position_ids=None):
         """idx (B, T) -> logits (B, T, V) and the mean cross-entropy against targets (or None).
         position_ids (B, T) or (T,) default to 0..T-1; attn_mask is a bool (B|1, 1|H, T, T) mask where True
-        means 'may attend'; without one, attention is causal."""
+        means 'may attend'; without one, attention is causal. With config.double_position, target_position_ids
+        (the position each token predicts; default position_ids + 1) feed the second half of the position code."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if position_ids is None:
             position_ids = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        x = self.transformer.drop(self.transformer.wte(idx) + self.position_code(position_ids, target_position_ids))
         for block in self.transformer.h:
             x = block(x, attn_mask)
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -151,6 +158,18 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss
+
+    def position_code(self, position_ids, target_position_ids=None):
+        """wpe at the token's position; under double_position, the row's left half at the token's own
+        position concatenated with the right half at the position it predicts (sigma-GPT, arXiv 2404.09562)."""
+        wpe = self.transformer.wpe
+        if not self.config.double_position:
+            return wpe(position_ids)
+        if target_position_ids is None:
+            target_position_ids = position_ids + 1  # left to right; the last row's target may run off the table
+            target_position_ids = target_position_ids.clamp(max=self.config.block_size - 1)
+        half = self.config.n_embd // 2
+        return torch.cat([wpe.weight[position_ids, :half], wpe.weight[target_position_ids, half:]], dim=-1)
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with decay on 2D weights only (matmuls, embeddings); fused kernel on CUDA."""
@@ -206,6 +225,17 @@ class GPT(nn.Module):
                 v = v[:vocab_size]
             out[k] = v.contiguous()
         return out
+
+
+def double_position_table(wpe):
+    """A plain GPT's (block_size, n_embd) position table -> the sigma-GPT table, by the rule: the left half
+    (own position) is copied row for row; the right half (next position) is shifted down one row, row q
+    holding row q-1's right half (row 0 keeps its own). In left-to-right order (next = own + 1) every token
+    then gets exactly the plain model's position vector, so the converted model starts as the AR model."""
+    half = wpe.shape[1] // 2
+    out = wpe.clone()
+    out[1:, half:] = wpe[:-1, half:]
+    return out
 
 
 def build_model(model_config_dict):
