@@ -1,0 +1,817 @@
+"""
+sigma-GPT in one file: a GPT trained on sequences shuffled by a permutation, each token carrying two
+positions, its own and that of the token it predicts next (Pannatier, Courdier, Fleuret, "sigma-GPTs: A
+New Approach to Autoregressive Models", arXiv 2404.09562). Read it top to bottom.
+
+    python train_sigmagpt.py configs/sigmagpt_demo.yaml                  # train (mode=full), CPU demo
+    python train_sigmagpt.py configs/sigmagpt_fair.yaml                  # mode=fair: conditional loss
+    torchrun --nproc_per_node=4 train_sigmagpt.py configs/sigmagpt_full.yaml resume=latest
+    python train_sigmagpt.py configs/sigmagpt_demo.yaml mode=eval ckpt=experiments/<run>
+    python train_sigmagpt.py configs/sigmagpt_demo.yaml mode=sample ckpt=experiments/<run> \
+        prompt="The <missing>3</missing> sat on the mat." sampler=rejection
+
+The sequence. Each training sequence is `block_size` tokens s[0..T-1] from the shards. A permutation
+sigma of 0..T-1 orders it; row t of the model's input is token s[sigma(t)] with own position sigma(t)
+and next position sigma(t+1), and its target is s[sigma(t+1)] (rows t = 0..T-2, as in an AR model the
+first token is given, never predicted). With sigma = identity this is exactly the AR model.
+
+The position code (model.py, `double_position`). The learned (block_size, n_embd) table serves both
+positions: its left half looked up at the own position, its right half at the next position,
+concatenated and added to the token embedding. A plain GPT's table (HF distilgpt2/gpt2, or a
+train_gpt.py checkpoint) converts by model.double_position_table: left half row for row, right half
+shifted down one row. So in left-to-right order the converted model IS the AR model (equal logits).
+
+Orders (`order=`): random (a uniform permutation per sequence), left_to_right (the identity), and
+curriculum (each sequence is random with a probability rising linearly from curriculum_start to 1
+over curriculum_steps, else left to right).
+
+Modes. mode=full: every row is scored (T-1 targets per sequence, as an AR model). mode=fair: each
+sequence splits into conditioning tokens, placed first in the order and not scored, and evaluation
+tokens, scored: round(scored_share * T) of them (at least 1, at most T-1). The loss is then that of a
+conditional model that sees a random subset and predicts the rest. mode=eval: perplexity left to right,
+in eval_orders random orders (fixed seed), and fair-mode conditional. mode=sample: generation in any
+order, infilling (`<missing>N</missing>` in the prompt), and token-based rejection sampling.
+
+Training loop as train_gpt.py: DDP, bf16 autocast or fp16 with a grad scaler, torch.compile on CUDA,
+gradient accumulation, epochs of max_samples sequences (or max_steps), exact resume, SIGTERM/SIGUSR1
+save-and-exit, a stop on a non-finite loss. Outputs (the users' guide layout):
+    experiments/<name>_<timestamp>/config.json, logs/training_log.csv, checkpoint-N/model.pt,
+    log.jsonl, log.txt, loss.png, results.json
+"""
+import contextlib
+import csv
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+from model import GPT, GPTConfig, MODEL_SIZES, double_position_table, model_config
+
+
+@dataclass
+class Config:
+    mode: str = "full"  # full | fair (train) | eval | sample
+    # data: token shards + meta.json written by prepare_data.py (WikiText-103: source=wikitext)
+    data_dir: str = "data/wikitext103"
+    tokenizer_file: Optional[str] = None  # GPT-2 ranks file for offline use (eval/sample text, prompts)
+    block_size: int = 1024  # tokens per sequence, all of them in one permutation
+    max_samples: int = 0  # sequences per epoch (0 = all the train shards hold)
+    epochs: int = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    # model: HF GPT-2 weights (hub id or folder), a train_gpt.py / train_sigmagpt.py checkpoint, or scratch
+    init_from: str = "distilgpt2"
+    model: str = "gpt2"  # size when init_from=scratch (model.MODEL_SIZES)
+    n_layer: int = 0
+    n_head: int = 0
+    n_embd: int = 0
+    dropout: float = 0.0
+    # sigma-GPT
+    order: str = "random"  # random | left_to_right | curriculum
+    curriculum_start: float = 0.0  # curriculum: share of random orders at step 0
+    curriculum_steps: int = 0  # curriculum: steps to reach 1.0 (0 = the whole run)
+    scored_share: float = 0.4  # fair mode (and fair evaluation): share of each sequence that is scored
+    # batch: sequences per optimizer step = micro_batch_size * grad_accum_steps * world_size
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 64
+    # optimisation (the paper's)
+    learning_rate: float = 2.5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # system
+    device: str = "auto"
+    dtype: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16 | fp16 (with a grad scaler)
+    compile: bool = True  # torch.compile on cuda
+    # output: experiments/<name>_<timestamp>/ unless out_dir is given
+    out_root: str = "experiments"
+    name: str = "sigmagpt"
+    out_dir: str = ""
+    resume: Optional[str] = None  # latest (newest checkpoint; with no out_dir, the newest <name>_* run) | a path
+    log_interval: int = 10
+    val_interval: int = 500  # 0 = only at the end
+    val_batches: int = 8  # val batches of micro_batch_size per rank
+    eval_orders: int = 3  # K random orders for the random-order perplexity
+    eval_seed: int = 1234
+    save_steps: int = 5000  # 0 = only at the end
+    save_total_limit: int = 3  # keep the newest N checkpoint-* folders (0 = all)
+    stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
+    # eval / sample: the model to load (a run folder, checkpoint-N folder or model.pt)
+    ckpt: str = ""
+    prompt: str = ""  # text; <missing>N</missing> marks N unknown tokens; without any, max_new_tokens follow
+    max_new_tokens: int = 32
+    sampler: str = "rejection"  # rejection | sequential
+    sample_order: str = "random"  # random | left_to_right: the order unknown tokens are generated in
+    num_samples: int = 4
+    temperature: float = 1.0
+
+
+MODES = ("full", "fair", "eval", "sample")
+ORDERS = ("random", "left_to_right", "curriculum")
+DTYPES = {"auto": "auto", "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def check_config(cfg):
+    """Mistakes that need no data or devices to spot: refuse them before anything starts."""
+    choices = (("mode", MODES), ("order", ORDERS), ("dtype", tuple(DTYPES)), ("sampler", ("rejection", "sequential")),
+               ("sample_order", ("random", "left_to_right")))
+    for key, allowed in choices:
+        if getattr(cfg, key) not in allowed:
+            raise common.ConfigError(f"{key} '{getattr(cfg, key)}' is not one of {', '.join(allowed)}")
+    if not 0.0 < cfg.scored_share <= 1.0:
+        raise common.ConfigError(f"scored_share must be in (0, 1], got {cfg.scored_share}")
+    if not 0.0 <= cfg.curriculum_start <= 1.0:
+        raise common.ConfigError(f"curriculum_start must be in [0, 1], got {cfg.curriculum_start}")
+    for key in ("micro_batch_size", "grad_accum_steps", "epochs", "log_interval", "eval_orders", "val_batches"):
+        if getattr(cfg, key) <= 0:
+            raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
+    if cfg.block_size < 2:
+        raise common.ConfigError(f"block_size must be at least 2 (one given token, one predicted), got {cfg.block_size}")
+    if cfg.init_from == "scratch" and cfg.model not in MODEL_SIZES:
+        raise common.ConfigError(f"model '{cfg.model}' is not a known size; choose from {', '.join(MODEL_SIZES)}")
+    if cfg.mode in ("eval", "sample") and not cfg.ckpt and cfg.init_from == "scratch":
+        raise common.ConfigError(f"mode={cfg.mode} needs ckpt=RUN_DIR|checkpoint-N|model.pt (or init_from=)")
+
+
+# -----------------------------------------------------------------------------
+# orders: the permutation bookkeeping
+
+
+def num_scored(cfg, T):
+    """Scored targets per sequence: T-1 in full mode; in fair mode the evaluation tokens, round(share*T)
+    clamped to [1, T-1] (the first token of an order is always given)."""
+    if cfg.mode != "fair":
+        return T - 1
+    return min(T - 1, max(1, round(cfg.scored_share * T)))
+
+
+def random_share(cfg, step, max_steps):
+    """The probability that a sequence gets a random order (else left to right) at this step."""
+    if cfg.order == "random":
+        return 1.0
+    if cfg.order == "left_to_right":
+        return 0.0
+    ramp = cfg.curriculum_steps or max_steps
+    return min(1.0, cfg.curriculum_start + (1.0 - cfg.curriculum_start) * step / max(1, ramp))
+
+
+def draw_orders(B, T, share_random, generator):
+    """(B, T) permutations: each row uniform at random with probability share_random, else the identity."""
+    perm = torch.argsort(torch.rand(B, T, generator=generator), dim=1)
+    shuffled = torch.rand(B, generator=generator) < share_random
+    return torch.where(shuffled[:, None], perm, torch.arange(T).expand(B, T))
+
+
+def sigma_batch(seq, perm, n_scored):
+    """Sequences (B, T) in the orders perm (B, T) -> the model's rows (B, T-1): input tokens, own
+    positions, next positions, targets. Row t holds token seq[perm[t]] at position perm[t] and predicts
+    seq[perm[t+1]] at position perm[t+1]; only the last n_scored targets count (the rest are -100)."""
+    ordered = seq.gather(1, perm)
+    x, y = ordered[:, :-1], ordered[:, 1:].clone()
+    y[:, :y.size(1) - n_scored] = -100  # fair mode: the conditioning tokens come first and are not scored
+    return x, perm[:, :-1], perm[:, 1:], y
+
+
+def order_generator(seed, *keys):
+    """A CPU generator fixed by (seed, keys): the orders of a step do not depend on what ran before, so a
+    resumed run draws the same orders without saving generator state."""
+    return torch.Generator().manual_seed(zlib.crc32(repr((seed,) + keys).encode()))
+
+
+# -----------------------------------------------------------------------------
+# the model: HF GPT-2 weights, a train_gpt.py checkpoint or a sigma-GPT one, or scratch
+
+
+def sigma_from_ar(ar, vocab_size=None, dropout=0.0):
+    """A plain GPT -> a double-position GPT that, in left-to-right order, computes exactly the same
+    logits (model.double_position_table); the vocabulary may be padded up (new rows keep their init)."""
+    c = ar.config
+    config = dataclasses.replace(c, double_position=True, dropout=dropout,
+                                 vocab_size=max(c.vocab_size, vocab_size or 0))
+    model = GPT(config)
+    source = ar.state_dict()
+    source["transformer.wpe.weight"] = double_position_table(source["transformer.wpe.weight"])
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in ("transformer.wte.weight", "lm_head.weight"):
+                v[:source[k].shape[0]].copy_(source[k])  # rows past the source vocabulary keep their init
+            else:
+                v.copy_(source[k])
+    return model
+
+
+def build_model(cfg, meta):
+    """(model, tokenizer spec it was trained with or None). Refuses another vocabulary and too few positions."""
+    data_vocab = common.padded_vocab_size(meta["vocab_size"])
+    spec = meta["tokenizer"]
+    if cfg.init_from == "scratch":
+        c = model_config(cfg.model, data_vocab, cfg.block_size, cfg.dropout,
+                         cfg.n_layer or None, cfg.n_head or None, cfg.n_embd or None)
+        return GPT(dataclasses.replace(c, double_position=True))
+    if os.path.exists(cfg.init_from) and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+        ckpt = load_any_checkpoint(cfg.init_from)
+        if ckpt["tokenizer"] != spec:
+            raise common.ConfigError(f"init_from {cfg.init_from} was trained with tokenizer {ckpt['tokenizer']}, "
+                                     f"but {cfg.data_dir} holds {spec}: another vocabulary")
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        if not model.config.double_position:
+            model = sigma_from_ar(model, dropout=cfg.dropout)
+    else:
+        if spec["kind"] != "gpt2":  # extra tokens after the 50257 GPT-2 ids are fine: new, padded rows
+            raise common.ConfigError(f"init_from {cfg.init_from} has the GPT-2 vocabulary, but {cfg.data_dir} "
+                                     f"holds '{spec['kind']}' tokens ({meta['vocab_size']} ids): another vocabulary")
+        model = sigma_from_ar(GPT.from_pretrained(cfg.init_from), data_vocab, cfg.dropout)
+    if cfg.block_size > model.config.block_size:
+        raise common.ConfigError(f"block_size {cfg.block_size} is longer than the position table of "
+                                 f"{cfg.init_from} ({model.config.block_size} positions)")
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise common.ConfigError(f"data vocab {meta['vocab_size']} exceeds the vocabulary of {cfg.init_from} "
+                                 f"({model.config.vocab_size}): another vocabulary")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# checkpoints in the guide's layout: <run>/checkpoint-<step>/model.pt
+
+
+def checkpoint_dirs(run_dir):
+    """[(step, folder)] of the finished checkpoints of a run (a folder without model.pt is unfinished)."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
+        if m and os.path.isfile(os.path.join(path, "model.pt")):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def load_any_checkpoint(path):
+    """A run folder (its newest checkpoint), a checkpoint-N folder or a .pt file; train_gpt.py's ckpt_*.pt too."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "model.pt")):
+            path = os.path.join(path, "model.pt")
+        elif checkpoint_dirs(path):
+            path = os.path.join(checkpoint_dirs(path)[-1][1], "model.pt")
+    ckpt = common.load_checkpoint(path)
+    if ckpt.get("kind", "gpt") not in ("gpt", "sigmagpt"):
+        raise common.ConfigError(f"{path} holds a '{ckpt['kind']}' model, not a GPT or sigma-GPT")
+    return ckpt
+
+
+def save_checkpoint(run_dir, step, state, keep):
+    """Atomic write (common.save_checkpoint) of checkpoint-<step>/model.pt; prune to the newest `keep`."""
+    common.save_checkpoint(os.path.join(run_dir, f"checkpoint-{step}", "model.pt"), state)
+    if keep > 0:
+        for _, old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return os.path.join(run_dir, f"checkpoint-{step}")
+
+
+def run_folder(cfg, d):
+    """out_dir, or experiments/<name>_<timestamp>; resume=latest without out_dir takes the newest <name>_* run."""
+    if cfg.out_dir:
+        return cfg.out_dir
+    folder = None
+    if d.master:
+        runs = sorted(p for p in glob.glob(os.path.join(cfg.out_root, f"{cfg.name}_*")) if checkpoint_dirs(p))
+        if cfg.resume == "latest" and runs:
+            folder = runs[-1]
+        else:
+            folder = os.path.join(cfg.out_root, f"{cfg.name}_{time.strftime('%Y%m%d_%H%M%S')}")
+    if d.ddp:  # every rank writes to the folder rank 0 named
+        box = [folder]
+        dist.broadcast_object_list(box, src=0)
+        folder = box[0]
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# preemption: the handler only sets a flag; the loop saves and exits at the next step boundary
+
+STOP = {"signal": None}
+
+
+def _request_stop(signum, frame):
+    STOP["signal"] = signal.Signals(signum).name
+
+
+def install_signal_handlers():
+    STOP["signal"] = None
+    return {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def all_reduce(t, op, d):
+    if d.ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "avg" else op)
+        if op == "avg":
+            t /= d.world_size
+    return t
+
+
+# -----------------------------------------------------------------------------
+# evaluation: perplexity left to right, in K random orders, and fair-mode conditional
+
+
+def sequence_loss(model, seq, perm, n_scored, autocast):
+    """(summed loss, scored tokens) of sequences in the given orders."""
+    x, pos, next_pos, y = (t.to(seq.device) for t in sigma_batch(seq.cpu(), perm, n_scored))
+    with autocast:
+        logits, _ = model(x, position_ids=pos, target_position_ids=next_pos)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (y != -100).sum()
+
+
+@torch.no_grad()
+def evaluate(model, cfg, d, autocast):
+    """Mean losses over val_batches of val sequences (each rank its slice); the orders are fixed by
+    eval_seed, so every evaluation of a run sees the same orders."""
+    T = cfg.block_size
+    loader = common.ShardLoader(cfg.data_dir, "val", cfg.micro_batch_size, T - 1, d.rank, d.world_size)
+    fair = dataclasses.replace(cfg, mode="fair")
+    totals = torch.zeros(6, dtype=torch.float64, device=d.device)  # (loss, count) x (l2r, random, fair)
+    model.eval()
+    for b in range(cfg.val_batches):
+        x, y = loader.next_batch()
+        seq = torch.cat([x, y[:, -1:]], dim=1).to(d.device)
+        B = seq.size(0)
+        runs = [(0, draw_orders(B, T, 0.0, torch.Generator()), T - 1)]
+        for k in range(cfg.eval_orders):
+            runs.append((1, draw_orders(B, T, 1.0, order_generator(cfg.eval_seed, "random", d.rank, b, k)), T - 1))
+        runs.append((2, draw_orders(B, T, 1.0, order_generator(cfg.eval_seed, "fair", d.rank, b)), num_scored(fair, T)))
+        for slot, perm, n in runs:
+            loss, count = sequence_loss(model, seq, perm, n, autocast)
+            totals[2 * slot] += loss
+            totals[2 * slot + 1] += count
+    model.train()
+    totals = all_reduce(totals, dist.ReduceOp.SUM, d).tolist()
+    losses = [totals[2 * i] / totals[2 * i + 1] for i in range(3)]
+    return {"val_loss_l2r": losses[0], "val_loss_random": losses[1], "val_loss_fair": losses[2],
+            "val_ppl_l2r": math.exp(losses[0]), "val_ppl_random": math.exp(losses[1]),
+            "val_ppl_fair": math.exp(losses[2])}
+
+
+# -----------------------------------------------------------------------------
+# generation: any order, infilling, token-based rejection sampling
+#
+# A partial sequence is a list over positions: a token id where known, None where unknown. The known
+# tokens come first in the order (in position order), then the unknown positions in the sampling order.
+
+
+def probs_of(logits, temperature):
+    return torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+
+
+@torch.no_grad()
+def conditionals(model, tokens, order, next_positions, temperature, attn_mask=None):
+    """One causal pass over the known tokens at positions `order`, row k predicting next_positions[k]:
+    the (len(order), V) distributions."""
+    dev = model.lm_head.weight.device
+    ids = torch.tensor([tokens[p] for p in order], device=dev)[None]
+    pos = torch.tensor(order, device=dev)[None]
+    logits, _ = model(ids, position_ids=pos, target_position_ids=torch.tensor(next_positions, device=dev)[None],
+                      attn_mask=None if attn_mask is None else attn_mask[None, None].to(dev))
+    return probs_of(logits[0], temperature).cpu()
+
+
+@torch.no_grad()
+def propose(model, tokens, prefix, remaining, temperature):
+    """ONE pass: the distribution of every remaining position given the prefix alone. The last prefix
+    token appears once per remaining position, each copy with that position as its next position and
+    attending only to the prefix before it and itself."""
+    L, m = len(prefix), len(remaining)
+    n = L - 1 + m
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    mask[L - 1:, L - 1:] = torch.eye(m, dtype=torch.bool)  # the copies do not see each other
+    order = prefix[:-1] + prefix[-1:] * m
+    return conditionals(model, tokens, order, prefix[1:] + remaining, temperature, mask)[L - 1:]  # (m, V)
+
+
+def unknown_order(tokens, how, generator):
+    unknown = [p for p, t in enumerate(tokens) if t is None]
+    if how == "random":
+        unknown = [unknown[i] for i in torch.randperm(len(unknown), generator=generator).tolist()]
+    return unknown
+
+
+@torch.no_grad()
+def sample_sequential(model, tokens, how="random", temperature=1.0, generator=None):
+    """One token per model call, in a random (or left-to-right) order of the unknown positions."""
+    tokens = list(tokens)
+    prefix = [p for p, t in enumerate(tokens) if t is not None]
+    if not prefix:
+        raise common.ConfigError("generation needs at least one known token")
+    calls = 0
+    for p in unknown_order(tokens, how, generator):
+        probs = conditionals(model, tokens, prefix, prefix[1:] + [p], temperature)[-1]
+        calls += 1
+        tokens[p] = int(torch.multinomial(probs, 1, generator=generator))
+        prefix.append(p)
+    return tokens, {"calls": calls, "steps": calls, "accepted_per_step": [1] * calls}
+
+
+@torch.no_grad()
+def sample_rejection(model, tokens, temperature=1.0, generator=None):
+    """Token-based rejection sampling. Each step: (1) one pass proposes every remaining token from
+    q_j = p(x_j | prefix); (2) the drafts, in a fresh random order, go through one causal pass giving
+    p_k = p(x_k | prefix, drafts before k); drafts are accepted in order while u < p_k(x)/q_k(x); at the
+    first rejection that position is redrawn from the residual max(p_k - q_k, 0) and the step ends.
+    The first draft is always accepted (its p and q condition on the same prefix), so every step
+    generates at least one token, and by the speculative-sampling argument each generated token is
+    distributed as p_k: the result is distributed as sequential sampling in a uniformly random order."""
+    tokens = list(tokens)
+    prefix = [p for p, t in enumerate(tokens) if t is not None]
+    if not prefix:
+        raise common.ConfigError("generation needs at least one known token")
+    remaining = unknown_order(tokens, "random", generator)
+    calls, accepted_per_step = 0, []
+    while remaining:
+        q = propose(model, tokens, prefix, remaining, temperature)
+        calls += 1
+        drafts = torch.multinomial(q, 1, generator=generator)[:, 0].tolist()
+        if len(remaining) == 1:  # a single proposal is already an exact sample
+            tokens[remaining[0]] = drafts[0]
+            prefix, remaining = prefix + remaining, []
+            accepted_per_step.append(1)
+            break
+        trial = list(tokens)
+        for p, t in zip(remaining, drafts):
+            trial[p] = t
+        order = prefix + remaining
+        p_all = conditionals(model, trial, order[:-1], order[1:], temperature)[len(prefix) - 1:]
+        calls += 1
+        n_new = len(remaining)
+        for k in range(len(remaining)):
+            x = drafts[k]
+            ratio = 1.0 if k == 0 else float(p_all[k, x] / q[k, x])
+            if float(torch.rand((), generator=generator)) < ratio:
+                tokens[remaining[k]] = x
+                continue
+            residual = (p_all[k] - q[k]).clamp(min=0)
+            tokens[remaining[k]] = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+            n_new = k + 1
+            break
+        accepted_per_step.append(n_new)
+        prefix, remaining = prefix + remaining[:n_new], remaining[n_new:]
+        # the rest keep a uniformly random order: a fresh shuffle changes nothing in distribution
+    return tokens, {"calls": calls, "steps": len(accepted_per_step), "accepted_per_step": accepted_per_step}
+
+
+MISSING_RE = re.compile(r"<missing>(\d+)</missing>")
+
+
+def parse_prompt(text, tokenizer, max_new_tokens):
+    """'a <missing>3</missing> b' -> [ids of 'a', None, None, None, ids of ' b']; without any marker, the
+    prompt is followed by max_new_tokens unknowns (plain continuation)."""
+    tokens, last = [], 0
+    for m in MISSING_RE.finditer(text):
+        tokens += tokenizer.encode(text[last:m.start()]) + [None] * int(m.group(1))
+        last = m.end()
+    tokens += tokenizer.encode(text[last:])
+    if last == 0:
+        tokens += [None] * max_new_tokens
+    return tokens
+
+
+def run_sample(cfg, model, tokenizer, device):
+    tokens = parse_prompt(cfg.prompt, tokenizer, cfg.max_new_tokens)
+    if len(tokens) > model.config.block_size:
+        raise common.ConfigError(f"prompt and missing tokens make {len(tokens)} positions; the position table "
+                                 f"has {model.config.block_size}")
+    if all(t is None for t in tokens):
+        tokens[0] = tokenizer.eot_id  # nothing known: start from the end-of-text token at position 0
+    generator = torch.Generator().manual_seed(cfg.seed)
+    out, calls, generated, steps = [], 0, 0, []
+    for i in range(cfg.num_samples):
+        if cfg.sampler == "rejection":
+            filled, stats = sample_rejection(model, tokens, cfg.temperature, generator)
+        else:
+            filled, stats = sample_sequential(model, tokens, cfg.sample_order, cfg.temperature, generator)
+        text = tokenizer.decode(filled)
+        print(f"--- sample {i} ({stats['steps']} steps, {stats['calls']} model calls)\n{text}")
+        n = sum(t is None for t in tokens)
+        out.append({"text": text, **stats})
+        calls, generated, steps = calls + stats["calls"], generated + n, steps + stats["accepted_per_step"]
+    summary = {"sampler": cfg.sampler, "samples": cfg.num_samples, "generated_tokens": generated,
+               "model_calls_per_token": calls / max(generated, 1),
+               "tokens_per_step": sum(steps) / max(len(steps), 1)}
+    print(common.format_record(summary))
+    return {"summary": summary, "samples": out}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = common.load_config(Config, argv)
+    check_config(cfg)
+    d = common.setup_dist(cfg.device)
+    previous_handlers = install_signal_handlers()
+    try:
+        if cfg.mode in ("eval", "sample"):
+            return evaluate_or_sample(cfg, d)
+        return train(cfg, d)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        common.cleanup_dist(d)
+
+
+def autocast_for(cfg, device_type):
+    dtype = common.resolve_dtype(DTYPES[cfg.dtype], device_type)
+    if dtype == torch.float32:
+        return dtype, contextlib.nullcontext()
+    return dtype, torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def evaluate_or_sample(cfg, d):
+    meta = common.load_meta(cfg.data_dir)
+    if cfg.ckpt:
+        ckpt = load_any_checkpoint(cfg.ckpt)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        if not model.config.double_position:
+            model = sigma_from_ar(model)
+    else:
+        model = build_model(cfg, meta)
+    if cfg.block_size > model.config.block_size:
+        raise common.ConfigError(f"block_size {cfg.block_size} is longer than the model's position table "
+                                 f"({model.config.block_size} positions)")
+    model.to(d.device).eval()
+    _, autocast = autocast_for(cfg, d.device_type)
+    if cfg.mode == "eval":
+        results = evaluate(model, cfg, d, autocast)
+        if d.master:
+            print(common.format_record(results))
+        return results
+    tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)
+    return run_sample(cfg, model, tokenizer, d.device)
+
+
+def train(cfg, d):
+    meta = common.load_meta(cfg.data_dir)
+    T, B, accum = cfg.block_size, cfg.micro_batch_size, cfg.grad_accum_steps
+    sequences_per_step = B * accum * d.world_size
+    train_loader = common.ShardLoader(cfg.data_dir, "train", B, T - 1, d.rank, d.world_size)
+    # an epoch: max_samples sequences (or all the shards hold), then the loader starts over
+    available = sum(len(common.read_shard(p)) - 1 for p in train_loader.shards) // (T - 1)
+    samples_per_epoch = min(cfg.max_samples, available) if cfg.max_samples > 0 else available
+    steps_per_epoch = max(1, samples_per_epoch // sequences_per_step)
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
+    out_dir = run_folder(cfg, d)
+
+    # ---- where to start: fresh, or from a checkpoint (model, optimizer, scaler, step, data position, RNG)
+    ckpt = None
+    if cfg.resume == "latest":
+        if checkpoint_dirs(out_dir):
+            ckpt = load_any_checkpoint(out_dir)
+    elif cfg.resume:
+        ckpt = load_any_checkpoint(cfg.resume)
+    elif checkpoint_dirs(out_dir):
+        raise common.ConfigError(f"{out_dir} already holds checkpoints; pass resume=latest to continue it, "
+                                 "or choose another out_dir")
+    if ckpt is not None and ckpt.get("kind") != "sigmagpt":
+        raise common.ConfigError(f"resume={cfg.resume}: {ckpt['path']} is not a sigma-GPT training checkpoint")
+    start_step = ckpt["step"] + 1 if ckpt else 0
+
+    torch.manual_seed(cfg.seed)  # same seed on every rank: identical initial weights without a broadcast
+    if ckpt:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = build_model(cfg, meta)
+    model.to(d.device)
+    raw_model = model
+    dtype, autocast = autocast_for(cfg, d.device_type)
+    scaler = torch.amp.GradScaler(d.device_type, enabled=dtype == torch.float16)
+    if cfg.compile and d.device_type == "cuda":
+        model = torch.compile(model)
+    if d.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                              d.device_type)
+    val = {}
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        train_loader.set_state(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"])
+        val = ckpt.get("val", {})
+
+    csv_path = os.path.join(out_dir, "logs", "training_log.csv")
+    csv_fields = ["step", "epoch", "loss", "lr", "scored_tokens", "tokens_per_sec", "val_loss_l2r",
+                  "val_loss_random", "val_loss_fair"]
+    if d.master:
+        os.makedirs(os.path.dirname(csv_path), exist_ok=True)
+        if ckpt:  # records logged after the checkpoint (a crash between checkpoints) are about to be redone
+            trim_logs(out_dir, csv_path, ckpt["step"])
+        else:
+            with open(csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(csv_fields)
+    logger = common.Logger(out_dir, d.master, resume=ckpt is not None)
+    if d.master:
+        common.atomic_write_json(os.path.join(out_dir, "config.json"), common.config_dict(cfg))
+    n_scored = num_scored(cfg, T)
+    scored_per_step = n_scored * sequences_per_step
+    logger.info(f"sigma-GPT {cfg.mode} mode, order {cfg.order}: {raw_model.num_params() / 1e6:.2f}M non-embedding "
+                f"params from {cfg.init_from} | {d.device} x{d.world_size}, {dtype}, {sequences_per_step} sequences "
+                f"of {T} tokens/step = {B} x {accum} accum x {d.world_size} ranks | {scored_per_step} scored "
+                f"tokens/step | {max_steps} steps ({steps_per_epoch}/epoch of {samples_per_epoch} sequences) | {out_dir}")
+    if ckpt:
+        logger.info(f"resumed from {ckpt['path']} at step {start_step}")
+
+    def train_step(step):
+        """One optimizer step over `accum` micro batches; returns device tensors (no host sync)."""
+        if step > 0 and step % steps_per_epoch == 0:
+            train_loader.reset()  # a new epoch over the same max_samples sequences, in new orders
+        share = random_share(cfg, step, max_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            x, y = train_loader.next_batch()
+            seq = torch.cat([x, y[:, -1:]], dim=1)
+            perm = draw_orders(B, T, share, order_generator(cfg.seed, "train", d.rank, step, micro))
+            x, pos, next_pos, y = (t.to(d.device, non_blocking=True) for t in sigma_batch(seq, perm, n_scored))
+            with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
+                with autocast:
+                    _, loss = model(x, y, position_ids=pos, target_position_ids=next_pos)
+                # the mean over the scored tokens of the step (every micro batch scores the same number)
+                loss = loss / accum
+                loss_accum += loss.detach()
+                scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = common.cosine_lr(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, cfg.warmup_steps,
+                              max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)
+        scaler.update()
+        return loss_accum, grad_norm, lr
+
+    def save(step):
+        path = None
+        if d.master:
+            path = save_checkpoint(out_dir, step, {
+                "kind": "sigmagpt", "model": raw_model.state_dict(),
+                "model_config": dataclasses.asdict(raw_model.config), "tokenizer": meta["tokenizer"],
+                "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
+                "val": val}, cfg.save_total_limit)
+        if d.ddp:
+            dist.barrier()
+        return path
+
+    # ---- the loop
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=d.device)  # NaN/Inf watch without a sync
+    run_t0 = time.time()
+    interval_t0, interval_steps = time.time(), 0
+    timed_tokens, timed_seconds = 0, 0.0
+    train_loss, status, step = None, "done", start_step - 1
+    bar = common.progress(total=max_steps, initial=start_step, master=d.master, desc="train", unit="step")
+    for step in range(start_step, max_steps):
+        last_step = step == max_steps - 1
+        loss_accum, grad_norm, lr = train_step(step)
+        interval_steps += 1
+        bad = ~torch.isfinite(loss_accum)
+        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, step), first_bad_step)
+        bar.update(1)
+
+        val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
+        save_now = last_step or (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0)
+        user_stop = step == cfg.stop_after_step
+        log_now = (step + 1) % cfg.log_interval == 0 or step == start_step or val_now or save_now or user_stop
+        if d.ddp:  # the ranks agree on a signal at log points
+            signal_stop = False
+            if log_now:
+                flag = torch.tensor(int(STOP["signal"] is not None), device=d.device)
+                signal_stop = bool(all_reduce(flag, dist.ReduceOp.MAX, d).item())
+        else:
+            signal_stop = STOP["signal"] is not None
+        if not (log_now or signal_stop):
+            continue
+
+        train_loss, norm = all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
+        if not math.isfinite(train_loss):
+            never = torch.iinfo(torch.long).max
+            first = torch.where(first_bad_step < 0, torch.full_like(first_bad_step, never), first_bad_step)
+            bad_step = int(all_reduce(first, dist.ReduceOp.MIN, d).item())
+            good = [p for s, p in checkpoint_dirs(out_dir) if s < bad_step]
+            bar.close()
+            msg = (f"loss is {train_loss} at step {bad_step}: training diverged. Last good checkpoint: "
+                   f"{good[-1] if good else 'none'}")
+            logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
+            raise TrainingDiverged(msg)
+        if d.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.time() - interval_t0) / interval_steps
+        tokens_per_sec = sequences_per_step * (T - 1) / dt  # tokens through the model, scored or not
+        if step != start_step:
+            timed_tokens += sequences_per_step * (T - 1) * interval_steps
+            timed_seconds += dt * interval_steps
+        record = {"type": "train", "step": step, "epoch": step // steps_per_epoch, "loss": train_loss, "lr": lr,
+                  "grad_norm": norm, "scored_tokens": scored_per_step, "random_share": random_share(cfg, step, max_steps),
+                  "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec}
+        logger.log(record, echo=False)
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+        row = {k: record.get(k, "") for k in csv_fields}
+        if val_now and cfg.val_batches > 0:
+            val = evaluate(raw_model, cfg, d, autocast)
+            logger.log({"type": "val", "step": step, **val}, echo=False)
+            if d.master:
+                bar.write(common.format_record({"step": step, **val}))
+            row.update({k: val[k] for k in ("val_loss_l2r", "val_loss_random", "val_loss_fair")})
+        if d.master:
+            with open(csv_path, "a", newline="") as f:
+                csv.writer(f).writerow([row[k] for k in csv_fields])
+        path = save(step) if save_now or user_stop or signal_stop else None
+        if (signal_stop or user_stop) and not last_step:
+            status = "preempted" if signal_stop else "stopped"
+            why = f"received {STOP['signal']}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
+            bar.close()
+            logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+            break
+        interval_t0, interval_steps = time.time(), 0  # evaluation and saving are not training time
+    bar.close()
+
+    results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, **val,
+               "scored_tokens_per_step": scored_per_step,
+               "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds > 0 else None,
+               "seconds": time.time() - run_t0, "world_size": d.world_size, "out_dir": out_dir,
+               "resumed_from_step": start_step - 1 if ckpt else None}
+    if d.master:
+        common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
+        plot_curves(out_dir)
+        if status == "done":
+            logger.info(f"done: {step + 1} steps, train loss {train_loss:.4f}, results in {out_dir}")
+    return results
+
+
+def trim_logs(out_dir, csv_path, step):
+    """Drop log.jsonl records and CSV rows after `step`: the resumed run logs them again."""
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.isfile(log_path):
+        kept = [r for r in common.read_jsonl(log_path) if r.get("step", -1) <= step]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(log_path + ".tmp", log_path)
+    if os.path.isfile(csv_path):
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+        with open(csv_path + ".tmp", "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(csv_path + ".tmp", csv_path)
+
+
+def plot_curves(out_dir):
+    """loss.png: train loss and the three validation losses against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = common.read_jsonl(os.path.join(out_dir, "log.jsonl"))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in rows if r.get("type") == "train"]
+    if train:
+        ax.plot(*zip(*train), "-", label="train loss")
+    for key, label in (("val_loss_l2r", "val, left to right"), ("val_loss_random", "val, random orders"),
+                       ("val_loss_fair", "val, fair (conditional)")):
+        pts = [(r["step"], r[key]) for r in rows if r.get("type") == "val"]
+        if pts:
+            ax.plot(*zip(*pts), "o-", markersize=3, label=label)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=os.path.basename(os.path.normpath(out_dir)))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.ConfigError, TrainingDiverged, FileNotFoundError, common.ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
