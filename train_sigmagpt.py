@@ -42,12 +42,10 @@ import contextlib
 import csv
 import dataclasses
 import glob
-import json
 import math
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 import zlib
@@ -59,7 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
-from model import GPT, GPTConfig, MODEL_SIZES, double_position_table, model_config
+from model import GPT, GPTConfig, MODEL_SIZES, double_position_table, from_hf, model_config
 
 
 @dataclass
@@ -125,13 +123,12 @@ class Config:
 
 MODES = ("full", "fair", "eval", "sample")
 ORDERS = ("random", "left_to_right", "curriculum")
-DTYPES = {"auto": "auto", "fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
+DTYPES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 
 
 def check_config(cfg):
     """Mistakes that need no data or devices to spot: refuse them before anything starts."""
-    choices = (("mode", MODES), ("order", ORDERS), ("dtype", tuple(DTYPES)), ("sampler", ("rejection", "sequential")),
+    choices = (("mode", MODES), ("order", ORDERS), ("dtype", DTYPES), ("sampler", ("rejection", "sequential")),
                ("sample_order", ("random", "left_to_right")))
     for key, allowed in choices:
         if getattr(cfg, key) not in allowed:
@@ -239,7 +236,7 @@ def build_model(cfg, meta):
         if spec["kind"] != "gpt2":  # extra tokens after the 50257 GPT-2 ids are fine: new, padded rows
             raise common.ConfigError(f"init_from {cfg.init_from} has the GPT-2 vocabulary, but {cfg.data_dir} "
                                      f"holds '{spec['kind']}' tokens ({meta['vocab_size']} ids): another vocabulary")
-        model = sigma_from_ar(GPT.from_pretrained(cfg.init_from), data_vocab, cfg.dropout)
+        model = sigma_from_ar(from_hf(cfg.init_from), data_vocab, cfg.dropout)
     if cfg.block_size > model.config.block_size:
         raise common.ConfigError(f"block_size {cfg.block_size} is longer than the position table of "
                                  f"{cfg.init_from} ({model.config.block_size} positions)")
@@ -270,19 +267,51 @@ def load_any_checkpoint(path):
             path = os.path.join(path, "model.pt")
         elif checkpoint_dirs(path):
             path = os.path.join(checkpoint_dirs(path)[-1][1], "model.pt")
-    ckpt = common.load_checkpoint(path)
+    try:
+        ckpt = common.load_checkpoint(path)
+    except ValueError as e:  # not ours, truncated, or unsafe to unpickle
+        raise common.ConfigError(str(e)) from e
     if ckpt.get("kind", "gpt") not in ("gpt", "sigmagpt"):
         raise common.ConfigError(f"{path} holds a '{ckpt['kind']}' model, not a GPT or sigma-GPT")
     return ckpt
 
 
-def save_checkpoint(run_dir, step, state, keep):
-    """Atomic write (common.save_checkpoint) of checkpoint-<step>/model.pt; prune to the newest `keep`."""
-    common.save_checkpoint(os.path.join(run_dir, f"checkpoint-{step}", "model.pt"), state)
-    if keep > 0:
-        for _, old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+def save_checkpoint(run_dir, step, state, d, keep):
+    """Rank 0 writes checkpoint-<step>/model.pt atomically (common.save_checkpoint), never with non-finite
+    weights, and keeps the newest `keep` folders (save_total_limit); all ranks wait for it."""
+    if d.master:
+        bad = common.nonfinite_tensors(state["model"])
+        if bad:
+            raise common.TrainingDiverged(f"not saving step {step}: non-finite weights in {', '.join(bad[:3])}")
+        common.save_checkpoint(os.path.join(run_dir, f"checkpoint-{step}", "model.pt"), state)
+        if keep > 0:
+            for _, old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    common.barrier(d)
     return os.path.join(run_dir, f"checkpoint-{step}")
+
+
+def start_or_resume(run_dir, resume):
+    """common.start_or_resume for the guide's folder layout: None = fresh (refusing a folder with
+    checkpoints), 'latest' = the newest checkpoint that loads (or fresh), else that checkpoint."""
+    if not resume:
+        if checkpoint_dirs(run_dir):
+            raise common.ConfigError(f"{run_dir} already holds checkpoints; continue with resume=latest, "
+                                     "or choose another out_dir")
+        return None
+    paths = [p for _, p in reversed(checkpoint_dirs(run_dir))] if resume == "latest" else [resume]
+    for path in paths:
+        try:
+            ckpt = load_any_checkpoint(path)
+        except ValueError as e:  # a truncated file: step back to an older one
+            if resume != "latest":
+                raise common.ConfigError(str(e)) from e
+            print(f"warning: cannot read {path} ({str(e)[:200]}); trying an older checkpoint", file=sys.stderr)
+            continue
+        if ckpt.get("kind") != "sigmagpt":
+            raise common.ConfigError(f"resume: {ckpt['path']} is not a sigma-GPT training checkpoint")
+        return ckpt
+    return None
 
 
 def run_folder(cfg, d):
@@ -301,33 +330,6 @@ def run_folder(cfg, d):
         dist.broadcast_object_list(box, src=0)
         folder = box[0]
     return folder
-
-
-# -----------------------------------------------------------------------------
-# preemption: the handler only sets a flag; the loop saves and exits at the next step boundary
-
-STOP = {"signal": None}
-
-
-def _request_stop(signum, frame):
-    STOP["signal"] = signal.Signals(signum).name
-
-
-def install_signal_handlers():
-    STOP["signal"] = None
-    return {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def all_reduce(t, op, d):
-    if d.ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "avg" else op)
-        if op == "avg":
-            t /= d.world_size
-    return t
 
 
 # -----------------------------------------------------------------------------
@@ -365,7 +367,7 @@ def evaluate(model, cfg, d, autocast):
             totals[2 * slot] += loss
             totals[2 * slot + 1] += count
     model.train()
-    totals = all_reduce(totals, dist.ReduceOp.SUM, d).tolist()
+    totals = common.all_reduce(totals, "sum", d).tolist()
     losses = [totals[2 * i] / totals[2 * i + 1] for i in range(3)]
     return {"val_loss_l2r": losses[0], "val_loss_random": losses[1], "val_loss_fair": losses[2],
             "val_ppl_l2r": math.exp(losses[0]), "val_ppl_random": math.exp(losses[1]),
@@ -527,22 +529,13 @@ def main(argv=None):
     cfg = common.load_config(Config, argv)
     check_config(cfg)
     d = common.setup_dist(cfg.device)
-    previous_handlers = install_signal_handlers()
     try:
         if cfg.mode in ("eval", "sample"):
             return evaluate_or_sample(cfg, d)
-        return train(cfg, d)
+        with common.preemption_handlers() as stop:
+            return train(cfg, d, stop)
     finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
         common.cleanup_dist(d)
-
-
-def autocast_for(cfg, device_type):
-    dtype = common.resolve_dtype(DTYPES[cfg.dtype], device_type)
-    if dtype == torch.float32:
-        return dtype, contextlib.nullcontext()
-    return dtype, torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def evaluate_or_sample(cfg, d):
@@ -559,7 +552,7 @@ def evaluate_or_sample(cfg, d):
         raise common.ConfigError(f"block_size {cfg.block_size} is longer than the model's position table "
                                  f"({model.config.block_size} positions)")
     model.to(d.device).eval()
-    _, autocast = autocast_for(cfg, d.device_type)
+    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
     if cfg.mode == "eval":
         results = evaluate(model, cfg, d, autocast)
         if d.master:
@@ -569,7 +562,7 @@ def evaluate_or_sample(cfg, d):
     return run_sample(cfg, model, tokenizer, d.device)
 
 
-def train(cfg, d):
+def train(cfg, d, stop):
     meta = common.load_meta(cfg.data_dir)
     T, B, accum = cfg.block_size, cfg.micro_batch_size, cfg.grad_accum_steps
     sequences_per_step = B * accum * d.world_size
@@ -582,34 +575,25 @@ def train(cfg, d):
     out_dir = run_folder(cfg, d)
 
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, scaler, step, data position, RNG)
-    ckpt = None
-    if cfg.resume == "latest":
-        if checkpoint_dirs(out_dir):
-            ckpt = load_any_checkpoint(out_dir)
-    elif cfg.resume:
-        ckpt = load_any_checkpoint(cfg.resume)
-    elif checkpoint_dirs(out_dir):
-        raise common.ConfigError(f"{out_dir} already holds checkpoints; pass resume=latest to continue it, "
-                                 "or choose another out_dir")
-    if ckpt is not None and ckpt.get("kind") != "sigmagpt":
-        raise common.ConfigError(f"resume={cfg.resume}: {ckpt['path']} is not a sigma-GPT training checkpoint")
+    ckpt = start_or_resume(out_dir, cfg.resume)
     start_step = ckpt["step"] + 1 if ckpt else 0
+    if ckpt and start_step >= max_steps:
+        if d.master:
+            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {max_steps} steps")
+        return {"status": "already_finished", "step": ckpt["step"]}
 
-    torch.manual_seed(cfg.seed)  # same seed on every rank: identical initial weights without a broadcast
+    common.seed_everything(cfg.seed, d.device_type)
     if ckpt:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     else:
         model = build_model(cfg, meta)
     model.to(d.device)
-    raw_model = model
-    dtype, autocast = autocast_for(cfg, d.device_type)
-    scaler = torch.amp.GradScaler(d.device_type, enabled=dtype == torch.float16)
-    if cfg.compile and d.device_type == "cuda":
-        model = torch.compile(model)
-    if d.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    raw_model = model  # plain module: checkpoints, evaluation, sampling
+    model = common.wrap_model(model, d, cfg.compile)
+    dtype = common.resolve_dtype(cfg.dtype, d.device)
+    autocast = common.autocast(d.device_type, dtype)
+    scaler = torch.amp.GradScaler(d.device_type, enabled=dtype == torch.float16)  # fp16 only: loss scaling
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                               d.device_type)
     val = {}
@@ -626,7 +610,8 @@ def train(cfg, d):
     if d.master:
         os.makedirs(os.path.dirname(csv_path), exist_ok=True)
         if ckpt:  # records logged after the checkpoint (a crash between checkpoints) are about to be redone
-            trim_logs(out_dir, csv_path, ckpt["step"])
+            common.trim_log(out_dir, ckpt["step"])
+            trim_csv(csv_path, ckpt["step"])
         else:
             with open(csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(csv_fields)
@@ -663,29 +648,22 @@ def train(cfg, d):
                 scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = common.cosine_lr(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, cfg.warmup_steps,
-                              max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = common.lr_at(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
+        common.set_lr(optimizer, lr)
         scaler.step(optimizer)
         scaler.update()
         return loss_accum, grad_norm, lr
 
     def save(step):
-        path = None
-        if d.master:
-            path = save_checkpoint(out_dir, step, {
+        return save_checkpoint(out_dir, step, {
                 "kind": "sigmagpt", "model": raw_model.state_dict(),
                 "model_config": dataclasses.asdict(raw_model.config), "tokenizer": meta["tokenizer"],
                 "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
-                "val": val}, cfg.save_total_limit)
-        if d.ddp:
-            dist.barrier()
-        return path
+                "val": val}, d, cfg.save_total_limit)
 
     # ---- the loop
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=d.device)  # NaN/Inf watch without a sync
+    watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
     run_t0 = time.time()
     interval_t0, interval_steps = time.time(), 0
     timed_tokens, timed_seconds = 0, 0.0
@@ -695,37 +673,27 @@ def train(cfg, d):
         last_step = step == max_steps - 1
         loss_accum, grad_norm, lr = train_step(step)
         interval_steps += 1
-        bad = ~torch.isfinite(loss_accum)
-        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, step), first_bad_step)
+        watch.update(step, loss_accum, grad_norm)
         bar.update(1)
 
         val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
         save_now = last_step or (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0)
         user_stop = step == cfg.stop_after_step
         log_now = (step + 1) % cfg.log_interval == 0 or step == start_step or val_now or save_now or user_stop
-        if d.ddp:  # the ranks agree on a signal at log points
-            signal_stop = False
-            if log_now:
-                flag = torch.tensor(int(STOP["signal"] is not None), device=d.device)
-                signal_stop = bool(all_reduce(flag, dist.ReduceOp.MAX, d).item())
-        else:
-            signal_stop = STOP["signal"] is not None
+        signal_stop = stop.check(d, sync=log_now)  # under DDP the ranks agree on a signal at log points
         if not (log_now or signal_stop):
             continue
 
-        train_loss, norm = all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
-        if not math.isfinite(train_loss):
-            never = torch.iinfo(torch.long).max
-            first = torch.where(first_bad_step < 0, torch.full_like(first_bad_step, never), first_bad_step)
-            bad_step = int(all_reduce(first, dist.ReduceOp.MIN, d).item())
-            good = [p for s, p in checkpoint_dirs(out_dir) if s < bad_step]
+        train_loss, norm = common.all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
+        bad_step = watch.first_bad_step(d)
+        if bad_step is not None:
             bar.close()
-            msg = (f"loss is {train_loss} at step {bad_step}: training diverged. Last good checkpoint: "
-                   f"{good[-1] if good else 'none'}")
+            good = [p for s, p in checkpoint_dirs(out_dir) if s < bad_step]
+            msg = (f"loss or gradient norm is not finite at step {bad_step}: training diverged. Last good "
+                   f"checkpoint: {good[-1] if good else 'none'}")
             logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
-            raise TrainingDiverged(msg)
-        if d.device_type == "cuda":
-            torch.cuda.synchronize()
+            raise common.TrainingDiverged(msg)
+        common.synchronize(d.device_type)
         dt = (time.time() - interval_t0) / interval_steps
         tokens_per_sec = sequences_per_step * (T - 1) / dt  # tokens through the model, scored or not
         if step != start_step:
@@ -749,7 +717,7 @@ def train(cfg, d):
         path = save(step) if save_now or user_stop or signal_stop else None
         if (signal_stop or user_stop) and not last_step:
             status = "preempted" if signal_stop else "stopped"
-            why = f"received {STOP['signal']}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
+            why = f"received {stop.signal}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
             bar.close()
             logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
             break
@@ -763,20 +731,18 @@ def train(cfg, d):
                "resumed_from_step": start_step - 1 if ckpt else None}
     if d.master:
         common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
-        plot_curves(out_dir)
+        common.plot_log_curves(out_dir, [
+            ("sigma-GPT " + os.path.basename(os.path.normpath(out_dir)), "loss (nats/token)",
+             [("train", "loss", "train"), ("val", "val_loss_l2r", "val, left to right"),
+              ("val", "val_loss_random", f"val, {cfg.eval_orders} random orders"),
+              ("val", "val_loss_fair", f"val, fair (scored share {cfg.scored_share})")])])
         if status == "done":
             logger.info(f"done: {step + 1} steps, train loss {train_loss:.4f}, results in {out_dir}")
     return results
 
 
-def trim_logs(out_dir, csv_path, step):
-    """Drop log.jsonl records and CSV rows after `step`: the resumed run logs them again."""
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.isfile(log_path):
-        kept = [r for r in common.read_jsonl(log_path) if r.get("step", -1) <= step]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(log_path + ".tmp", log_path)
+def trim_csv(csv_path, step):
+    """Drop the CSV rows after `step`: the resumed run logs them again."""
     if os.path.isfile(csv_path):
         with open(csv_path, newline="") as f:
             rows = list(csv.reader(f))
@@ -786,32 +752,9 @@ def trim_logs(out_dir, csv_path, step):
         os.replace(csv_path + ".tmp", csv_path)
 
 
-def plot_curves(out_dir):
-    """loss.png: train loss and the three validation losses against step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = common.read_jsonl(os.path.join(out_dir, "log.jsonl"))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in rows if r.get("type") == "train"]
-    if train:
-        ax.plot(*zip(*train), "-", label="train loss")
-    for key, label in (("val_loss_l2r", "val, left to right"), ("val_loss_random", "val, random orders"),
-                       ("val_loss_fair", "val, fair (conditional)")):
-        pts = [(r["step"], r[key]) for r in rows if r.get("type") == "val"]
-        if pts:
-            ax.plot(*zip(*pts), "o-", markersize=3, label=label)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=os.path.basename(os.path.normpath(out_dir)))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
-
-
 if __name__ == "__main__":
     try:
         main()
-    except (common.ConfigError, TrainingDiverged, FileNotFoundError, common.ShardError) as e:
+    except (common.ConfigError, common.TrainingDiverged, FileNotFoundError, common.ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
