@@ -381,12 +381,13 @@ def evaluate(model, cfg, d, autocast):
 # tokens come first in the order (in position order), then the unknown positions in the sampling order.
 
 
-def probs_of(logits, temperature):
-    return torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+def probs_of(logits, temperature, vocab_size=None):
+    """Softmax at a temperature over the real vocabulary (the padded rows past vocab_size never come out)."""
+    return torch.softmax(logits[..., :vocab_size].float() / max(temperature, 1e-6), dim=-1)
 
 
 @torch.no_grad()
-def conditionals(model, tokens, order, next_positions, temperature, attn_mask=None):
+def conditionals(model, tokens, order, next_positions, temperature, vocab_size=None, attn_mask=None):
     """One causal pass over the known tokens at positions `order`, row k predicting next_positions[k]:
     the (len(order), V) distributions."""
     dev = model.lm_head.weight.device
@@ -394,11 +395,11 @@ def conditionals(model, tokens, order, next_positions, temperature, attn_mask=No
     pos = torch.tensor(order, device=dev)[None]
     logits, _ = model(ids, position_ids=pos, target_position_ids=torch.tensor(next_positions, device=dev)[None],
                       attn_mask=None if attn_mask is None else attn_mask[None, None].to(dev))
-    return probs_of(logits[0], temperature).cpu()
+    return probs_of(logits[0], temperature, vocab_size).cpu()
 
 
 @torch.no_grad()
-def propose(model, tokens, prefix, remaining, temperature):
+def propose(model, tokens, prefix, remaining, temperature, vocab_size=None):
     """ONE pass: the distribution of every remaining position given the prefix alone. The last prefix
     token appears once per remaining position, each copy with that position as its next position and
     attending only to the prefix before it and itself."""
@@ -407,7 +408,7 @@ def propose(model, tokens, prefix, remaining, temperature):
     mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
     mask[L - 1:, L - 1:] = torch.eye(m, dtype=torch.bool)  # the copies do not see each other
     order = prefix[:-1] + prefix[-1:] * m
-    return conditionals(model, tokens, order, prefix[1:] + remaining, temperature, mask)[L - 1:]  # (m, V)
+    return conditionals(model, tokens, order, prefix[1:] + remaining, temperature, vocab_size, mask)[L - 1:]
 
 
 def unknown_order(tokens, how, generator):
@@ -418,7 +419,7 @@ def unknown_order(tokens, how, generator):
 
 
 @torch.no_grad()
-def sample_sequential(model, tokens, how="random", temperature=1.0, generator=None):
+def sample_sequential(model, tokens, how="random", temperature=1.0, generator=None, vocab_size=None):
     """One token per model call, in a random (or left-to-right) order of the unknown positions."""
     tokens = list(tokens)
     prefix = [p for p, t in enumerate(tokens) if t is not None]
@@ -426,7 +427,7 @@ def sample_sequential(model, tokens, how="random", temperature=1.0, generator=No
         raise common.ConfigError("generation needs at least one known token")
     calls = 0
     for p in unknown_order(tokens, how, generator):
-        probs = conditionals(model, tokens, prefix, prefix[1:] + [p], temperature)[-1]
+        probs = conditionals(model, tokens, prefix, prefix[1:] + [p], temperature, vocab_size)[-1]
         calls += 1
         tokens[p] = int(torch.multinomial(probs, 1, generator=generator))
         prefix.append(p)
@@ -434,7 +435,7 @@ def sample_sequential(model, tokens, how="random", temperature=1.0, generator=No
 
 
 @torch.no_grad()
-def sample_rejection(model, tokens, temperature=1.0, generator=None):
+def sample_rejection(model, tokens, temperature=1.0, generator=None, vocab_size=None):
     """Token-based rejection sampling. Each step: (1) one pass proposes every remaining token from
     q_j = p(x_j | prefix); (2) the drafts, in a fresh random order, go through one causal pass giving
     p_k = p(x_k | prefix, drafts before k); drafts are accepted in order while u < p_k(x)/q_k(x); at the
@@ -449,7 +450,7 @@ def sample_rejection(model, tokens, temperature=1.0, generator=None):
     remaining = unknown_order(tokens, "random", generator)
     calls, accepted_per_step = 0, []
     while remaining:
-        q = propose(model, tokens, prefix, remaining, temperature)
+        q = propose(model, tokens, prefix, remaining, temperature, vocab_size)
         calls += 1
         drafts = torch.multinomial(q, 1, generator=generator)[:, 0].tolist()
         if len(remaining) == 1:  # a single proposal is already an exact sample
@@ -461,7 +462,7 @@ def sample_rejection(model, tokens, temperature=1.0, generator=None):
         for p, t in zip(remaining, drafts):
             trial[p] = t
         order = prefix + remaining
-        p_all = conditionals(model, trial, order[:-1], order[1:], temperature)[len(prefix) - 1:]
+        p_all = conditionals(model, trial, order[:-1], order[1:], temperature, vocab_size)[len(prefix) - 1:]
         calls += 1
         n_new = len(remaining)
         for k in range(len(remaining)):
@@ -507,9 +508,10 @@ def run_sample(cfg, model, tokenizer, device):
     out, calls, generated, steps = [], 0, 0, []
     for i in range(cfg.num_samples):
         if cfg.sampler == "rejection":
-            filled, stats = sample_rejection(model, tokens, cfg.temperature, generator)
+            filled, stats = sample_rejection(model, tokens, cfg.temperature, generator, tokenizer.vocab_size)
         else:
-            filled, stats = sample_sequential(model, tokens, cfg.sample_order, cfg.temperature, generator)
+            filled, stats = sample_sequential(model, tokens, cfg.sample_order, cfg.temperature, generator,
+                                              tokenizer.vocab_size)
         text = tokenizer.decode(filled)
         print(f"--- sample {i} ({stats['steps']} steps, {stats['calls']} model calls)\n{text}")
         n = sum(t is None for t in tokens)
@@ -548,7 +550,7 @@ def evaluate_or_sample(cfg, d):
             model = sigma_from_ar(model)
     else:
         model = build_model(cfg, meta)
-    if cfg.block_size > model.config.block_size:
+    if cfg.mode == "eval" and cfg.block_size > model.config.block_size:
         raise common.ConfigError(f"block_size {cfg.block_size} is longer than the model's position table "
                                  f"({model.config.block_size} positions)")
     model.to(d.device).eval()
