@@ -515,7 +515,7 @@ def run_sample(cfg, model, tokenizer, device):
         text = tokenizer.decode(filled)
         print(f"--- sample {i} ({stats['steps']} steps, {stats['calls']} model calls)\n{text}")
         n = sum(t is None for t in tokens)
-        out.append({"text": text, **stats})
+        out.append({"text": text, "tokens": filled, **stats})
         calls, generated, steps = calls + stats["calls"], generated + n, steps + stats["accepted_per_step"]
     summary = {"sampler": cfg.sampler, "samples": cfg.num_samples, "generated_tokens": generated,
                "model_calls_per_token": calls / max(generated, 1),

@@ -136,10 +136,17 @@ def records(out_dir, kind):
     return [r for r in common.read_jsonl(os.path.join(out_dir, "log.jsonl")) if r["type"] == kind]
 
 
-def test_loss_falls_on_tinyshakespeare_in_random_orders(shakespeare_dir, tmp_path):
-    out = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained_run(shakespeare_dir, tmp_path_factory):
+    """40 steps of a tiny model in random orders, full mode: shared by the learning and eval/sample tests."""
+    out = str(tmp_path_factory.mktemp("trained") / "run")
     results = sg.main(tiny_args(shakespeare_dir, out, max_steps=40, learning_rate=1e-2, val_interval=20,
                                 log_interval=10, save_total_limit=1, save_steps=20))
+    return out, results
+
+
+def test_loss_falls_on_tinyshakespeare_in_random_orders(trained_run):
+    out, results = trained_run
     val = records(out, "val")
     assert val[-1]["val_loss_random"] < math.log(257) - 2.0  # from ~5.6 (uniform over bytes) to below 3.6
     assert val[-1]["val_loss_random"] < val[0]["val_loss_random"]
@@ -151,6 +158,47 @@ def test_loss_falls_on_tinyshakespeare_in_random_orders(shakespeare_dir, tmp_pat
     rows = open(os.path.join(out, "logs", "training_log.csv")).read().splitlines()
     assert rows[0].startswith("step,epoch,loss,lr,scored_tokens,tokens_per_sec,val_loss_l2r")
     assert len(rows) == 1 + 5  # steps 0, 9, 19, 29, 39
+
+
+def test_eval_mode_reproduces_the_final_validation_and_sample_mode_infills(shakespeare_dir, trained_run, capsys):
+    out, _ = trained_run
+    results = sg.main(tiny_args(shakespeare_dir, "", mode="eval", ckpt=out))
+    final = records(out, "val")[-1]
+    for key in ("val_loss_l2r", "val_loss_random", "val_loss_fair"):  # the same batches and the same fixed orders
+        assert results[key] == pytest.approx(final[key], rel=1e-6)
+    assert results["val_ppl_random"] == pytest.approx(math.exp(results["val_loss_random"]))
+    for sampler in ("rejection", "sequential"):
+        res = sg.main(tiny_args(shakespeare_dir, "", mode="sample", ckpt=out, sampler=sampler, num_samples=3,
+                                prompt="ROMEO:<missing>6</missing> the <missing>4</missing>!"))
+        known = sg.parse_prompt("ROMEO:<missing>6</missing> the <missing>4</missing>!", common.Tokenizer("byte"), 0)
+        assert len(known) == 22
+        for sample in res["samples"]:
+            assert len(sample["tokens"]) == 22 and None not in sample["tokens"]
+            assert all(f == k for f, k in zip(sample["tokens"], known) if k is not None)
+            assert sample["text"].startswith("ROMEO:") and sample["text"].endswith("!")
+        assert res["summary"]["generated_tokens"] == 30
+        if sampler == "sequential":
+            assert res["summary"]["model_calls_per_token"] == 1.0
+
+
+def test_configs_and_sbatch_scripts():
+    configs = {name: common.load_config(sg.Config, [os.path.join(ROOT, "configs", f"sigmagpt_{name}.yaml")])
+               for name in ("quick", "fair", "full", "demo")}
+    for cfg in configs.values():
+        sg.check_config(cfg)
+    quick, fair, full = configs["quick"], configs["fair"], configs["full"]
+    assert (quick.max_samples, quick.epochs, quick.micro_batch_size, quick.grad_accum_steps) == (1000, 1, 4, 2)
+    for cfg in (fair, full):
+        assert (cfg.max_samples, cfg.epochs, cfg.micro_batch_size, cfg.grad_accum_steps) == (2_000_000, 50, 8, 64)
+        assert (cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip) == (2.5e-4, 0.1, 10000, 1.0)
+        assert (cfg.init_from, cfg.block_size) == ("distilgpt2", 1024)
+    assert (fair.mode, fair.scored_share, full.mode) == ("fair", 0.4, "full")
+    for name in ("quick", "fair", "full"):
+        path = os.path.join(ROOT, "slurm", f"sigmagpt_{name}.sbatch")
+        subprocess.run(["bash", "-n", path], check=True)
+        text = open(path).read()
+        for needed in (f"configs/sigmagpt_{name}.yaml", "resume=latest", "#SBATCH --requeue", "scancel --signal=USR1"):
+            assert needed in text, (name, needed)
 
 
 def test_resume_is_exact_in_fair_mode_with_a_curriculum(shakespeare_dir, tmp_path):
