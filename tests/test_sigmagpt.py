@@ -4,8 +4,10 @@ import dataclasses
 import itertools
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -229,6 +231,36 @@ def test_init_from_a_train_gpt_checkpoint_starts_as_the_ar_model(shakespeare_dir
     with torch.no_grad():
         assert torch.allclose(sigma(x, position_ids=torch.arange(31), target_position_ids=torch.arange(1, 32))[0],
                               ar(x)[0], atol=1e-5)
+
+
+def test_fp16_trains_with_a_grad_scaler_that_the_checkpoint_keeps(shakespeare_dir, tmp_path):
+    out = str(tmp_path / "fp16")
+    results = sg.main(tiny_args(shakespeare_dir, out, dtype="fp16", max_steps=3, val_interval=0))
+    assert math.isfinite(results["final_train_loss"])
+    scaler = sg.load_any_checkpoint(out)["scaler"]
+    assert scaler["scale"] > 1.0 and scaler["_growth_tracker"] == 3  # dynamic loss scaling ran every step
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(shakespeare_dir, tmp_path):
+    out = str(tmp_path / "run")
+    args = tiny_args(shakespeare_dir, out, max_steps=100_000, val_interval=0, log_interval=5)
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, SCRIPT] + args, cwd=ROOT, stdout=stdout, stderr=stderr,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            log = os.path.join(out, "log.jsonl")
+            for _ in range(600):
+                if proc.poll() is not None or (os.path.exists(log) and records(out, "train")):
+                    break
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, (tmp_path / "stderr").read_text()[-2000:]
+    assert "received SIGTERM" in (tmp_path / "stdout").read_text()
+    step, _ = sg.checkpoint_dirs(out)[-1]
+    assert records(out, "train")[-1]["step"] == step
 
 
 # ---------------------------------------------------------------------------- bad input
