@@ -497,7 +497,8 @@ def parse_prompt(text, tokenizer, max_new_tokens):
     return tokens
 
 
-def run_sample(cfg, model, tokenizer, device):
+def run_sample(cfg, model, tokenizer):
+    """num_samples completions of the prompt; prints them and the model calls per generated token."""
     tokens = parse_prompt(cfg.prompt, tokenizer, cfg.max_new_tokens)
     if len(tokens) > model.config.block_size:
         raise common.ConfigError(f"prompt and missing tokens make {len(tokens)} positions; the position table "
@@ -505,7 +506,7 @@ def run_sample(cfg, model, tokenizer, device):
     if all(t is None for t in tokens):
         tokens[0] = tokenizer.eot_id  # nothing known: start from the end-of-text token at position 0
     generator = torch.Generator().manual_seed(cfg.seed)
-    out, calls, generated, steps = [], 0, 0, []
+    out, calls, generated, steps, t0 = [], 0, 0, [], time.time()
     for i in range(cfg.num_samples):
         if cfg.sampler == "rejection":
             filled, stats = sample_rejection(model, tokens, cfg.temperature, generator, tokenizer.vocab_size)
@@ -519,7 +520,7 @@ def run_sample(cfg, model, tokenizer, device):
         calls, generated, steps = calls + stats["calls"], generated + n, steps + stats["accepted_per_step"]
     summary = {"sampler": cfg.sampler, "samples": cfg.num_samples, "generated_tokens": generated,
                "model_calls_per_token": calls / max(generated, 1),
-               "tokens_per_step": sum(steps) / max(len(steps), 1)}
+               "tokens_per_step": sum(steps) / max(len(steps), 1), "seconds": time.time() - t0}
     print(common.format_record(summary))
     return {"summary": summary, "samples": out}
 
@@ -541,15 +542,21 @@ def main(argv=None):
 
 
 def evaluate_or_sample(cfg, d):
-    meta = common.load_meta(cfg.data_dir)
+    """mode=eval: the three perplexities on data_dir's val split; mode=sample: generation from `prompt`.
+    A train_gpt.py checkpoint works too (converted: its left-to-right perplexity is the AR model's)."""
     if cfg.ckpt:
         ckpt = load_any_checkpoint(cfg.ckpt)
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         if not model.config.double_position:
             model = sigma_from_ar(model)
+        spec = ckpt["tokenizer"]
+        if cfg.mode == "eval" and common.load_meta(cfg.data_dir)["tokenizer"] != spec:
+            raise common.ConfigError(f"{cfg.ckpt} was trained with tokenizer {spec}, but {cfg.data_dir} holds "
+                                     f"{common.load_meta(cfg.data_dir)['tokenizer']}: another vocabulary")
     else:
-        model = build_model(cfg, meta)
+        meta = common.load_meta(cfg.data_dir)
+        model, spec = build_model(cfg, meta), meta["tokenizer"]
     if cfg.mode == "eval" and cfg.block_size > model.config.block_size:
         raise common.ConfigError(f"block_size {cfg.block_size} is longer than the model's position table "
                                  f"({model.config.block_size} positions)")
@@ -560,8 +567,8 @@ def evaluate_or_sample(cfg, d):
         if d.master:
             print(common.format_record(results))
         return results
-    tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)
-    return run_sample(cfg, model, tokenizer, d.device)
+    tokenizer = common.Tokenizer.from_spec(spec, cfg.tokenizer_file)
+    return run_sample(cfg, model, tokenizer)
 
 
 def train(cfg, d, stop):
