@@ -105,7 +105,7 @@ class Config:
     resume: Optional[str] = None  # latest (newest checkpoint; with no out_dir, the newest <name>_* run) | a path
     log_interval: int = 10
     val_interval: int = 500  # 0 = only at the end
-    val_batches: int = 8  # val batches of micro_batch_size per rank
+    val_batches: int = 8  # the val set: the first val_batches x micro_batch_size rows (split over ranks)
     eval_orders: int = 3  # K random orders for the random-order perplexity
     eval_seed: int = 1234
     save_steps: int = 5000  # 0 = only at the end
@@ -314,6 +314,20 @@ def start_or_resume(run_dir, resume):
     return None
 
 
+# what the weights and the loss are: a resumed run cannot change these (the rest, e.g. the lr, it may)
+SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data_dir", "mode", "scored_share")
+
+
+def check_resume_config(cfg, ckpt):
+    """Refuse a config that contradicts the checkpoint it resumes (the log would describe another run)."""
+    saved = ckpt.get("config") or {}
+    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in SHAPE_KEYS
+              if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
+                                 f"model, data or loss: {'; '.join(differ)}. Use that run's settings, or another out_dir")
+
+
 def run_folder(cfg, d):
     """out_dir, or experiments/<name>_<timestamp>; resume=latest without out_dir takes the newest <name>_* run."""
     if cfg.out_dir:
@@ -336,42 +350,56 @@ def run_folder(cfg, d):
 # evaluation: perplexity left to right, in K random orders, and fair-mode conditional
 
 
-def sequence_loss(model, seq, perm, n_scored, autocast):
-    """(summed loss, scored tokens) of sequences in the given orders."""
+def sequence_nats(model, seq, perm, n_scored, autocast):
+    """Per-target nats (B, T-1) of sequences in the given orders, 0 where not scored; and the targets."""
     x, pos, next_pos, y = (t.to(seq.device) for t in sigma_batch(seq.cpu(), perm, n_scored))
     with autocast:
         logits, _ = model(x, position_ids=pos, target_position_ids=next_pos)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (y != -100).sum()
+    nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none")
+    return nats.view_as(y), y
 
 
 @torch.no_grad()
-def evaluate(model, cfg, d, autocast):
-    """Mean losses over val_batches of val sequences (each rank its slice); the orders are fixed by
-    eval_seed, so every evaluation of a run sees the same orders."""
+def evaluate(model, val_rows, token_bytes, cfg, d, autocast):
+    """Validation on one fixed set of rows (common.validation_rows; rank r scores rows r, r+W, ...), in three
+    ways: left to right, in eval_orders random orders, and fair (the evaluation tokens given the rest). Each
+    row's orders are fixed by (eval_seed, row), so every evaluation, on any world size, sees the same ones.
+    Nats per scored token, and bits per byte (special tokens count 0 bytes and are left out, as train_gpt)."""
     T = cfg.block_size
-    loader = common.ShardLoader(cfg.data_dir, "val", cfg.micro_batch_size, T - 1, d.rank, d.world_size)
-    fair = dataclasses.replace(cfg, mode="fair")
-    totals = torch.zeros(6, dtype=torch.float64, device=d.device)  # (loss, count) x (l2r, random, fair)
+    fair = num_scored(dataclasses.replace(cfg, mode="fair"), T)
+    sums = torch.zeros(3, 4, dtype=torch.float64, device=d.device)  # (l2r, random, fair) x (nats, tokens, byte nats, bytes)
     model.eval()
-    for b in range(cfg.val_batches):
-        x, y = loader.next_batch()
-        seq = torch.cat([x, y[:, -1:]], dim=1).to(d.device)
-        B = seq.size(0)
-        runs = [(0, draw_orders(B, T, 0.0, torch.Generator()), T - 1)]
-        for k in range(cfg.eval_orders):
-            runs.append((1, draw_orders(B, T, 1.0, order_generator(cfg.eval_seed, "random", d.rank, b, k)), T - 1))
-        runs.append((2, draw_orders(B, T, 1.0, order_generator(cfg.eval_seed, "fair", d.rank, b)), num_scored(fair, T)))
+    rows = torch.arange(len(val_rows))[d.rank::d.world_size]
+    for i in range(0, len(rows), cfg.micro_batch_size):
+        index = rows[i:i + cfg.micro_batch_size].tolist()
+        seq = val_rows[index].to(d.device)
+
+        def orders(*key):
+            return torch.cat([draw_orders(1, T, 1.0, order_generator(cfg.eval_seed, *key, r)) for r in index])
+
+        runs = [(0, torch.arange(T).expand(len(index), T), T - 1)]
+        runs += [(1, orders("random", k), T - 1) for k in range(cfg.eval_orders)]
+        runs += [(2, orders("fair"), fair)]
         for slot, perm, n in runs:
-            loss, count = sequence_loss(model, seq, perm, n, autocast)
-            totals[2 * slot] += loss
-            totals[2 * slot + 1] += count
+            nats, y = sequence_nats(model, seq, perm, n, autocast)
+            scored = y != -100
+            nbytes = token_bytes[y.clamp(min=0)] * scored
+            sums[slot] += torch.stack([nats.sum(), scored.sum(), (nats * (nbytes > 0)).sum(), nbytes.sum()]).double()
     model.train()
-    totals = common.all_reduce(totals, "sum", d).tolist()
-    losses = [totals[2 * i] / totals[2 * i + 1] for i in range(3)]
-    return {"val_loss_l2r": losses[0], "val_loss_random": losses[1], "val_loss_fair": losses[2],
-            "val_ppl_l2r": math.exp(losses[0]), "val_ppl_random": math.exp(losses[1]),
-            "val_ppl_fair": math.exp(losses[2])}
+    sums = common.all_reduce(sums, "sum", d).tolist()
+    out = {}
+    for (nats, tokens, byte_nats, nbytes), name in zip(sums, ("l2r", "random", "fair")):
+        out[f"val_loss_{name}"] = nats / max(tokens, 1)
+        out[f"val_ppl_{name}"] = math.exp(out[f"val_loss_{name}"])
+        out[f"val_bpb_{name}"] = byte_nats / math.log(2) / nbytes if nbytes > 0 else None
+    return out
+
+
+def validation_set(cfg, spec, vocab_size, device):
+    """The fixed validation rows (val_batches x micro_batch_size rows of block_size tokens) and token byte lengths."""
+    rows = common.validation_rows(cfg.data_dir, cfg.val_batches * cfg.micro_batch_size, cfg.block_size - 1)
+    token_bytes = common.token_byte_lengths(common.Tokenizer.from_spec(spec, cfg.tokenizer_file), vocab_size)
+    return rows, token_bytes.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -563,7 +591,7 @@ def evaluate_or_sample(cfg, d):
     model.to(d.device).eval()
     autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
     if cfg.mode == "eval":
-        results = evaluate(model, cfg, d, autocast)
+        results = evaluate(model, *validation_set(cfg, spec, model.config.vocab_size, d.device), cfg, d, autocast)
         if d.master:
             print(common.format_record(results))
         return results
@@ -585,6 +613,8 @@ def train(cfg, d, stop):
 
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, scaler, step, data position, RNG)
     ckpt = start_or_resume(out_dir, cfg.resume)
+    if ckpt:
+        check_resume_config(cfg, ckpt)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= max_steps:
         if d.master:
@@ -606,6 +636,7 @@ def train(cfg, d, stop):
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                               d.device_type)
     val = {}
+    val_rows, token_bytes = validation_set(cfg, meta["tokenizer"], raw_model.config.vocab_size, d.device)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -715,7 +746,7 @@ def train(cfg, d, stop):
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
         row = {k: record.get(k, "") for k in csv_fields}
         if val_now and cfg.val_batches > 0:
-            val = evaluate(raw_model, cfg, d, autocast)
+            val = evaluate(raw_model, val_rows, token_bytes, cfg, d, autocast)
             logger.log({"type": "val", "step": step, **val}, echo=False)
             if d.master:
                 bar.write(common.format_record({"step": step, **val}))

@@ -169,6 +169,8 @@ def test_eval_mode_reproduces_the_final_validation_and_sample_mode_infills(shake
     for key in ("val_loss_l2r", "val_loss_random", "val_loss_fair"):  # the same batches and the same fixed orders
         assert results[key] == pytest.approx(final[key], rel=1e-6)
     assert results["val_ppl_random"] == pytest.approx(math.exp(results["val_loss_random"]))
+    # bytes: one per byte token, so bits per byte is nats / ln 2 (no end-of-text in these rows)
+    assert results["val_bpb_l2r"] == pytest.approx(results["val_loss_l2r"] / math.log(2), rel=1e-6)
     for sampler in ("rejection", "sequential"):
         res = sg.main(tiny_args(shakespeare_dir, "", mode="sample", ckpt=out, sampler=sampler, num_samples=3,
                                 prompt="ROMEO:<missing>6</missing> the <missing>4</missing>!"))
@@ -210,6 +212,8 @@ def test_resume_is_exact_in_fair_mode_with_a_curriculum(shakespeare_dir, tmp_pat
     sg.main(tiny_args(shakespeare_dir, straight, **common_args))
     first = sg.main(tiny_args(shakespeare_dir, split, stop_after_step=2, **common_args))
     assert first["status"] == "stopped"
+    with pytest.raises(common.ConfigError, match="scored_share=0.4 in the checkpoint but 0.5 now"):
+        sg.main(tiny_args(shakespeare_dir, split, resume="latest", **dict(common_args, scored_share=0.5)))
     sg.main(tiny_args(shakespeare_dir, split, resume="latest", **common_args))
     a, b = records(straight, "train"), records(split, "train")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(6))
