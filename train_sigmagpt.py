@@ -216,7 +216,8 @@ def sigma_from_ar(ar, vocab_size=None, dropout=0.0):
 
 
 def build_model(cfg, meta):
-    """(model, tokenizer spec it was trained with or None). Refuses another vocabulary and too few positions."""
+    """The sigma-GPT to train: from scratch, from HF GPT-2 weights, or from a train_gpt.py / train_sigmagpt.py
+    checkpoint (converted by the stated rule). Refuses another vocabulary and a too short position table."""
     data_vocab = common.padded_vocab_size(meta["vocab_size"])
     spec = meta["tokenizer"]
     if cfg.init_from == "scratch":
@@ -225,8 +226,8 @@ def build_model(cfg, meta):
         return GPT(dataclasses.replace(c, double_position=True))
     if os.path.exists(cfg.init_from) and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         ckpt = load_any_checkpoint(cfg.init_from)
-        if ckpt["tokenizer"] != spec:
-            raise common.ConfigError(f"init_from {cfg.init_from} was trained with tokenizer {ckpt['tokenizer']}, "
+        if ckpt.get("tokenizer") != spec:
+            raise common.ConfigError(f"init_from {cfg.init_from} was trained with tokenizer {ckpt.get('tokenizer')}, "
                                      f"but {cfg.data_dir} holds {spec}: another vocabulary")
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
@@ -303,7 +304,7 @@ def start_or_resume(run_dir, resume):
     for path in paths:
         try:
             ckpt = load_any_checkpoint(path)
-        except ValueError as e:  # a truncated file: step back to an older one
+        except ValueError as e:  # a truncated or unreadable file: step back to an older one
             if resume != "latest":
                 raise common.ConfigError(str(e)) from e
             print(f"warning: cannot read {path} ({str(e)[:200]}); trying an older checkpoint", file=sys.stderr)
@@ -713,7 +714,8 @@ def train(cfg, d, stop):
         last_step = step == max_steps - 1
         loss_accum, grad_norm, lr = train_step(step)
         interval_steps += 1
-        watch.update(step, loss_accum, grad_norm)
+        # under fp16 an overflowing gradient is the grad scaler's business (it skips that step), not divergence
+        watch.update(step, loss_accum, None if scaler.is_enabled() else grad_norm)
         bar.update(1)
 
         val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
