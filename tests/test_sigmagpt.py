@@ -183,6 +183,8 @@ def test_eval_mode_reproduces_the_final_validation_and_sample_mode_infills(shake
         assert res["summary"]["generated_tokens"] == 30
         if sampler == "sequential":
             assert res["summary"]["model_calls_per_token"] == 1.0
+    with pytest.raises(common.ConfigError, match="make 41 positions; the position table has 32"):
+        sg.main(tiny_args(shakespeare_dir, "", mode="sample", ckpt=out, prompt="A<missing>40</missing>"))
 
 
 def test_configs_and_sbatch_scripts():
