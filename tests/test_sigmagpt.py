@@ -247,6 +247,17 @@ def test_fp16_trains_with_a_grad_scaler_that_the_checkpoint_keeps(shakespeare_di
     assert scaler["scale"] > 1.0 and scaler["_growth_tracker"] == 3  # dynamic loss scaling ran every step
 
 
+def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(shakespeare_dir, tmp_path):
+    out = str(tmp_path / "run")
+    sg.main(tiny_args(shakespeare_dir, out, max_steps=30, stop_after_step=1, val_interval=0))
+    with pytest.raises(common.TrainingDiverged) as e:  # an absurd learning rate: the weights blow up
+        sg.main(tiny_args(shakespeare_dir, out, max_steps=30, learning_rate=1e9, resume="latest", val_interval=0,
+                          log_interval=4))
+    bad_step = records(out, "error")[0]["step"]
+    assert bad_step >= 2 and f"at step {bad_step}" in str(e.value) and "checkpoint-1" in str(e.value)
+    assert [s for s, _ in sg.checkpoint_dirs(out)] == [1]  # nothing non-finite was saved
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_zero(shakespeare_dir, tmp_path):
     out = str(tmp_path / "run")
     args = tiny_args(shakespeare_dir, out, max_steps=100_000, val_interval=0, log_interval=5)
