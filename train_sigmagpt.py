@@ -596,6 +596,8 @@ def evaluate_or_sample(cfg, d):
         if d.master:
             print(common.format_record(results))
         return results
+    if not d.master:  # sampling is one process's job
+        return None
     tokenizer = common.Tokenizer.from_spec(spec, cfg.tokenizer_file)
     return run_sample(cfg, model, tokenizer)
 
