@@ -15,6 +15,10 @@ try:  # the CUDA fast path; imported only where it is installed
     from flash_attn import flash_attn_func
 except Exception:  # ImportError, or a broken CUDA build on a CPU machine
     flash_attn_func = None
+try:  # FlexAttention: block-sparse masks (BD3-LM) on CUDA; a dense boolean mask through SDPA elsewhere
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except Exception:
+    BlockMask = create_block_mask = flex_attention = None
 
 
 @dataclass
@@ -26,6 +30,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    tie_embeddings: bool = True  # GPT-2 ties wte and lm_head; BD3-LM keeps them apart (its input has [MASK])
 
 
 # the GPT-2 family and a few tiny sizes for tests and the CPU demo
@@ -52,6 +57,37 @@ def model_config(size, vocab_size, block_size, dropout=0.0, n_layer=None, n_head
     return GPTConfig(block_size=block_size, vocab_size=vocab_size, dropout=dropout, **shape)
 
 
+# -----------------------------------------------------------------------------
+# BD3-LM (block diffusion): the model reads [x_t | x_0], the noised sequence and its clean copy, in one pass.
+# Every position belongs to a block (block_ids: (L,) non-decreasing; i // block_size for the flat model,
+# restarting at segment boundaries for the hierarchical one). A noisy token sees its own noisy block and
+# the clean copy of strictly earlier blocks; a clean token sees clean tokens of its own and earlier blocks.
+
+
+def _block_diffusion_allowed(q, k, block_ids, L):
+    """True where query position q may attend to key position k of the 2L input (both index tensors)."""
+    q_clean, k_clean = q >= L, k >= L
+    bq, bk = block_ids[q % L], block_ids[k % L]
+    noisy_to_noisy = ~q_clean & ~k_clean & (bq == bk)  # block-diagonal within x_t
+    noisy_to_clean = ~q_clean & k_clean & (bk < bq)  # x_t -> strictly earlier blocks of x_0
+    clean_to_clean = q_clean & k_clean & (bk <= bq)  # block-causal within x_0
+    return noisy_to_noisy | noisy_to_clean | clean_to_clean
+
+
+def block_diffusion_mask(block_ids):
+    """Dense (2L, 2L) boolean mask for SDPA, True = may attend."""
+    L = block_ids.numel()
+    idx = torch.arange(2 * L, device=block_ids.device)
+    return _block_diffusion_allowed(idx[:, None], idx[None, :], block_ids, L)
+
+
+def flex_block_diffusion_mask(block_ids):
+    """The same mask as a FlexAttention BlockMask (CUDA only), which skips the all-False tiles."""
+    L = block_ids.numel()
+    return create_block_mask(lambda b, h, q, k: _block_diffusion_allowed(q, k, block_ids, L),
+                             B=None, H=None, Q_LEN=2 * L, KV_LEN=2 * L, device=block_ids.device)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -60,12 +96,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.SCALE_INIT = True
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hd = C // self.n_head
         q, k, v = (t.view(B, T, self.n_head, hd) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
+        if kv_cache is not None:  # keys/values of earlier positions, (B, T_past + T, H, hd); attn_mask covers them
+            k, v = kv_cache.update(layer, k, v)
+        if BlockMask is not None and isinstance(attn_mask, BlockMask):  # CUDA: compiled block-sparse kernel
+            y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=attn_mask)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
         # q, not x: under autocast the LayerNorm output x is fp32 while the c_attn projections come out in bf16
         if attn_mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             y = flash_attn_func(q, k, v, dropout_p=p, causal=True)  # (B, T, H, hd)
@@ -99,8 +140,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -116,7 +157,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -134,18 +176,24 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, ignore_index=-100):
+    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, ignore_index=-100,
+                kv_cache=None, logits_len=None):
         """idx (B, T) -> logits (B, T, V) and the mean cross-entropy against targets (or None).
         position_ids (B, T) or (T,) default to 0..T-1; attn_mask is a bool (B|1, 1|H, T, T) mask where True
-        means 'may attend'; without one, attention is causal."""
+        means 'may attend' (or a FlexAttention BlockMask); without one, attention is causal.
+        kv_cache (an object with update(layer, k, v) -> (k, v)) prepends cached keys/values; the mask then
+        spans (T, T_past + T). logits_len computes the head on the first logits_len positions only (BD3-LM
+        scores the noisy half of its [x_t | x_0] input)."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if position_ids is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             position_ids = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
-        for block in self.transformer.h:
-            x = block(x, attn_mask)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, layer)
+        if logits_len is not None:
+            x = x[:, :logits_len]
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
