@@ -6,10 +6,10 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import re
 import sys
-import time
 import typing
 
 import numpy as np
@@ -181,13 +181,26 @@ def autodetect_device():
     return "cpu"
 
 
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+
+
 def resolve_dtype(dtype, device):
-    """'auto' (bf16 on cuda, else fp32) | float32 | bfloat16 | float16 -> a torch dtype."""
+    """The one dtype vocabulary of every stage: auto (bf16 on cuda, else fp32) | float32 | bfloat16 | float16,
+    or their short names fp32 | bf16 | fp16 -> a torch dtype."""
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return getattr(torch, dtype)
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"dtype '{dtype}' is not one of auto, {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def autocast(device_type, dtype):
+    """Mixed precision for bf16/fp16 (weights stay fp32), nothing for fp32."""
+    import contextlib
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def vllm_available():
@@ -278,7 +291,15 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu"):
     """Load a checkpoint written by save_checkpoint; refuse files that are not ours or of another model."""
     path = resolve_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint is a pickle, and only tensors, numbers, strings and containers may come out
+        # of it; a file that would build other objects (or run code) is refused, not executed
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if blocked:
+            raise ValueError(f"{path} holds objects other than tensors, numbers, strings and lists; refusing to "
+                             f"load it (a checkpoint is a pickle and could run code): {blocked[0]}") from e
+        raise ValueError(f"could not read checkpoint {path}: not a readable torch file") from e
     except Exception as e:
         raise ValueError(f"could not read checkpoint {path}: {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
@@ -291,18 +312,263 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu"):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, numbers and lists, so a checkpoint loads with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                            has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()  # this process's device only: resumable on fewer GPUs
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# the training loop's plumbing: small functions every trainer calls (its loop stays in its own script)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def seed_everything(seed, device_type="cpu"):
+    """The same seed on every rank: identical initial weights without a broadcast."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+
+
+def start_or_resume(out_dir, resume, kind):
+    """The checkpoint to continue from, or None for a fresh start. resume=None refuses a folder that already
+    holds checkpoints (nothing is overwritten by accident); 'latest' takes the newest checkpoint that loads,
+    stepping back past a truncated or corrupt one with a warning; any other value is a checkpoint path."""
+    if not resume:
+        if list_checkpoints(out_dir):
+            raise ConfigError(f"{out_dir} already holds checkpoints; continue with resume=latest, or choose another out_dir")
+        return None
+    if resume != "latest":
+        return load_checkpoint(resume, expected_kind=kind)
+    for step, path in reversed(list_checkpoints(out_dir)):
+        try:
+            return load_checkpoint(path, expected_kind=kind)
+        except ValueError as e:
+            if "holds a" in str(e):  # another model kind: a wrong folder, not a damaged file
+                raise ConfigError(str(e)) from e
+            print(f"warning: cannot read {path} ({str(e).splitlines()[0][:200]}); trying an older checkpoint",
+                  file=sys.stderr)
+    return None
+
+
+def trim_log(out_dir, step):
+    """Drop log.jsonl records after `step`: the steps after a checkpoint are about to be redone."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if os.path.isfile(path):
+        kept = [r for r in read_jsonl(path) if r.get("step", -1) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+
+
+def wrap_model(model, d, compile=False):
+    """torch.compile (CUDA only; on CPU it costs more than it gives), then DDP across ranks."""
+    if compile and d.device_type == "cuda":
+        model = torch.compile(model)
+    if d.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device_type == "cuda"
+                                                          else None)
+    return model
+
+
+def all_reduce(t, op, d):
+    """In place over all ranks: op sum | avg | max | min (avg as sum / world size: older gloo has no AVG)."""
+    if d.ddp:
+        import torch.distributed as dist
+        ops = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(t, op=ops[op])
+        if op == "avg":
+            t /= d.world_size
+    return t
+
+
+def barrier(d):
+    if d.ddp:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def nonfinite_tensors(state_dict):
+    return [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def save_training_checkpoint(out_dir, step, state, d, keep_last_k=0):
+    """Rank 0 writes ckpt_<step>.pt atomically, never with non-finite weights; keep_last_k > 0 prunes older ones."""
+    path = checkpoint_path(out_dir, step)
+    if d.master:
+        bad = nonfinite_tensors(state["model"])
+        if bad:
+            raise TrainingDiverged(f"not saving step {step}: non-finite weights in {', '.join(bad[:3])}")
+        save_checkpoint(path, state)
+        if keep_last_k > 0:
+            for _, old in list_checkpoints(out_dir)[:-keep_last_k]:
+                os.remove(old)
+    barrier(d)
+    return path
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SLURM preemption or time limit) only set a flag; the loop saves and exits at a step
+    boundary. Under DDP the ranks agree (one may get the signal later) with an all_reduce at log points."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        import signal
+
+        def handler(signum, frame):
+            self.signal = signal.Signals(signum).name
+
+        self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def check(self, d, sync=True):
+        """True when a signal arrived (on any rank, if sync; without sync only this rank's flag, no collective)."""
+        if not d.ddp:
+            return self.signal is not None
+        if not sync:
+            return False
+        flag = torch.tensor(int(self.signal is not None), device=d.device)
+        stop = bool(all_reduce(flag, "max", d).item())
+        if stop and self.signal is None:
+            self.signal = "a signal on another rank"
+        return stop
+
+
+def preemption_handlers():
+    return Preemption()
+
+
+class NonFiniteWatch:
+    """Remembers the first step whose loss or gradient norm was NaN/Inf, on the device: no host sync per step.
+    (A finite loss with non-finite gradients would spread NaN into the weights through clipping.)"""
+
+    def __init__(self, device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, step, loss, grad_norm=None):
+        bad = ~torch.isfinite(loss.detach().float())
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm.detach().float())
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step), self.first)
+
+    def first_bad_step(self, d):
+        """The earliest bad step on any rank, or None (a host sync: call it at log points)."""
+        never = torch.iinfo(torch.long).max
+        first = torch.where(self.first < 0, torch.full_like(self.first, never), self.first)
+        step = int(all_reduce(first, "min", d).item())
+        return None if step == never else step
+
+
+def diverged_message(out_dir, bad_step, what="loss or gradient norm"):
+    good = [p for s, p in list_checkpoints(out_dir) if s < bad_step]
+    return (f"{what} is not finite at step {bad_step}: training diverged. Last good checkpoint: "
+            f"{good[-1] if good else 'none'}")
+
+
+def lr_at(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine"):
+    """Linear warmup to max_lr, then cosine or linear decay to min_lr at max_steps, or constant."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return max_lr
+    if step >= max_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "linear":
+        return max_lr + ratio * (min_lr - max_lr)
+    if schedule != "cosine":
+        raise ConfigError(f"lr schedule '{schedule}' is not one of cosine, linear, constant")
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# dense bf16 peak FLOP/s by torch.cuda.get_device_name() substring, first match wins
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("A100", 312e12)]
+
+
+def peak_flops(device_type, override=0.0):
+    """(peak FLOP/s or None, device name): `override` wins, else the GPU's dense bf16 peak from the table."""
+    name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
+    if override > 0:
+        return override, name
+    for key, flops in PEAK_BF16_FLOPS if device_type == "cuda" else []:
+        if key in name:
+            return flops, name
+    return None, name
+
+
+def mfu(tokens_per_sec, flops_per_token, peak, world_size=1):
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak of all devices (None without a peak)."""
+    if not tokens_per_sec or not peak:
+        return None
+    return tokens_per_sec * flops_per_token / (peak * world_size)
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plot_log_curves(out_dir, panels, filename="loss.png"):
+    """A PNG of curves from out_dir/log.jsonl. panels: [(title, ylabel, [(record type, key, label), ...]), ...];
+    panels with no data are left out. Returns the path, or None when nothing was logged."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(os.path.join(out_dir, "log.jsonl"))
+    filled = []
+    for title, ylabel, lines in panels:
+        series = [(label, [(r["step"], r[key]) for r in rows if r.get("type") == kind and r.get(key) is not None])
+                  for kind, key, label in lines]
+        series = [(label, pts) for label, pts in series if pts]
+        if series:
+            filled.append((title, ylabel, series))
+    if not filled:
+        return None
+    fig, axes = plt.subplots(1, len(filled), figsize=(6 * len(filled), 4), squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes[0], filled):
+        for label, pts in series:
+            ax.plot(*zip(*pts), "-" if len(pts) > 20 else "o-", label=label, markersize=3)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, filename)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -556,6 +822,138 @@ def padded_vocab_size(n, multiple=64):
     return ((n + multiple - 1) // multiple) * multiple
 
 
+# HF tokenizer: common.Tokenizer -> a `tokenizers` ByteLevel BPE with the same ids (the notes on the
+# differences are in export_hf.py, which verifies them; model.save_hf_folder writes the result)
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable unicode char map (the vocabulary's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+BYTE_ENCODER = bytes_to_unicode()
+
+
+def token_str(b):
+    return "".join(BYTE_ENCODER[x] for x in b)
+
+
+def merges_from_ranks(ranks):
+    """Recover the BPE merge list from tiktoken ranks: the merge that creates token t is the last step of
+    running BPE on t's bytes with only the ranks below t's own. Ordered by rank (= GPT-2's merges.txt)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while True:  # tiktoken's BPE: merge the adjacent pair of lowest rank, restricted to ranks < rank
+            best = None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best is None or r < best[0]):
+                    best = (r, i)
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two lower-ranked tokens")
+        merges.append((token_str(parts[0]), token_str(parts[1])))
+    return merges
+
+
+def gpt2_ranks(tok):
+    """{token bytes: id} of the base BPE, read through tiktoken's public API (no private attributes)."""
+    enc = tok.base
+    return {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != tok.eot_id}
+
+
+def mul_split_regex(tok):
+    """Isolates exactly the canonical strings of the multiplication tokens, with MUL_RE's guards
+    (not preceded by a digit, '.' or ','; not followed by a digit or by '.'/',' and a digit)."""
+    strings = sorted((tok.id_to_text[i] for i in tok.mul_ids.values()), key=len, reverse=True)
+    return "(?:" + "|".join(re.escape(s) for s in strings) + ")"
+
+
+def build_hf_tokenizer(tok):
+    """A `tokenizers.Tokenizer` giving the same ids as `tok` (see the module notes for the exceptions)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if tok.kind == "gpt2":
+        ranks = gpt2_ranks(tok)
+        vocab = {token_str(b): i for b, i in ranks.items()}
+        merges = merges_from_ranks(ranks)
+    else:  # byte: ids 0..255 are the bytes themselves, no merges
+        vocab = {BYTE_ENCODER[i]: i for i in range(256)}
+        merges = []
+    # end of text, extra tokens and multiplication tokens sit in the BPE vocabulary at their own ids
+    # (so the added-token machinery reuses those ids instead of appending new ones)
+    for text, i in tok.special.items():
+        vocab[text] = i
+    for i in tok.mul_ids.values():
+        vocab[tok.id_to_text[i]] = i
+    if len(set(vocab.values())) != tok.vocab_size or max(vocab.values()) != tok.vocab_size - 1:
+        raise ValueError(f"vocabulary ids are not 0..{tok.vocab_size - 1}")
+
+    # ignore_merges: a whole pre-token found in the vocabulary is taken as is, which is what tiktoken does
+    hf = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
+    splits = []
+    if tok.mul_ids:
+        hf.normalizer = normalizers.Sequence([
+            normalizers.Replace(Regex(rf"(?<![\d.,]){a}\s*(?:\*|×|\bx\b|\btimes\b)\s*{b}\s*(?:=|\bis\b)\s*{a * b}"
+                                      r"(?![\d]|[.,]\d)"), f"{a}*{b}={a * b}")
+            for (a, b), _ in sorted(tok.mul_ids.items(), key=lambda kv: kv[1])])
+        alternatives = mul_split_regex(tok)
+        splits.append(pre_tokenizers.Split(Regex(r"(?<![\d.,])" + alternatives + r"(?![\d]|[.,]\d)"), behavior="isolated"))
+        whole_mul = r"\A" + alternatives + r"\z|"  # keeps an isolated product in one piece through the next split
+    else:
+        whole_mul = ""
+    if tok.kind == "gpt2":
+        splits.append(pre_tokenizers.Split(Regex(whole_mul + GPT2_PATTERN), behavior="isolated"))
+    splits.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tok.special])
+    return hf
+
+
+def hf_tokenizer(tok, model_max_length):
+    """The transformers wrapper around build_hf_tokenizer (what save_pretrained writes)."""
+    from transformers import PreTrainedTokenizerFast
+    eot = GPT2_EOT
+    return PreTrainedTokenizerFast(tokenizer_object=build_hf_tokenizer(tok), bos_token=eot, eos_token=eot,
+                                   unk_token=eot, pad_token=eot, model_max_length=model_max_length,
+                                   clean_up_tokenization_spaces=False)
+
+
+def sample_text(tok):
+    """Text for the tokenizer check: prose, numbers, whitespace, unicode, every special/extra token, every
+    multiplication token in canonical form, and near-misses that must stay plain text."""
+    parts = [
+        "The quick brown fox jumps over the lazy dog. It's 3:45pm; they'll pay $1,234.50 (or 12.5%)!\n\n",
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.\n",
+        "  indented\tTabs\r\nCRLF  and   spaces. Ünïcödé: café, naïve, 日本語, emoji 🙂, math ∑ x² ≥ 0.\n",
+        "#### 72\n<<48/2=24>> 1*1=1? 13*4=52, 3*4=13, 3*4=125, 123*4=492, 3*4=12.5, 1.3*4=12 ",
+        "surface forms: 3 x 4 = 12, 3 × 4 = 12, 3 times 4 is 12, 3 * 4 = 12, 2 x 6 = 12 bags, 12x12=144\n",
+    ]
+    for text in tok.special:
+        parts.append(f"{text}a {text}\n")
+    for i in sorted(tok.mul_ids.values()):
+        s = tok.id_to_text[i]
+        parts.append(f"{s} ({s}),x{s}\n")
+    return "".join(parts)
+
+
+
 # -----------------------------------------------------------------------------
 # logging: log.jsonl (machine), log.txt (human), stdout; rank 0 only
 
@@ -719,25 +1117,3 @@ def hellaswag_eval(logits_fn, tokenizer, items, device, rank=0, world_size=1, ma
         correct_norm += int(mean.argmin().item() == item["label"])
         n += 1
     return {"correct": correct, "correct_norm": correct_norm, "n": n}
-
-
-# -----------------------------------------------------------------------------
-# small helpers
-
-
-def cosine_lr(step, max_lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
-
-
-class Timer:
-    def __init__(self):
-        self.t0 = time.time()
-
-    def elapsed(self):
-        return time.time() - self.t0

@@ -35,6 +35,7 @@ import torch
 
 import common
 import export_hf
+import model as model_lib
 
 TASKS = ("gsm8k", "svamp", "probes", "hellaswag", "sweep", "compare")
 
@@ -269,8 +270,8 @@ def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
     if not name:
         raise common.ConfigError("model= is required (a checkpoint, run folder, RUN/latest, HF folder or hub id)")
     if is_native(name):
-        gpt, tok, ckpt = export_hf.load_native(name, tokenizer_file or None)
-        hf = export_hf.to_hf_model(gpt, tok).to(device=device, dtype=dtype).eval()
+        gpt, tok, ckpt = model_lib.from_checkpoint(name, tokenizer_file or None)
+        hf = model_lib.to_hf(gpt, tok).to(device=device, dtype=dtype).eval()
         info = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
                 "tokenizer": tok.spec}
         return LoadedModel(hf, NativeTokenizer(tok), name, "native", gpt.config.block_size, info,

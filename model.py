@@ -1,20 +1,30 @@
 """
-The GPT-2 transformer shared by the training scripts. Attention runs through flash-attn when it is
-installed and the tensors are on CUDA in half precision, else through PyTorch's
-scaled_dot_product_attention. forward() takes explicit position ids and an explicit attention mask
-so that the diffusion and any-order models can reuse the same blocks.
+The GPT-2 transformer shared by the training scripts, its KV cache for generation, and its conversions to
+and from HuggingFace transformers.
+
+Attention goes through one function, attention(), which picks the kernel:
+  - plain causal: flash-attn when installed and the tensors are half precision on CUDA, else SDPA;
+  - a dense boolean mask (True = may attend): SDPA with that mask (BD3-LM, sigma-GPT and the KV cache use it);
+  - packed rows (doc_ids: a document id per position; attention is causal within each document): flash-attn's
+    varlen kernel on CUDA when installed, else SDPA with the block-diagonal causal mask.
+forward() takes explicit position ids, so packed documents restart their positions and left-padded prompts
+count only their real tokens.
 """
 import inspect
+import json
+import os
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import common
+
 try:  # the CUDA fast path; imported only where it is installed
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except Exception:  # ImportError, or a broken CUDA build on a CPU machine
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
 try:  # FlexAttention: block-sparse masks (BD3-LM) on CUDA; a dense boolean mask through SDPA elsewhere
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except Exception:
@@ -45,6 +55,10 @@ MODEL_SIZES = {
 }
 
 
+# HF GPT-2 stores these as Conv1D (in, out): transposed against nn.Linear's (out, in)
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 def model_config(size, vocab_size, block_size, dropout=0.0, n_layer=None, n_head=None, n_embd=None):
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose from {', '.join(MODEL_SIZES)}")
@@ -57,11 +71,59 @@ def model_config(size, vocab_size, block_size, dropout=0.0, n_layer=None, n_head
     return GPTConfig(block_size=block_size, vocab_size=vocab_size, dropout=dropout, **shape)
 
 
+def use_flash(q):
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def packed_causal_mask(doc_ids):
+    """(B, T) document ids -> (B, 1, T, T) bool mask: causal within each document, nothing across documents."""
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def cu_seqlens(doc_ids):
+    """flash-attn varlen's view of packed rows: the start offsets of the documents in the flattened (B*T)
+    batch, closed by B*T, and the longest document. A document ends where its id changes or its row ends."""
+    B, T = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    offsets = starts.flatten().nonzero().flatten()
+    cu = torch.cat([offsets, offsets.new_tensor([B * T])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def attention(q, k, v, attn_mask=None, doc_ids=None, dropout_p=0.0):
+    """q (B, Tq, H, hd), k and v (B, Tk, H, hd) -> (B, Tq, H, hd).
+    No attn_mask and no doc_ids: causal (Tq == Tk). attn_mask: bool (B|1, 1|H, Tq, Tk), True = may attend.
+    doc_ids: (B, T) document id per position of packed rows; causal within a document, never across."""
+    if attn_mask is not None and doc_ids is not None:
+        raise ValueError("give attn_mask or doc_ids, not both")
+    if BlockMask is not None and isinstance(attn_mask, BlockMask):  # CUDA: the compiled block-sparse kernel
+        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=attn_mask)
+        return y.transpose(1, 2)
+    if attn_mask is None and use_flash(q):
+        if doc_ids is None and flash_attn_func is not None:
+            return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+        if doc_ids is not None and flash_attn_varlen_func is not None:
+            B, T, H, hd = q.shape
+            cu, longest = cu_seqlens(doc_ids)
+            q, k, v = (t.reshape(B * T, H, hd) for t in (q, k, v))
+            y = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p, causal=True)
+            return y.view(B, T, H, hd)
+    if doc_ids is not None:
+        attn_mask = packed_causal_mask(doc_ids)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=attn_mask is None)
+    return y.transpose(1, 2)
+
+
 # -----------------------------------------------------------------------------
-# BD3-LM (block diffusion): the model reads [x_t | x_0], the noised sequence and its clean copy, in one pass.
-# Every position belongs to a block (block_ids: (L,) non-decreasing; i // block_size for the flat model,
-# restarting at segment boundaries for the hierarchical one). A noisy token sees its own noisy block and
-# the clean copy of strictly earlier blocks; a clean token sees clean tokens of its own and earlier blocks.
+# BD3-LM (block diffusion): the model reads [x_t | x_0], the noised sequence and its clean copy, in one pass,
+# both at positions 0..L-1. Every position belongs to a block (block_ids: (L,) non-decreasing; i // block_size
+# for the flat model, restarting at segment boundaries for the hierarchical one). A noisy token sees its own
+# noisy block and the clean copy of strictly earlier blocks; a clean token sees clean tokens of its own and
+# earlier blocks.
 
 
 def _block_diffusion_allowed(q, k, block_ids, L):
@@ -88,35 +150,69 @@ def flex_block_diffusion_mask(block_ids):
                              B=None, H=None, Q_LEN=2 * L, KV_LEN=2 * L, device=block_ids.device)
 
 
+class KVCache:
+    """Keys and values of every layer for a batch of rows being generated, preallocated to max_len slots.
+    All rows write at one slot position (prompts are left-padded to one length); `valid` marks the slots that
+    hold real tokens, so padding is never attended to. GPT.forward(..., kv_cache=cache) fills it: a prompt
+    (prefill) and then one or more tokens at a time. Layout (n_layer, B, max_len, H, hd), as flash-attn's."""
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None  # allocated at the first write, in the dtype of the keys
+        self.valid = None       # (B, max_len) bool
+        self.pos = 0            # slots filled so far
+
+    def open(self, padding_mask):
+        """Mark the slots of T new tokens (padding_mask (B, T), True = real token) and return their attention
+        mask (B, 1, T, pos + T): causal over the real tokens. A padding slot also sees itself, so that no row of
+        the mask is empty (SDPA would give NaN, and a NaN value poisons even masked-out products)."""
+        B, T = padding_mask.shape
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
+        if self.valid is None:
+            self.valid = torch.zeros(B, self.max_len, dtype=torch.bool, device=padding_mask.device)
+        self.valid[:, self.pos:self.pos + T] = padding_mask
+        query = torch.arange(self.pos, self.pos + T, device=padding_mask.device)[:, None]
+        key = torch.arange(self.pos + T, device=padding_mask.device)[None, :]
+        return ((self.valid[:, None, :self.pos + T] & (key <= query)) | (key == query))[:, None]
+
+    def update(self, layer, k, v):
+        """Store a layer's keys and values of the new tokens (B, T, H, hd); return all of them so far."""
+        if self.k is None:
+            shape = (self.n_layer, k.size(0), self.max_len, k.size(2), k.size(3))
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        T = k.size(1)
+        self.k[layer, :, self.pos:self.pos + T] = k
+        self.v[layer, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :self.pos + T], self.v[layer, :, :self.pos + T]
+
+    def advance(self, T):
+        self.pos += T
+
+    def keep(self, rows):
+        """Keep these batch rows (a LongTensor of indices, in the new order). Repeating an index copies a row:
+        one prompt's prefill becomes the shared prefix of several samples."""
+        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.SCALE_INIT = True
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.layer_idx = layer_idx  # its slot in a KVCache
 
-    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
+    def forward(self, x, attn_mask=None, doc_ids=None, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        hd = C // self.n_head
-        q, k, v = (t.view(B, T, self.n_head, hd) for t in (q, k, v))
-        p = self.dropout if self.training else 0.0
-        if kv_cache is not None:  # keys/values of earlier positions, (B, T_past + T, H, hd); attn_mask covers them
-            k, v = kv_cache.update(layer, k, v)
-        if BlockMask is not None and isinstance(attn_mask, BlockMask):  # CUDA: compiled block-sparse kernel
-            y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=attn_mask)
-            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-        # q, not x: under autocast the LayerNorm output x is fp32 while the c_attn projections come out in bf16
-        if attn_mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attn_func(q, k, v, dropout_p=p, causal=True)  # (B, T, H, hd)
-        else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-            if attn_mask is None:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-            y = y.transpose(1, 2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # attention() looks at q's dtype, not x's: under autocast the LayerNorm output x is fp32 while the
+        # c_attn projections come out in bf16
+        y = attention(q, k, v, attn_mask, doc_ids, self.dropout if self.training else 0.0)
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -133,15 +229,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+    def forward(self, x, attn_mask=None, doc_ids=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, doc_ids, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -153,7 +249,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -176,28 +272,41 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, ignore_index=-100,
-                kv_cache=None, logits_len=None):
-        """idx (B, T) -> logits (B, T, V) and the mean cross-entropy against targets (or None).
-        position_ids (B, T) or (T,) default to 0..T-1; attn_mask is a bool (B|1, 1|H, T, T) mask where True
-        means 'may attend' (or a FlexAttention BlockMask); without one, attention is causal.
-        kv_cache (an object with update(layer, k, v) -> (k, v)) prepends cached keys/values; the mask then
-        spans (T, T_past + T). logits_len computes the head on the first logits_len positions only (BD3-LM
-        scores the noisy half of its [x_t | x_0] input)."""
+    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, doc_ids=None, kv_cache=None,
+                padding_mask=None, loss_reduction="mean", ignore_index=-100, logits_len=None):
+        """idx (B, T) -> logits (B, T, V) and the cross-entropy against targets (or None): 'mean' over the
+        targets that are not ignore_index, or their 'sum' (callers count tokens as (targets != -100).sum(), so
+        gradient accumulation and packed rows normalise over the right tokens).
+        position_ids (B, T) or (T,) default to 0..T-1 (after the cached tokens with a kv_cache). Attention is
+        causal unless given attn_mask (bool (B|1, 1|H, T, T), True = may attend) or doc_ids (packed rows, see
+        attention()). With kv_cache the tokens are appended to the cache and attend to it; padding_mask (B, T),
+        True = real token, marks left padding (default: all real). logits_len runs the head on the first
+        logits_len positions only (BD3-LM scores the noisy half of its [x_t | x_0] input)."""
         B, T = idx.size()
+        if T > self.config.block_size and position_ids is None:  # BD3-LM's two copies share their positions
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if kv_cache is not None:
+            if attn_mask is not None or doc_ids is not None:
+                raise ValueError("a kv_cache makes its own mask: give padding_mask, not attn_mask or doc_ids")
+            if padding_mask is None:
+                padding_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            attn_mask = kv_cache.open(padding_mask)
         if position_ids is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-            position_ids = torch.arange(T, device=idx.device)
+            position_ids = torch.arange(T, device=idx.device) + (kv_cache.pos if kv_cache is not None else 0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, layer)
+        for block in self.transformer.h:
+            x = block(x, attn_mask, doc_ids, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         if logits_len is not None:
             x = x[:, :logits_len]
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=ignore_index, reduction=loss_reduction)
         return logits, loss
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
@@ -215,21 +324,7 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * T * c.n_embd
 
-    @classmethod
-    def from_pretrained(cls, name_or_path):
-        """Load HF GPT-2 weights (hub id such as gpt2/distilgpt2, or a local folder) into this model."""
-        from transformers import GPT2LMHeadModel
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        hc = hf.config
-        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
-                           n_head=hc.n_head, n_embd=hc.n_embd, dropout=0.0, bias=True)
-        model = cls(config)
-        model.load_hf_state_dict(hf.state_dict())
-        return model
-
     def load_hf_state_dict(self, sd_hf):
-        # HF GPT-2 stores these as Conv1D (in, out): transpose them into nn.Linear's (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         sd = self.state_dict()
         keys = [k for k in sd_hf if not k.endswith((".attn.masked_bias", ".attn.bias"))]
         missing = set(sd) - set(keys)
@@ -237,18 +332,17 @@ class GPT(nn.Module):
             raise ValueError(f"HF state dict lacks {sorted(missing)[:5]}")
         with torch.no_grad():
             for k in keys:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                w = sd_hf[k].t() if k.endswith(HF_CONV1D) else sd_hf[k]
                 if w.shape != sd[k].shape:
                     raise ValueError(f"shape mismatch for {k}: HF {tuple(w.shape)} vs model {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
 
     def hf_state_dict(self, vocab_size=None):
         """The weights in HF GPT2LMHeadModel's layout; vocab_size cuts the padded embedding rows."""
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         out = {}
         for k, v in self.state_dict().items():
             v = v.detach()
-            if k.endswith(transposed):
+            if k.endswith(HF_CONV1D):
                 v = v.t()
             if k in ("transformer.wte.weight", "lm_head.weight") and vocab_size is not None:
                 v = v[:vocab_size]
@@ -262,3 +356,78 @@ def build_model(model_config_dict):
 
 def model_config_dict(config):
     return asdict(config)
+
+
+# -----------------------------------------------------------------------------
+# native checkpoint <-> HuggingFace GPT2LMHeadModel (no custom code: GPT-2's own architecture)
+
+def from_checkpoint(path, tokenizer_file=None):
+    """(GPT in eval mode, common.Tokenizer, checkpoint dict) from a checkpoint path / run folder / RUN/latest."""
+    ckpt = common.load_checkpoint(path, expected_kind="gpt")
+    gpt = build_model(ckpt["model_config"])
+    gpt.load_state_dict(ckpt["model"])
+    gpt.eval()
+    tok = common.Tokenizer.from_spec(ckpt["tokenizer"], tokenizer_file or run_tokenizer_file(ckpt))
+    return gpt, tok, ckpt
+
+
+def run_tokenizer_file(ckpt):
+    """The ranks file the run was trained with, if its config names one that exists here."""
+    path = (ckpt.get("config") or {}).get("tokenizer_file")
+    return path if path and os.path.isfile(path) else None
+
+
+def hf_config(cfg, tok):
+    from transformers import GPT2Config
+    return GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=4 * cfg.n_embd, activation_function="gelu_new",  # = nn.GELU(approximate="tanh")
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+        bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.eot_id, tie_word_embeddings=True)
+
+
+def generation_config(tok):
+    from transformers import GenerationConfig
+    return GenerationConfig(bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
+
+
+def to_hf(gpt, tok):
+    """An in-memory GPT2LMHeadModel (fp32, eval mode) with gpt's weights; the padded vocabulary rows are cut."""
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel(hf_config(gpt.config, tok))
+    sd = gpt.hf_state_dict(vocab_size=tok.vocab_size)
+    for k, v in hf.state_dict().items():  # models trained with bias=False: HF GPT-2 always has biases, zeros are the same
+        if k not in sd and k.endswith(".bias"):
+            sd[k] = torch.zeros_like(v)
+    hf.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    hf.generation_config = generation_config(tok)
+    return hf.eval()
+
+
+def from_hf(hf_model_or_name):
+    """A GPT with the weights of an HF GPT-2 model: a GPT2LMHeadModel, a hub id (gpt2, distilgpt2) or a folder."""
+    hf = hf_model_or_name
+    if isinstance(hf, str):
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(hf)
+    hc = hf.config
+    config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
+                       n_head=hc.n_head, n_embd=hc.n_embd, dropout=0.0, bias=True)
+    gpt = GPT(config)
+    gpt.load_hf_state_dict(hf.state_dict())
+    return gpt
+
+
+def save_hf_folder(gpt, tok, folder, info):
+    """Write gpt as an HF folder: config, safetensors weights, fast tokenizer, generation config, and `info`
+    as export_info.json. (export_hf.py adds the verification; sft.py and grpo.py write their results with it.)"""
+    hf = to_hf(gpt, tok)
+    hf.save_pretrained(folder, safe_serialization=True)
+    common.hf_tokenizer(tok, gpt.config.block_size).save_pretrained(folder)
+    # name the generic fast-tokenizer class, which every transformers version (4.x and 5.x) resolves
+    tc_path = os.path.join(folder, "tokenizer_config.json")
+    with open(tc_path) as f:
+        tc = json.load(f)
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    common.atomic_write_json(tc_path, tc)
+    common.atomic_write_json(os.path.join(folder, "export_info.json"), info)

@@ -378,13 +378,13 @@ def two_pass_logits(model, xt, x0, positions, block_ids):
     """The two-pass reference: a block-causal pass caches the clean keys/values, then the noisy tokens
     attend to them. Used for the benchmark, which shows what the one 2L pass saves."""
     L = x0.size(1)
-    cache = KVCache(store=True)
-    causal = block_ids[None, :] <= block_ids[:, None]
-    model(x0, position_ids=positions, attn_mask=causal, kv_cache=cache, logits_len=0)
+    cache = BlockKVCache(store=True)
+    cache.mask = block_ids[None, :] <= block_ids[:, None]  # block-causal over the clean copy
+    model(x0, position_ids=positions, kv_cache=cache, logits_len=0)
     cache.store = False
     full = block_diffusion_mask(block_ids)[:L]  # the noisy rows: [x_t keys | x_0 keys]
-    noisy_first = torch.cat([full[:, L:], full[:, :L]], dim=1)  # the cache puts x_0 keys first
-    logits, _ = model(xt, position_ids=positions, attn_mask=noisy_first, kv_cache=cache)
+    cache.mask = torch.cat([full[:, L:], full[:, :L]], dim=1)  # the cache puts the x_0 keys first
+    logits, _ = model(xt, position_ids=positions, kv_cache=cache)
     return logits
 
 
@@ -399,15 +399,20 @@ def attention_mask_for(block_ids, device, use_flex):
 # sampling: block by block, a KV cache of clean blocks
 
 
-class KVCache:
-    """Keys/values of the clean blocks so far, per layer. With store=False the new keys/values are
-    read together with the cached ones but not kept (the noisy block being denoised)."""
+class BlockKVCache:
+    """Keys/values of the clean blocks so far, in model.KVCache's protocol (open / update / advance / pos).
+    The new tokens attend to every cached token and to each other (a block is bidirectional), unless `mask`
+    is set. With store=False the new keys/values are read with the cached ones but not kept: the noisy
+    block being denoised; store=True appends a finished clean block."""
 
     def __init__(self, store=False):
-        self.k, self.v, self.store = {}, {}, store
+        self.k, self.v, self.store, self.pos, self.mask = {}, {}, store, 0, None
 
-    def length(self):
-        return self.k[0].size(1) if self.k else 0
+    def open(self, padding_mask):
+        B, T = padding_mask.shape
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(1, 1, T, self.pos + T, dtype=torch.bool, device=padding_mask.device)
 
     def update(self, layer, k, v):
         if layer in self.k:
@@ -415,6 +420,10 @@ class KVCache:
         if self.store:
             self.k[layer], self.v[layer] = k, v
         return k, v
+
+    def advance(self, T):
+        if self.store:
+            self.pos += T
 
 
 def top_p_filter(probs, top_p):
@@ -430,11 +439,8 @@ def top_p_filter(probs, top_p):
 
 def block_logits(model, x, lo, hi, block_ids, cache):
     """Logits (B, hi-lo, V) for the noisy block x[:, lo:hi] given the clean tokens before it."""
-    if cache is not None:
-        past = cache.length()
-        full = torch.ones(1, 1, hi - lo, past + hi - lo, dtype=torch.bool, device=x.device)
-        logits, _ = model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), attn_mask=full,
-                          kv_cache=cache)
+    if cache is not None:  # the cache holds exactly the clean tokens before lo
+        logits, _ = model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache)
         return logits
     ids = block_ids[:hi].to(x.device)  # no cache: the clean prefix and the noisy block, block-causal
     logits, _ = model(x[:, :hi], attn_mask=ids[None, :] <= ids[:, None])
@@ -460,7 +466,7 @@ def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id,
     x = torch.where(fixed, x, torch.full_like(x, mask_id))
     B, L = x.shape
     bounds = [0] + [i for i in range(1, L) if block_ids[i] != block_ids[i - 1]] + [L]
-    cache = KVCache() if use_cache else None
+    cache = BlockKVCache() if use_cache else None
     nfe = 0
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         step = 0
@@ -481,9 +487,7 @@ def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id,
         pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id)
         if cache is not None and hi < L:  # the clean block joins the cache: one pass, no logits
             cache.store = True
-            full = torch.ones(1, 1, hi - lo, cache.length() + hi - lo, dtype=torch.bool, device=x.device)
-            model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), attn_mask=full,
-                  kv_cache=cache, logits_len=0)
+            model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache, logits_len=0)
             cache.store = False
         last_start = segment_ends[-2] if len(segment_ends) > 1 else 0
         if hi < L and lo >= last_start and ended_all(x[:, last_start:hi], fixed[:, last_start:hi], eos_id):

@@ -17,20 +17,16 @@ flag; at the next step boundary the run saves a checkpoint and exits with code 0
 """
 import contextlib
 import dataclasses
-import json
-import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 import common
-from model import GPT, GPTConfig, MODEL_SIZES, model_config
+from model import GPT, GPTConfig, MODEL_SIZES, from_hf, model_config
 
 
 @dataclass
@@ -62,7 +58,7 @@ class Config:
     seed: int = 1337
     # system
     device: str = "auto"  # auto | cuda | mps | cpu
-    dtype: str = "auto"  # auto (bf16 on cuda, else fp32) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on cuda, else fp32) | bfloat16 | float32 (or bf16 | fp32)
     compile: bool = True  # torch.compile on cuda (never on cpu/mps, where it costs more than it gives)
     # output, evaluation, checkpoints
     out_dir: str = "out/gpt2_124m"
@@ -83,21 +79,14 @@ class Config:
     peak_flops: float = 0.0  # accelerator peak FLOP/s for MFU; 0 = look the GPU up in PEAK_BF16_FLOPS
 
 
-DTYPES = ("auto", "bf16", "fp32")
-# dense bf16 peak FLOP/s by torch.cuda.get_device_name() substring, first match wins
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("A100", 312e12)]
-
-
-class TrainingDiverged(RuntimeError):
-    pass
+TrainingDiverged = common.TrainingDiverged  # the name callers (and tests) already use
 
 
 def check_config(cfg):
     """Mistakes that need no data or devices to spot: refuse them before anything starts."""
     if cfg.model not in MODEL_SIZES:
         raise common.ConfigError(f"model '{cfg.model}' is not a known size; choose from {', '.join(MODEL_SIZES)}")
-    if cfg.dtype not in DTYPES:
-        raise common.ConfigError(f"dtype '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
+    common.resolve_dtype(cfg.dtype, "cpu")  # raises on a name outside the one dtype vocabulary
     for key in ("micro_batch_size", "total_batch_size", "block_size", "max_steps", "log_interval", "bench_steps"):
         if getattr(cfg, key) <= 0:
             raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
@@ -119,7 +108,7 @@ def build_model(cfg, vocab_size):
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg.model, vocab_size, cfg.block_size, cfg.dropout,
                                 cfg.n_layer or None, cfg.n_head or None, cfg.n_embd or None))
-    pretrained = GPT.from_pretrained(cfg.init_from)
+    pretrained = from_hf(cfg.init_from)
     pc = pretrained.config
     if cfg.block_size > pc.block_size:
         raise common.ConfigError(f"block_size {cfg.block_size} exceeds the {pc.block_size} positions of {cfg.init_from}")
@@ -137,45 +126,6 @@ def build_model(cfg, vocab_size):
     return model
 
 
-def lookup_peak_flops(cfg, device_type):
-    """(peak FLOP/s or None, device name): `peak_flops=` wins, else the GPU's dense bf16 peak from the table."""
-    name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
-    if cfg.peak_flops > 0:
-        return cfg.peak_flops, name
-    for key, flops in PEAK_BF16_FLOPS if device_type == "cuda" else []:
-        if key in name:
-            return flops, name
-    return None, name
-
-
-# -----------------------------------------------------------------------------
-# preemption: the handler only sets a flag; the loop saves and exits at the next step boundary
-
-STOP = {"signal": None}
-
-
-def _request_stop(signum, frame):
-    STOP["signal"] = signal.Signals(signum).name
-
-
-def install_signal_handlers():
-    """Returns the previous handlers, so that a caller (a test) gets its process back as it was."""
-    STOP["signal"] = None
-    return {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-
-# -----------------------------------------------------------------------------
-
-
-def all_reduce(t, op, d):
-    """In place over all ranks; op 'avg' is a sum divided by the world size (older gloo builds have no AVG)."""
-    if d.ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "avg" else op)
-        if op == "avg":
-            t /= d.world_size
-    return t
-
-
 def evaluate_val_loss(model, cfg, d, autocast):
     """Mean loss over val_steps batches of a fresh val loader (each rank its own slice), averaged over ranks."""
     loader = common.ShardLoader(cfg.data_dir, "val", cfg.micro_batch_size, cfg.block_size, d.rank, d.world_size)
@@ -188,7 +138,7 @@ def evaluate_val_loss(model, cfg, d, autocast):
                 _, loss = model(x.to(d.device), y.to(d.device))
             total += loss.detach()
     model.train()
-    return all_reduce(total / cfg.val_steps, "avg", d).item()
+    return common.all_reduce(total / cfg.val_steps, "avg", d).item()
 
 
 def evaluate_hellaswag(model, tokenizer, items, d, autocast):
@@ -204,7 +154,7 @@ def evaluate_hellaswag(model, tokenizer, items, d, autocast):
                                    max_len=model.config.block_size)
     model.train()
     c = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long, device=d.device)
-    correct, correct_norm, n = all_reduce(c, dist.ReduceOp.SUM, d).tolist()
+    correct, correct_norm, n = common.all_reduce(c, "sum", d).tolist()
     return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n}
 
 
@@ -212,16 +162,14 @@ def main(argv=None):
     cfg = common.load_config(Config, argv)
     check_config(cfg)
     d = common.setup_dist(cfg.device)
-    previous_handlers = install_signal_handlers()
     try:
-        return train(cfg, d)
+        with common.preemption_handlers() as stop:
+            return train(cfg, d, stop)
     finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
         common.cleanup_dist(d)
 
 
-def train(cfg, d):
+def train(cfg, d, stop):
     accum = grad_accum_steps(cfg, d.world_size)
     meta = common.load_meta(cfg.data_dir)
     if cfg.tokenizer is not None and meta["tokenizer"]["kind"] != cfg.tokenizer:
@@ -230,26 +178,14 @@ def train(cfg, d):
     vocab_size = common.padded_vocab_size(meta["vocab_size"])
 
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, step, data position, RNG)
-    ckpt = None
-    if cfg.resume and not cfg.bench:
-        if cfg.resume == "latest":
-            if common.list_checkpoints(cfg.out_dir):
-                ckpt = common.load_checkpoint(cfg.out_dir, expected_kind="gpt")
-        else:
-            ckpt = common.load_checkpoint(cfg.resume, expected_kind="gpt")
-    elif not cfg.bench and common.list_checkpoints(cfg.out_dir):
-        raise common.ConfigError(f"{cfg.out_dir} already holds checkpoints; continue with resume=latest, "
-                                 "or choose another out_dir")
+    ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, kind="gpt")
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= cfg.max_steps:
         if d.master:
             print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {cfg.max_steps} steps")
         return {"status": "already_finished", "step": ckpt["step"]}
 
-    torch.manual_seed(cfg.seed)  # same seed on every rank: identical initial weights without a broadcast
-    if d.device_type == "cuda":
-        torch.cuda.manual_seed(cfg.seed)
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+    common.seed_everything(cfg.seed, d.device_type)
     if ckpt:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
@@ -259,14 +195,9 @@ def train(cfg, d):
         raise common.ConfigError(f"data vocab {meta['vocab_size']} exceeds the model's {model.config.vocab_size}")
     model.to(d.device)
     raw_model = model  # plain module: checkpoints, evaluation (variable shapes would recompile)
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device_type == "cuda")
-    autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
-    if cfg.compile and d.device_type == "cuda":
-        model = torch.compile(model)
-    if d.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    model = common.wrap_model(model, d, cfg.compile)
+    dtype = common.resolve_dtype(cfg.dtype, d.device)
+    autocast = common.autocast(d.device_type, dtype)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), d.device_type)
     train_loader = common.ShardLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.block_size,
                                       d.rank, d.world_size)
@@ -283,22 +214,16 @@ def train(cfg, d):
         tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)
 
     if ckpt and d.master:
-        # records logged after the checkpoint (a crash between checkpoints) are about to be redone
-        log_path = os.path.join(cfg.out_dir, "log.jsonl")
-        if os.path.isfile(log_path):
-            kept = [r for r in common.read_jsonl(log_path) if r.get("step", -1) <= ckpt["step"]]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(log_path + ".tmp", log_path)
+        common.trim_log(cfg.out_dir, ckpt["step"])  # records after the checkpoint are about to be redone
     logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None)
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
     n_params = raw_model.num_params()
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
-    peak, device_name = lookup_peak_flops(cfg, d.device_type)
+    peak, device_name = common.peak_flops(d.device_type, cfg.peak_flops)
     logger.info(f"model {cfg.model if cfg.init_from == 'scratch' else cfg.init_from}: {n_params / 1e6:.2f}M "
                 f"non-embedding params, vocab {raw_model.config.vocab_size} | device {d.device} x{d.world_size} "
-                f"({device_name}), {'bf16' if use_bf16 else 'fp32'}, compile {cfg.compile and d.device_type == 'cuda'}"
+                f"({device_name}), {str(dtype).replace('torch.', '')}, compile {cfg.compile and d.device_type == 'cuda'}"
                 f" | {cfg.total_batch_size} tokens/step = {cfg.micro_batch_size} x {cfg.block_size} x "
                 f"{d.world_size} ranks x {accum} accum")
     if ckpt:
@@ -320,36 +245,23 @@ def train(cfg, d):
                 loss_accum += loss.detach()
                 loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = common.cosine_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = common.lr_at(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+        common.set_lr(optimizer, lr)
         optimizer.step()
         return loss_accum, grad_norm, lr
 
-    def synchronize():
-        if d.device_type == "cuda":
-            torch.cuda.synchronize()
-
     if cfg.bench:
-        return bench(cfg, d, train_step, synchronize, logger, n_params, flops_per_token, peak, device_name, accum)
+        return bench(cfg, d, train_step, logger, n_params, flops_per_token, peak, device_name, accum)
 
     def save(step):
-        path = common.checkpoint_path(cfg.out_dir, step)
-        if d.master:
-            common.save_checkpoint(path, {
-                "kind": "gpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
-                "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "step": step,
-                "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
-                "val_loss": val_loss})
-            if cfg.keep_last_k > 0:
-                for _, old in common.list_checkpoints(cfg.out_dir)[:-cfg.keep_last_k]:
-                    os.remove(old)
-        if d.ddp:
-            dist.barrier()
-        return path
+        return common.save_training_checkpoint(cfg.out_dir, step, {
+            "kind": "gpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
+            "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "step": step,
+            "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
+            "val_loss": val_loss}, d, cfg.keep_last_k)
 
     # ---- the loop
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=d.device)  # NaN/Inf watch without a sync
+    watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
     run_t0 = time.time()
     interval_t0, interval_steps = time.time(), 0
     timed_tokens, timed_seconds = 0, 0.0  # throughput, leaving out the first (warm-up/compile) step
@@ -365,8 +277,7 @@ def train(cfg, d):
         last_step = step == cfg.max_steps - 1
         loss_accum, grad_norm, lr = train_step(step)
         interval_steps += 1
-        bad = ~torch.isfinite(loss_accum)
-        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, step), first_bad_step)
+        watch.update(step, loss_accum, grad_norm)
         bar.update(1)
 
         val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
@@ -376,58 +287,43 @@ def train(cfg, d):
         user_stop = step == cfg.stop_after_step
         log_now = ((step + 1) % cfg.log_interval == 0 or step == start_step or val_now or hella_now
                    or ckpt_now or user_stop)
-        # a signal stops the run at a step boundary; under DDP the ranks agree on it at a log point
-        if d.ddp:
-            signal_stop = False
-            if log_now:
-                flag = torch.tensor(int(STOP["signal"] is not None), device=d.device)
-                signal_stop = bool(all_reduce(flag, dist.ReduceOp.MAX, d).item())
-        else:
-            signal_stop = STOP["signal"] is not None
-        log_now = log_now or signal_stop
+        # a signal stops the run at a step boundary; under DDP the ranks agree on it at log points
+        signal_stop = stop.check(d, sync=log_now)
+        if not (log_now or signal_stop):
+            continue
 
-        if log_now:
-            # the rank average and the host sync of this interval (gradients are already all-reduced)
-            train_loss, norm = all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
-            if not math.isfinite(train_loss):
-                # the earliest step any rank saw a bad loss (-1, "none seen", must not win the MIN)
-                never = torch.iinfo(torch.long).max
-                first = torch.where(first_bad_step < 0, torch.full_like(first_bad_step, never), first_bad_step)
-                bad_step = int(all_reduce(first, dist.ReduceOp.MIN, d).item())
-                good = [p for s, p in common.list_checkpoints(cfg.out_dir) if s < bad_step]
-                bar.close()
-                msg = (f"loss is {train_loss} at step {bad_step}: training diverged. Last good checkpoint: "
-                       f"{good[-1] if good else 'none'}")
-                logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
-                raise TrainingDiverged(msg)
-            synchronize()
-            dt = (time.time() - interval_t0) / interval_steps
-            tokens_per_sec = cfg.total_batch_size / dt
-            if step != start_step:
-                timed_tokens += cfg.total_batch_size * interval_steps
-                timed_seconds += dt * interval_steps
-            record = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
-                      "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec,
-                      "tokens": (step + 1) * cfg.total_batch_size}
-            log(record)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
-            if val_now and cfg.val_steps > 0:
-                val_loss = evaluate_val_loss(raw_model, cfg, d, autocast)
-                rec = {"type": "val", "step": step, "val_loss": val_loss}
-                log(rec)
-            if hella_now:
-                hellaswag = evaluate_hellaswag(raw_model, tokenizer, hellaswag_items, d, autocast)
-                rec = {"type": "hellaswag", "step": step, **hellaswag}
-                log(rec)
-            if ckpt_now or user_stop or signal_stop:
-                path = save(step)
-            if (signal_stop or user_stop) and not last_step:
-                status = "preempted" if signal_stop else "stopped"
-                why = f"received {STOP['signal']}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
-                bar.close()
-                logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
-                break
-            interval_t0, interval_steps = time.time(), 0  # evaluation and saving are not training time
+        # the rank average and the host sync of this interval (gradients are already all-reduced)
+        train_loss, norm = common.all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
+        bad_step = watch.first_bad_step(d)
+        if bad_step is not None:
+            bar.close()
+            msg = common.diverged_message(cfg.out_dir, bad_step)
+            logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
+            raise TrainingDiverged(msg)
+        common.synchronize(d.device_type)
+        dt = (time.time() - interval_t0) / interval_steps
+        tokens_per_sec = cfg.total_batch_size / dt
+        if step != start_step:
+            timed_tokens += cfg.total_batch_size * interval_steps
+            timed_seconds += dt * interval_steps
+        log({"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": norm, "dt_ms": dt * 1000,
+             "tokens_per_sec": tokens_per_sec, "tokens": (step + 1) * cfg.total_batch_size})
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+        if val_now and cfg.val_steps > 0:
+            val_loss = evaluate_val_loss(raw_model, cfg, d, autocast)
+            log({"type": "val", "step": step, "val_loss": val_loss})
+        if hella_now:
+            hellaswag = evaluate_hellaswag(raw_model, tokenizer, hellaswag_items, d, autocast)
+            log({"type": "hellaswag", "step": step, **hellaswag})
+        if ckpt_now or user_stop or signal_stop:
+            path = save(step)
+        if (signal_stop or user_stop) and not last_step:
+            status = "preempted" if signal_stop else "stopped"
+            why = f"received {stop.signal}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
+            bar.close()
+            logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+            break
+        interval_t0, interval_steps = time.time(), 0  # evaluation and saving are not training time
     bar.close()
 
     tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
@@ -435,7 +331,7 @@ def train(cfg, d):
         "status": status, "steps": step + 1, "final_train_loss": train_loss, "final_val_loss": val_loss,
         "tokens_seen": (step + 1) * cfg.total_batch_size, "tokens_per_sec": tokens_per_sec,
         "tokens_per_sec_per_device": tokens_per_sec / d.world_size if tokens_per_sec else None,
-        "mfu": tokens_per_sec * flops_per_token / (peak * d.world_size) if tokens_per_sec and peak else None,
+        "mfu": common.mfu(tokens_per_sec, flops_per_token, peak, d.world_size),
         "seconds": time.time() - run_t0, "n_params": n_params, "world_size": d.world_size, "device": device_name,
         "hellaswag_acc_norm": hellaswag["acc_norm"] if hellaswag else None,
         "resumed_from_step": start_step - 1 if ckpt else None,
@@ -451,45 +347,27 @@ def train(cfg, d):
 
 def plot_curves(out_dir):
     """loss.png from log.jsonl: train and val loss against step, HellaSwag acc_norm beside them if measured."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = common.read_jsonl(os.path.join(out_dir, "log.jsonl"))
-    series = {kind: [(r["step"], r[key]) for r in rows if r.get("type") == kind]
-              for kind, key in (("train", "loss"), ("val", "val_loss"), ("hellaswag", "acc_norm"))}
-    panels = 2 if series["hellaswag"] else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-    ax = axes[0][0]
-    for kind, style in (("train", "-"), ("val", "o-")):
-        if series[kind]:
-            ax.plot(*zip(*series[kind]), style, label=f"{kind} loss", markersize=3)
-    ax.set(xlabel="step", ylabel="loss", title=os.path.basename(os.path.normpath(out_dir)))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if panels == 2:
-        axes[0][1].plot(*zip(*series["hellaswag"]), "o-", color="C2", markersize=3)
-        axes[0][1].set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-        axes[0][1].grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
+    common.plot_log_curves(out_dir, [
+        (os.path.basename(os.path.normpath(out_dir)), "loss (nats/token)",
+         [("train", "loss", "train loss"), ("val", "val_loss", "val loss")]),
+        ("HellaSwag", "acc_norm", [("hellaswag", "acc_norm", "acc_norm")])])
 
 
-def bench(cfg, d, train_step, synchronize, logger, n_params, flops_per_token, peak, device_name, accum):
+def bench(cfg, d, train_step, logger, n_params, flops_per_token, peak, device_name, accum):
     """Throughput of full optimizer steps: bench_warmup untimed steps (compile, allocator), then bench_steps."""
     for step in common.progress(range(cfg.bench_warmup), master=d.master, desc="bench warm-up"):
         train_step(step)
-    synchronize()
+    common.synchronize(d.device_type)
     t0 = time.time()
     for step in common.progress(range(cfg.bench_warmup, cfg.bench_warmup + cfg.bench_steps), master=d.master,
                                 desc="bench"):
         loss_accum, _, _ = train_step(step)
     loss = loss_accum.item()
-    synchronize()
+    common.synchronize(d.device_type)
     seconds = time.time() - t0
     tokens_per_sec = cfg.bench_steps * cfg.total_batch_size / seconds
     per_device = tokens_per_sec / d.world_size
-    mfu = per_device * flops_per_token / peak if peak else None
+    mfu = common.mfu(per_device, flops_per_token, peak)
     results = {"bench": True, "model": cfg.model, "n_params": n_params, "block_size": cfg.block_size,
                "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": accum, "world_size": d.world_size,
                "dtype": cfg.dtype, "device": device_name, "bench_steps": cfg.bench_steps,

@@ -268,7 +268,7 @@ def test_hellaswag_text_export_loads():
 
 
 def test_cosine_schedule_warms_up_and_decays_to_min():
-    lrs = [common.cosine_lr(s, 6e-4, 6e-5, 10, 100) for s in range(120)]
+    lrs = [common.lr_at(s, 6e-4, 6e-5, 10, 100) for s in range(120)]
     assert lrs[0] == pytest.approx(6e-5) and lrs[9] == pytest.approx(6e-4)
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:100]))
     assert lrs[100] == pytest.approx(6e-5) and lrs[119] == pytest.approx(6e-5)

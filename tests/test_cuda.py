@@ -38,6 +38,21 @@ def test_flash_attention_matches_sdpa_under_bf16_autocast():
     assert (flash.float() - sdpa.float()).abs().max().item() < 5e-2  # bf16 rounding only
 
 
+
+@cuda
+@pytest.mark.skipif(model_lib.flash_attn_varlen_func is None, reason="flash-attn is not installed")
+def test_varlen_flash_attention_matches_the_dense_packed_mask(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 4, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    doc_ids = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 64], device="cuda")
+    calls = []
+    original = model_lib.flash_attn_varlen_func
+    monkeypatch.setattr(model_lib, "flash_attn_varlen_func", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fast = model_lib.attention(q, k, v, doc_ids=doc_ids)
+    dense = model_lib.attention(q, k, v, attn_mask=model_lib.packed_causal_mask(doc_ids))
+    assert calls == [1]  # the varlen kernel really ran
+    assert (fast.float() - dense.float()).abs().max().item() < 2e-2  # bf16 rounding only
+
 @cuda
 def test_compiled_bf16_training_learns_and_checkpoints(tmp_path):
     data = write_arithmetic_data(str(tmp_path / "data"))

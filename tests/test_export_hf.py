@@ -69,27 +69,27 @@ def gpt2_run(tmp_path_factory):
 def test_hf_tokenizer_equals_tiktoken_on_real_text():
     ranks = shared_path("tokenizers", "gpt2.tiktoken")
     tok = common.Tokenizer("gpt2", extra_tokens=EXTRAS, mul_range=(1, 12), tokenizer_file=ranks)
-    hf = export_hf.build_hf_tokenizer(tok)
+    hf = common.build_hf_tokenizer(tok)
     with open(shared_path("gsm8k", "test.jsonl")) as f:
         rows = [json.loads(line) for line in f][:300]
     with open(shared_path("tinyshakespeare", "input.txt")) as f:
         text = f.read()[:30000]
     text += "".join(r["question"] + "\n" + r["answer"] + "<|endoftext|>" for r in rows)
-    text += export_hf.sample_text(tok)
+    text += common.sample_text(tok)
     ours = tok.encode(text, allow_special=True)
     assert hf.encode(text).ids == ours
     assert any(i in tok.mul_ids.values() for i in ours)  # the real GSM8K answers contain canonical products
     assert hf.decode(ours, skip_special_tokens=False) == tok.decode(ours)
     # without multiplication tokens the base BPE alone equals tiktoken too
     plain = common.Tokenizer("gpt2", tokenizer_file=ranks)
-    assert export_hf.build_hf_tokenizer(plain).encode(text).ids == plain.encode(text, allow_special=True)
+    assert common.build_hf_tokenizer(plain).encode(text).ids == plain.encode(text, allow_special=True)
 
 
 def test_merges_are_recovered_exactly_from_ranks():
     ranks = {b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"abc": 4, b"bc": 5, b"cab": 6}
-    assert export_hf.merges_from_ranks(ranks) == [("a", "b"), ("ab", "c"), ("b", "c"), ("c", "ab")]
+    assert common.merges_from_ranks(ranks) == [("a", "b"), ("ab", "c"), ("b", "c"), ("c", "ab")]
     with pytest.raises(ValueError, match="not the merge"):
-        export_hf.merges_from_ranks({b"a": 0, b"b": 1, b"abb": 2})
+        common.merges_from_ranks({b"a": 0, b"b": 1, b"abb": 2})
 
 
 def test_gpt2_export_round_trip(gpt2_run):
@@ -142,7 +142,7 @@ def test_gpt2_export_round_trip(gpt2_run):
 
 def test_reverse_direction_hf_weights_into_model_py(gpt2_run):
     gpt, tok, run, out, _ = gpt2_run
-    back = model_lib.GPT.from_pretrained(out)  # HF folder -> model.py
+    back = model_lib.from_hf(out)  # HF folder -> model.py
     assert back.config.vocab_size == tok.vocab_size and back.config.block_size == gpt.config.block_size
     x = torch.randint(0, tok.vocab_size, (2, 50), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -189,8 +189,8 @@ def test_corrupted_export_is_caught_and_leaves_nothing(gpt2_run, tmp_path, monke
     monkeypatch.undo()
 
     # a tokenizer that forgets one multiplication token is caught too
-    original_regex = export_hf.mul_split_regex
-    monkeypatch.setattr(export_hf, "mul_split_regex", lambda tok: original_regex(tok).replace("7\\*8=56|", ""))
+    original_regex = common.mul_split_regex
+    monkeypatch.setattr(common, "mul_split_regex", lambda tok: original_regex(tok).replace("7\\*8=56|", ""))
     with pytest.raises(export_hf.ExportVerificationError, match="tokenizer ids differ"):
         export_hf.export(run, str(out), ranks)
     assert not out.exists() and os.listdir(tmp_path) == []

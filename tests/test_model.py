@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, model_config
+import model as model_lib
+from model import GPT, GPTConfig, from_hf, model_config
 
 
 def tiny(vocab=97, block=32):
@@ -69,7 +70,7 @@ def test_hf_gpt2_weights_load_and_give_the_same_logits(tmp_path):
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=24,
                                     bos_token_id=100, eos_token_id=100)).eval()
     hf.save_pretrained(tmp_path / "hf")
-    ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    ours = from_hf(str(tmp_path / "hf")).eval()
     x = torch.randint(0, 101, (3, 24))
     with torch.no_grad():
         assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-5
@@ -85,3 +86,83 @@ def test_padded_vocab_is_cut_for_hf():
     sd = m.hf_state_dict(vocab_size=100)
     assert sd["transformer.wte.weight"].shape == (100, 16) and sd["lm_head.weight"].shape == (100, 16)
     assert sd["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)  # Conv1D layout (in, out)
+
+
+# -----------------------------------------------------------------------------
+# attention dispatch, KV cache, summed loss
+
+
+def test_causal_attention_equals_sdpa_with_an_explicit_causal_mask():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 3, 8) for _ in range(3))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    assert torch.allclose(model_lib.attention(q, k, v), model_lib.attention(q, k, v, attn_mask=mask), atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        model_lib.attention(q, k, v, attn_mask=mask, doc_ids=torch.zeros(2, 9, dtype=torch.long))
+
+
+def test_packed_rows_with_restarting_positions_equal_each_example_alone():
+    m = tiny()
+    docs = [torch.randint(0, 97, (n,)) for n in (5, 7, 4, 6, 10)]
+    rows = [docs[:3], docs[3:]]  # 16 tokens per row
+    idx = torch.stack([torch.cat(r) for r in rows])
+    doc_ids = torch.stack([torch.cat([torch.full((len(d),), i) for i, d in enumerate(r)]) for r in rows])
+    pos = torch.stack([torch.cat([torch.arange(len(d)) for d in r]) for r in rows])
+    with torch.no_grad():
+        packed, _ = m(idx, position_ids=pos, doc_ids=doc_ids)
+        alone = [m(d[None])[0][0] for d in docs]
+    assert torch.allclose(packed[0], torch.cat(alone[:3]), atol=1e-5)
+    assert torch.allclose(packed[1], torch.cat(alone[3:]), atol=1e-5)
+    # without the document boundaries the later documents see the earlier ones
+    with torch.no_grad():
+        leaky, _ = m(idx, position_ids=pos)
+    assert not torch.allclose(leaky[0, 5:], torch.cat(alone[1:3]), atol=1e-3)
+    cu, longest = model_lib.cu_seqlens(doc_ids)
+    assert cu.tolist() == [0, 5, 12, 16, 22, 32] and longest == 10
+
+
+def test_kv_cache_step_by_step_equals_the_full_forward_with_left_padding_and_kept_rows():
+    m = tiny()
+    prompts = [torch.randint(0, 97, (n,)) for n in (6, 3, 5)]
+    cont = torch.randint(0, 97, (3, 4))
+    L = 6
+    idx = torch.zeros(3, L, dtype=torch.long)
+    real = torch.zeros(3, L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):], real[i, L - len(p):] = p, True
+    pos = (real.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = [m(torch.cat([p, c])[None])[0][0] for p, c in zip(prompts, cont)]  # each row alone, unpadded
+        cache = model_lib.KVCache(m.config.n_layer, L + 4)
+        logits, _ = m(idx, position_ids=pos, kv_cache=cache, padding_mask=real)
+        for i, p in enumerate(prompts):
+            assert torch.allclose(logits[i, L - len(p):], full[i][:len(p)], atol=1e-5)
+        last = pos[:, -1:]
+        # two tokens at once, then rows 2 and 0 only (in that order), then one token at a time
+        step, _ = m(cont[:, :2], position_ids=last + torch.tensor([1, 2]), kv_cache=cache)
+        for i, p in enumerate(prompts):
+            assert torch.allclose(step[i], full[i][len(p):len(p) + 2], atol=1e-5)
+        rows = torch.tensor([2, 0])
+        cache.keep(rows)
+        for t in (2, 3):
+            step, _ = m(cont[rows, t:t + 1], position_ids=last[rows] + t + 1, kv_cache=cache)
+            for j, i in enumerate(rows.tolist()):
+                assert torch.allclose(step[j, 0], full[i][len(prompts[i]) + t], atol=1e-5)
+        assert cache.pos == L + 4
+        with pytest.raises(ValueError, match="KV cache full"):
+            m(cont[rows, :1], kv_cache=cache)
+
+
+def test_summed_loss_counts_only_real_targets():
+    m = tiny()
+    x = torch.randint(0, 97, (2, 16))
+    y = x.clone()
+    y[0, :5] = -100
+    logits, mean = m(x, y)
+    _, total = m(x, y, loss_reduction="sum")
+    n = (y != -100).sum()
+    assert total.item() == pytest.approx(mean.item() * n.item(), rel=1e-5)
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 97), y.view(-1), ignore_index=-100, reduction="sum")
+    assert total.item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        m(x, y, loss_reduction="none")

@@ -180,7 +180,7 @@ def test_results_json_has_the_promised_fields(data_dir, tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["max_steps"] == 6
     rec = records(out, "train")[-1]
     assert {"loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec"} <= set(rec)
-    assert rec["lr"] == pytest.approx(common.cosine_lr(5, 3e-3, 3e-4, 2, 6))
+    assert rec["lr"] == pytest.approx(common.lr_at(5, 3e-3, 3e-4, 2, 6))
     assert os.path.getsize(os.path.join(out, "log.txt")) > 0
     with open(os.path.join(out, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,117 @@
+"""common.py's loop plumbing: start-or-resume, safe checkpoints, preemption, divergence watch, schedules, plots."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import common
+
+SINGLE = common.Dist(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+
+
+def state(step, weight=1.0):
+    return {"kind": "gpt", "model": {"w": torch.full((2,), weight)}, "model_config": {}, "step": step,
+            "rng": common.rng_state()}
+
+
+class RunsCode:
+    def __reduce__(self):  # unpickling this would call os.makedirs(marker): the load must refuse it first
+        return (os.makedirs, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
+    evil = RunsCode()
+    evil.marker = str(tmp_path / "the_payload_ran")
+    torch.save({"kind": "gpt", "model": {"w": evil}, "model_config": {}}, tmp_path / "ckpt_000001.pt")
+    with pytest.raises(ValueError, match="refusing to load it"):
+        common.load_checkpoint(str(tmp_path / "ckpt_000001.pt"))
+    assert not os.path.exists(evil.marker)
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+    import numpy as np
+    common.seed_everything(3)
+    common.save_checkpoint(str(tmp_path / "ckpt_000000.pt"), state(0))
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    common.seed_everything(99)
+    common.set_rng_state(common.load_checkpoint(str(tmp_path))["rng"])
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+
+
+def test_start_or_resume(tmp_path):
+    out = str(tmp_path)
+    assert common.start_or_resume(out, None, "gpt") is None  # empty folder: a fresh start
+    assert common.start_or_resume(out, "latest", "gpt") is None
+    common.save_training_checkpoint(out, 3, state(3), SINGLE)
+    common.save_training_checkpoint(out, 5, state(5), SINGLE)
+    with pytest.raises(common.ConfigError, match="resume=latest"):
+        common.start_or_resume(out, None, "gpt")
+    with pytest.raises(common.ConfigError, match="'gpt' model, expected a 'bd3lm'"):
+        common.start_or_resume(out, "latest", "bd3lm")
+    assert common.start_or_resume(out, "latest", "gpt")["step"] == 5
+    # a newest checkpoint cut short (a full disk, a killed copy) is stepped over, with a warning
+    path = common.checkpoint_path(out, 5)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    assert common.start_or_resume(out, "latest", "gpt")["step"] == 3
+    assert common.start_or_resume(out, common.checkpoint_path(out, 3), "gpt")["step"] == 3
+
+
+def test_checkpoints_never_hold_non_finite_weights_and_keep_last_k(tmp_path):
+    out = str(tmp_path)
+    for step in range(4):
+        common.save_training_checkpoint(out, step, state(step), SINGLE, keep_last_k=2)
+    assert [s for s, _ in common.list_checkpoints(out)] == [2, 3]
+    with pytest.raises(common.TrainingDiverged, match="non-finite weights in w"):
+        common.save_training_checkpoint(out, 4, state(4, weight=float("nan")), SINGLE)
+    assert [s for s, _ in common.list_checkpoints(out)] == [2, 3]
+
+
+def test_non_finite_watch_sees_gradients_as_well_as_the_loss():
+    watch = common.NonFiniteWatch("cpu")
+    watch.update(0, torch.tensor(1.0), torch.tensor(0.5))
+    assert watch.first_bad_step(SINGLE) is None
+    watch.update(1, torch.tensor(1.0), torch.tensor(float("inf")))  # finite loss, exploding gradient
+    watch.update(2, torch.tensor(float("nan")), torch.tensor(1.0))
+    assert watch.first_bad_step(SINGLE) == 1
+
+
+def test_preemption_flag_is_set_by_sigusr1_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGUSR1)
+    with common.preemption_handlers() as stop:
+        assert not stop.check(SINGLE)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.check(SINGLE) and stop.signal == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_lr_schedules():
+    cos = [common.lr_at(s, 1.0, 0.1, 10, 100) for s in range(120)]
+    lin = [common.lr_at(s, 1.0, 0.1, 10, 100, "linear") for s in range(120)]
+    const = [common.lr_at(s, 1.0, 0.1, 10, 100, "constant") for s in range(120)]
+    assert cos[9] == lin[9] == const[9] == 1.0 and cos[0] == pytest.approx(0.1)
+    assert lin[55] == pytest.approx(0.55) and cos[55] == pytest.approx(0.55)  # both halfway at the middle
+    assert lin[30] < cos[30] and cos[100] == lin[100] == pytest.approx(0.1) and const[119] == 1.0
+    with pytest.raises(common.ConfigError, match="lr schedule 'step'"):
+        common.lr_at(50, 1.0, 0.1, 10, 100, "step")
+
+
+def test_one_dtype_vocabulary():
+    assert common.resolve_dtype("bf16", "cpu") is common.resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert common.resolve_dtype("auto", "cpu") is torch.float32 and common.resolve_dtype("auto", "cuda:0") is torch.bfloat16
+    with pytest.raises(common.ConfigError, match="dtype 'fp8'"):
+        common.resolve_dtype("fp8", "cpu")
+
+
+def test_mfu_and_curves(tmp_path):
+    assert common.mfu(1000.0, 6e9, 1e15, world_size=2) == pytest.approx(1000 * 6e9 / 2e15)
+    assert common.mfu(1000.0, 6e9, None) is None
+    with open(tmp_path / "log.jsonl", "w") as f:
+        for s in range(5):
+            f.write(json.dumps({"type": "train", "step": s, "loss": 5.0 - s}) + "\n")
+    path = common.plot_log_curves(str(tmp_path), [("run", "loss", [("train", "loss", "train")]),
+                                                  ("empty", "acc", [("val", "acc", "val")])])
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
