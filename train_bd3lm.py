@@ -34,14 +34,12 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
@@ -99,7 +97,7 @@ class Config:
     seed: int = 1337
     # system
     device: str = "auto"
-    dtype: str = "auto"  # auto (bf16 on cuda) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on cuda, else fp32) | float32 | bfloat16 | float16 (or fp32 | bf16 | fp16)
     compile: bool = True  # torch.compile on cuda
     flex_attention: bool = True  # FlexAttention block mask on cuda; the dense SDPA mask elsewhere
     # output
@@ -133,18 +131,15 @@ class Config:
 MODES = ("train", "ppl_eval", "sample", "gsm8k_eval")
 
 
-class TrainingDiverged(RuntimeError):
-    pass
-
-
 def check_config(cfg):
     """Mistakes that need no data or devices: refuse them before anything starts."""
     choices = {"mode": MODES, "data": ("gsm8k", "hierarchical", "shards"), "tokenizer": ("gpt2", "byte"),
-               "model": tuple(MODEL_SIZES), "dtype": ("auto", "bf16", "fp32"),
+               "model": tuple(MODEL_SIZES),
                "lr_schedule": ("constant", "cosine"), "sampler": ("first_hitting", "ancestral")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise common.ConfigError(f"{key} '{getattr(cfg, key)}' is not one of {', '.join(allowed)}")
+    common.resolve_dtype(cfg.dtype, "cpu")  # an unknown dtype name stops here
     for key in ("seq_len", "block_size", "batch_size", "micro_batch_size", "max_steps", "log_interval"):
         if getattr(cfg, key) <= 0:
             raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
@@ -585,36 +580,12 @@ class EMA:
 
 
 # -----------------------------------------------------------------------------
-# preemption: the handler only sets a flag; the loop saves and exits at the next step boundary
-
-STOP = {"signal": None}
-
-
-def _request_stop(signum, frame):
-    STOP["signal"] = signal.Signals(signum).name
-
-
-def install_signal_handlers():
-    STOP["signal"] = None
-    return {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-
-def all_reduce(t, op, d):
-    if d.ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "avg" else op)
-        if op == "avg":
-            t /= d.world_size
-    return t
-
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     cfg = common.load_config(Config, argv)
     check_config(cfg)
     d = common.setup_dist(cfg.device)
-    previous = install_signal_handlers()
     try:
         if cfg.mode == "train":
             return train(cfg, d)
@@ -624,8 +595,6 @@ def main(argv=None):
             return sample(cfg, d)
         return gsm8k_eval(cfg, d)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         common.cleanup_dist(d)
 
 
@@ -638,12 +607,6 @@ def data_setup(cfg, spec=None):
     return tok, tok.spec, tok.vocab_size, tok.vocab_size  # [MASK] is the first id after the vocabulary
 
 
-def autocast_for(cfg, d):
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and d.device_type == "cuda")
-    ctx = torch.autocast(device_type=d.device_type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    return ctx, use_bf16
-
-
 def train(cfg, d):
     per_step = cfg.micro_batch_size * d.world_size
     if cfg.batch_size % per_step:
@@ -654,46 +617,33 @@ def train(cfg, d):
     vocab_size = common.padded_vocab_size(n_vocab + 1)
     block_ids = make_block_ids(segment_lengths(cfg), cfg.block_size)
     seg_names = segment_names(cfg) if cfg.data == "hierarchical" else ["all"]
+    dtype = common.resolve_dtype(cfg.dtype, d.device)
+    autocast = common.autocast(d.device_type, dtype)
 
-    # ---- where to start
-    ckpt = None
-    if cfg.resume and not cfg.bench:
-        if cfg.resume == "latest":
-            if common.list_checkpoints(cfg.out_dir):
-                ckpt = load_any_checkpoint(cfg.out_dir, (KIND,))
-        else:
-            ckpt = load_any_checkpoint(cfg.resume, (KIND,))
-    elif not cfg.bench and common.list_checkpoints(cfg.out_dir):
-        raise common.ConfigError(f"{cfg.out_dir} already holds checkpoints; continue with resume=latest, "
-                                 "or choose another out_dir")
+    # ---- where to start: fresh (or from pretrained weights), or from a checkpoint of this run
+    ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, KIND)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= cfg.max_steps:
         return {"status": "already_finished", "step": ckpt["step"]}
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    if d.device_type == "cuda":
-        torch.cuda.manual_seed(cfg.seed)
-        torch.set_float32_matmul_precision("high")
+    common.seed_everything(cfg.seed, d.device_type)
     if ckpt:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     else:
         model = build_model(cfg, vocab_size, d)
     model.to(d.device)
-    raw_model = model
+    raw_model = model  # plain module: checkpoints, EMA, evaluation
     ema = EMA(raw_model, cfg.ema) if cfg.ema > 0 else None
-    autocast, use_bf16 = autocast_for(cfg, d)
     use_flex = cfg.flex_attention and d.device_type == "cuda" and flex_block_diffusion_mask is not None
-    if cfg.compile and d.device_type == "cuda":
-        model = torch.compile(model)
-    if d.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    model = common.wrap_model(model, d, cfg.compile)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), d.device_type)
     train_loader, truncated = make_loader(cfg, tok, "train", cfg.micro_batch_size, d)
+    has_val = cfg.data == "shards" or (cfg.data == "gsm8k" and cfg.val_data_path) or \
+        (cfg.data == "hierarchical" and cfg.val_plans_path)
+    val_loader = make_loader(cfg, tok, "val", cfg.micro_batch_size, d, shuffle=False)[0] if has_val else None
     attn_mask = attention_mask_for(block_ids, d.device, use_flex)
     block_ids = block_ids.to(d.device)
-    torch.manual_seed(cfg.seed + 1 + d.rank)  # the noise differs across ranks
+    torch.manual_seed(cfg.seed + 1 + d.rank)  # the noise differs across ranks (weights were seeded alike)
     val_loss = None
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -702,33 +652,31 @@ def train(cfg, d):
         if ema is not None and ckpt.get("ema"):
             ema.model.load_state_dict(ckpt["ema"])
         val_loss = ckpt.get("val_loss")
+        if d.master:
+            common.trim_log(cfg.out_dir, ckpt["step"])  # records after the checkpoint are about to be redone
 
-    if ckpt and d.master:  # records after the checkpoint are about to be redone
-        log_path = os.path.join(cfg.out_dir, "log.jsonl")
-        if os.path.isfile(log_path):
-            kept = [r for r in common.read_jsonl(log_path) if r.get("step", -1) <= ckpt["step"]]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(log_path + ".tmp", log_path)
     logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None)
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     logger.info(f"bd3lm {cfg.model}: {raw_model.num_params() / 1e6:.2f}M non-embedding params, vocab "
                 f"{raw_model.config.vocab_size} ([MASK] = {mask_id}) | L {cfg.seq_len}, block {cfg.block_size}, "
-                f"{int(block_ids[-1]) + 1} blocks | device {d.device} x{d.world_size}, {'bf16' if use_bf16 else 'fp32'}"
-                f", {'flex' if use_flex else 'dense'} mask | {cfg.batch_size} rows/step = {cfg.micro_batch_size} x "
+                f"{int(block_ids[-1]) + 1} blocks | device {d.device} x{d.world_size}, {dtype}, "
+                f"{'flex' if use_flex else 'dense'} mask | {cfg.batch_size} rows/step = {cfg.micro_batch_size} x "
                 f"{d.world_size} ranks x {accum} accum")
+    if ckpt:
+        logger.info(f"resumed from {ckpt['path']} at step {start_step}")
     if truncated:
-        logger.info(f"truncated rows per segment: {truncated}")
+        logger.info(f"rows truncated (per segment): {truncated}")
 
     def train_step(step):
-        """One optimizer step; device tensors only (no host sync): summed loss, token count, per-segment sums."""
+        """One optimizer step; device tensors only (no host sync): [loss sum, tokens, per-segment sums and
+        tokens], the gradient norm, the learning rate."""
         optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(2 + 2 * len(seg_names), device=d.device)
         batches = [train_loader.next_batch() for _ in range(accum)]
-        n_tokens = sum(v.sum() for _, v, _ in batches).to(d.device).float()
-        n_tokens = all_reduce(n_tokens, "sum", d)  # the loss is the NELBO per token of the whole step
+        # the loss is the NELBO per token of the whole step (all micro batches, all ranks)
+        n_tokens = common.all_reduce(sum(v.sum() for _, v, _ in batches).float().to(d.device), "sum", d)
         for micro, (x0, valid, seg) in enumerate(batches):
             x0, valid, seg = x0.to(d.device), valid.to(d.device), seg.to(d.device)
             with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
@@ -736,17 +684,17 @@ def train(cfg, d):
                     terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, cfg.noise_beta,
                                         cfg.noise_omega, cfg.antithetic, two_pass=cfg.two_pass) * valid
                 loss_sum = terms.sum()
-                (loss_sum * d.world_size / n_tokens).backward()  # DDP averages over ranks
+                (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
             stats[0] += loss_sum.detach()
             stats[1] += valid.sum()
             for s in range(len(seg_names)):
                 in_seg = valid & (seg == s)
-                stats[2 + 2 * s] += (terms * in_seg).sum().detach()
+                stats[2 + 2 * s] += (terms.detach() * in_seg).sum()
                 stats[3 + 2 * s] += in_seg.sum()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = lr_at(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = common.lr_at(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps,
+                          cfg.lr_schedule)
+        common.set_lr(optimizer, lr)
         optimizer.step()
         if ema is not None:
             ema.update(raw_model, step)
@@ -756,33 +704,18 @@ def train(cfg, d):
         return bench(cfg, d, train_step, logger, tokens_per_step)
 
     def save(step):
-        path = common.checkpoint_path(cfg.out_dir, step)
-        if d.master:
-            if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-                raise TrainingDiverged(f"non-finite weights at step {step}; not saving")
-            common.save_checkpoint(path, {
-                "kind": KIND, "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
-                "ema": ema.model.state_dict() if ema is not None else None, "tokenizer": spec,
-                "bd3lm": {"mask_id": mask_id, "n_vocab": n_vocab, "block_size": cfg.block_size,
-                          "seq_len": cfg.seq_len, "segment_lens": segment_lengths(cfg), "data": cfg.data,
-                          "segment_names": seg_names, "flat_plans": cfg.flat_plans},
-                "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
-                "loader": train_loader.state(), "rng": common.rng_state(), "val_loss": val_loss})
-            if cfg.keep_last_k > 0:
-                for _, old in common.list_checkpoints(cfg.out_dir)[:-cfg.keep_last_k]:
-                    os.remove(old)
-        if d.ddp:
-            dist.barrier()
-        return path
-
-    has_val = cfg.data == "shards" or (cfg.data == "gsm8k" and cfg.val_data_path) or \
-        (cfg.data == "hierarchical" and cfg.val_plans_path)
-    val_loader = make_loader(cfg, tok, "val", cfg.micro_batch_size, d, shuffle=False)[0] if has_val else None
+        return common.save_training_checkpoint(cfg.out_dir, step, {
+            "kind": KIND, "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
+            "ema": ema.model.state_dict() if ema is not None else None, "tokenizer": spec,
+            "bd3lm": {"mask_id": mask_id, "n_vocab": n_vocab, "block_size": cfg.block_size, "seq_len": cfg.seq_len,
+                      "segment_lens": segment_lengths(cfg), "segment_names": seg_names, "data": cfg.data},
+            "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
+            "loader": train_loader.state(), "rng": common.rng_state(), "val_loss": val_loss}, d, cfg.keep_last_k)
 
     def evaluate():
-        """The validation NELBO per token with the EMA weights, fixed noise (seeded generator)."""
+        """The validation NELBO per token with the EMA weights: the same batches and the same noise every time."""
         net = ema.model if ema is not None else raw_model
-        val_loader.reset()  # the same batches every time
+        val_loader.reset()
         g = torch.Generator(device=d.device).manual_seed(cfg.seed + 17 + d.rank)
         totals = torch.zeros(2, device=d.device)
         net.eval()
@@ -795,81 +728,69 @@ def train(cfg, d):
                                         cfg.noise_omega, cfg.antithetic, g) * valid
                 totals += torch.stack([terms.sum(), valid.sum().float()])
         raw_model.train()
-        totals = all_reduce(totals, "sum", d)
+        totals = common.all_reduce(totals, "sum", d)
         return (totals[0] / totals[1]).item()
 
     # ---- the loop
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=d.device)
+    watch = common.NonFiniteWatch(d.device)
     run_t0 = time.time()
     interval_t0, interval_steps, interval_stats = time.time(), 0, None
     timed_tokens, timed_seconds = 0, 0.0
-    train_loss, status, step, path = None, "done", start_step - 1, None
-    seg_losses = {}
+    train_loss, status, step, path, seg_losses = None, "done", start_step - 1, None, {}
     bar = common.progress(total=cfg.max_steps, initial=start_step, master=d.master, desc="train", unit="step")
-    for step in range(start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
-        stats, grad_norm, lr = train_step(step)
-        interval_stats = stats if interval_stats is None else interval_stats + stats
-        interval_steps += 1
-        bad = ~torch.isfinite(stats[0])
-        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, step), first_bad_step)
-        bar.update(1)
-        val_now = val_loader is not None and (
-            last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0))
-        ckpt_now = last_step or (cfg.ckpt_interval > 0 and (step + 1) % cfg.ckpt_interval == 0)
-        user_stop = step == cfg.stop_after_step
-        log_now = (step + 1) % cfg.log_interval == 0 or step == start_step or val_now or ckpt_now or user_stop
-        if d.ddp:
-            signal_stop = False
-            if log_now:
-                flag = torch.tensor(int(STOP["signal"] is not None), device=d.device)
-                signal_stop = bool(all_reduce(flag, dist.ReduceOp.MAX, d).item())
-        else:
-            signal_stop = STOP["signal"] is not None
-        log_now = log_now or signal_stop
-        if not log_now:
-            continue
-        s = all_reduce(interval_stats, "sum", d).tolist()
-        train_loss = s[0] / max(s[1], 1)
-        if not math.isfinite(train_loss):
-            never = torch.iinfo(torch.long).max
-            first = torch.where(first_bad_step < 0, torch.full_like(first_bad_step, never), first_bad_step)
-            bad_step = int(all_reduce(first, dist.ReduceOp.MIN, d).item())
-            good = [p for st, p in common.list_checkpoints(cfg.out_dir) if st < bad_step]
-            bar.close()
-            msg = (f"loss is {train_loss} at step {bad_step}: training diverged. Last good checkpoint: "
-                   f"{good[-1] if good else 'none'}")
-            logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
-            raise TrainingDiverged(msg)
-        if d.device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = (time.time() - interval_t0) / interval_steps
-        if step != start_step:
-            timed_tokens += tokens_per_step * interval_steps
-            timed_seconds += dt * interval_steps
-        record = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_step / dt, "tokens": (step + 1) * tokens_per_step}
-        if len(seg_names) > 1:
-            seg_losses = {f"loss_{n}": s[2 + 2 * i] / max(s[3 + 2 * i], 1) for i, n in enumerate(seg_names)}
-            record.update(seg_losses)
-        logger.log(record, echo=False)
-        if d.master:
-            bar.write(common.format_record(record))
-        bar.set_postfix(loss=f"{train_loss:.4f}")
-        if val_now and cfg.val_batches > 0:
-            val_loss = evaluate()
-            logger.log({"type": "val", "step": step, "val_loss": val_loss}, echo=False)
+    with common.preemption_handlers() as stop:
+        for step in range(start_step, cfg.max_steps):
+            last_step = step == cfg.max_steps - 1
+            stats, grad_norm, lr = train_step(step)
+            watch.update(step, stats[0], grad_norm)
+            interval_stats = stats if interval_stats is None else interval_stats + stats
+            interval_steps += 1
+            bar.update(1)
+            val_now = val_loader is not None and cfg.val_batches > 0 and (
+                last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0))
+            ckpt_now = last_step or (cfg.ckpt_interval > 0 and (step + 1) % cfg.ckpt_interval == 0)
+            user_stop = step == cfg.stop_after_step
+            log_now = (step + 1) % cfg.log_interval == 0 or step == start_step or val_now or ckpt_now or user_stop
+            signal_stop = stop.check(d, sync=log_now)
+            if not (log_now or signal_stop):
+                continue
+            bad_step = watch.first_bad_step(d)
+            if bad_step is not None:
+                bar.close()
+                msg = common.diverged_message(cfg.out_dir, bad_step)
+                logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
+                raise common.TrainingDiverged(msg)
+            s = common.all_reduce(interval_stats, "sum", d).tolist()
+            train_loss = s[0] / max(s[1], 1)
+            common.synchronize(d.device_type)
+            dt = (time.time() - interval_t0) / interval_steps
+            if step != start_step:  # the first step (allocator, compilation) is not timed
+                timed_tokens += tokens_per_step * interval_steps
+                timed_seconds += dt * interval_steps
+            record = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_step / dt,
+                      "tokens": (step + 1) * tokens_per_step}
+            if len(seg_names) > 1:
+                seg_losses = {f"loss_{n}": s[2 + 2 * i] / max(s[3 + 2 * i], 1) for i, n in enumerate(seg_names)}
+                record.update(seg_losses)
+            logger.log(record, echo=False)
             if d.master:
-                bar.write(f"step {step} | val NELBO {val_loss:.4f}")
-        if ckpt_now or user_stop or signal_stop:
-            path = save(step)
-        if (signal_stop or user_stop) and not last_step:
-            status = "preempted" if signal_stop else "stopped"
-            bar.close()
-            logger.info(f"{'received ' + STOP['signal'] if signal_stop else 'stop_after_step'}: saved {path} at "
-                        f"step {step}; exiting (continue with resume=latest)")
-            break
-        interval_t0, interval_steps, interval_stats = time.time(), 0, None
+                bar.write(common.format_record(record))
+            bar.set_postfix(loss=f"{train_loss:.4f}")
+            if val_now:
+                val_loss = evaluate()
+                logger.log({"type": "val", "step": step, "val_loss": val_loss}, echo=False)
+                if d.master:
+                    bar.write(f"step {step} | val NELBO {val_loss:.4f}")
+            if ckpt_now or user_stop or signal_stop:
+                path = save(step)
+            if (signal_stop or user_stop) and not last_step:
+                status = "preempted" if signal_stop else "stopped"
+                bar.close()
+                why = f"received {stop.signal}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
+                logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+                break
+            interval_t0, interval_steps, interval_stats = time.time(), 0, None
     bar.close()
 
     tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
@@ -881,46 +802,19 @@ def train(cfg, d):
                "resumed_from_step": start_step - 1 if ckpt else None}
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
-        plot_curves(cfg.out_dir, seg_names)
+        lines = [("train", "loss", "train NELBO"), ("val", "val_loss", "val NELBO")]
+        segs = [("train", f"loss_{n}", n) for n in seg_names] if len(seg_names) > 1 else []
+        common.plot_log_curves(cfg.out_dir, [("NELBO", "nats per token", lines)] +
+                               ([("per segment (train)", "nats per token", segs)] if segs else []))
         if status == "done":
             logger.info(f"done: {step + 1} steps, train NELBO {train_loss:.4f}, val {val_loss}, in {cfg.out_dir}")
     return results
 
 
-def lr_at(cfg, step):
-    if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.max_lr
-    return common.cosine_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
-
-
-def plot_curves(out_dir, seg_names):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = common.read_jsonl(os.path.join(out_dir, "log.jsonl"))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    curves = [("train", "loss", "-", "train NELBO"), ("val", "val_loss", "o-", "val NELBO")]
-    if len(seg_names) > 1:
-        curves += [("train", f"loss_{n}", "--", f"train {n}") for n in seg_names]
-    for kind, key, style, label in curves:
-        pts = [(r["step"], r[key]) for r in rows if r.get("type") == kind and key in r]
-        if pts:
-            ax.plot(*zip(*pts), style, label=label, markersize=3)
-    ax.set(xlabel="step", ylabel="NELBO per token (nats)", title=os.path.basename(os.path.normpath(out_dir)))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
-
-
 def bench(cfg, d, train_step, logger, tokens_per_step):
     for step in range(cfg.bench_warmup):
         train_step(step)
-    if d.device_type == "cuda":
-        torch.cuda.synchronize()
+    common.synchronize(d.device_type)
     t0 = time.time()
     for step in range(cfg.bench_warmup, cfg.bench_warmup + cfg.bench_steps):
         stats, _, _ = train_step(step)
@@ -972,7 +866,7 @@ def ppl_eval(cfg, d):
     g = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)
     names = info["segment_names"]
     totals = torch.zeros(2 + 2 * len(names), device=d.device, dtype=torch.float64)
-    autocast, _ = autocast_for(cfg, d)
+    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
     t0 = time.time()
     with torch.no_grad():
         for _ in common.progress(range(n_batches), master=d.master, desc="ppl_eval"):
@@ -985,7 +879,7 @@ def ppl_eval(cfg, d):
             for s in range(len(names)):
                 totals[2 + 2 * s] += (terms * (valid & (seg == s))).sum()
                 totals[3 + 2 * s] += (valid & (seg == s)).sum()
-    totals = all_reduce(totals, "sum", d).tolist()
+    totals = common.all_reduce(totals, "sum", d).tolist()
     nelbo = totals[0] / totals[1]
     results = {"mode": "ppl_eval", "checkpoint": ckpt["path"], "step": ckpt["step"], "ema": cfg.use_ema,
                "nelbo": nelbo, "ppl_bound": math.exp(nelbo), "tokens": int(totals[1]), "batches": n_batches,
@@ -1040,7 +934,7 @@ def run_generation(cfg, d, model, info, tok, prompts):
     x, fixed = prompt_rows(cfg, tok, info, prompts)
     x, fixed = x.to(d.device), fixed.to(d.device)
     g = torch.Generator(device=d.device).manual_seed(cfg.seed)
-    autocast, _ = autocast_for(cfg, d)
+    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
     t0 = time.time()
     with autocast:
         out, nfe = generate(model, x, fixed.clone(), block_ids, segment_ends(info), info["mask_id"],
@@ -1138,6 +1032,6 @@ def gsm8k_eval(cfg, d):
 if __name__ == "__main__":
     try:
         main()
-    except (common.ConfigError, TrainingDiverged, FileNotFoundError, common.ShardError) as e:
+    except (common.ConfigError, common.TrainingDiverged, FileNotFoundError, common.ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
