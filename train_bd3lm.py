@@ -36,8 +36,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,11 @@ class Config:
     noise_beta: float = 1e-3
     noise_omega: float = 1.0
     antithetic: bool = True
+    # clipped-schedule search: every clip_search_interval steps, the [beta, omega] of lowest NELBO variance on
+    # validation batches among ranges of these widths (the paper's data-driven schedule); 0 = fixed by config
+    clip_search_interval: int = 0
+    clip_search_widths: List[float] = field(default_factory=lambda: [0.5, 0.7, 1.0])
+    clip_search_batches: int = 4
     # optimisation
     batch_size: int = 128  # sequences per optimizer step over all ranks
     micro_batch_size: int = 32  # sequences per forward pass per rank
@@ -383,6 +388,35 @@ def two_pass_logits(model, xt, x0, positions, block_ids):
     return logits
 
 
+def clip_candidates(widths, grid=0.1):
+    """Ranges [beta, beta + w] for each width, beta on a grid from 0 to 1 - w."""
+    ranges = set()
+    for w in widths:
+        for i in range(int(round((1.0 - w) / grid)) + 1):
+            ranges.add((round(i * grid, 4), round(min(i * grid + w, 1.0), 4)))
+    return sorted(ranges)
+
+
+@torch.no_grad()
+def search_noise_range(net, batches, block_ids, attn_mask, mask_id, n_vocab, widths, seed, autocast, d):
+    """The clip range whose per-sequence NELBO estimate has the lowest variance on these batches (the same
+    noise for every candidate). Returns (beta, omega, {range: variance})."""
+    variances = {}
+    for beta, omega in clip_candidates(widths):
+        g = torch.Generator(device=d.device).manual_seed(seed)
+        moments = torch.zeros(3, device=d.device, dtype=torch.float64)
+        for x0, valid, _ in batches:
+            x0, valid = x0.to(d.device), valid.to(d.device)
+            with autocast:
+                terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, True, g) * valid
+            per_row = terms.sum(1).double() / valid.sum(1).clamp(min=1)
+            moments += torch.stack([per_row.sum(), (per_row ** 2).sum(), per_row.new_tensor(len(per_row))])
+        s, s2, n = common.all_reduce(moments, "sum", d).tolist()
+        variances[(beta, omega)] = s2 / n - (s / n) ** 2
+    beta, omega = min(variances, key=variances.get)
+    return beta, omega, variances
+
+
 def attention_mask_for(block_ids, device, use_flex):
     block_ids = block_ids.to(device)
     if use_flex:
@@ -645,7 +679,9 @@ def train(cfg, d):
     block_ids = block_ids.to(d.device)
     torch.manual_seed(cfg.seed + 1 + d.rank)  # the noise differs across ranks (weights were seeded alike)
     val_loss = None
+    noise = [cfg.noise_beta, cfg.noise_omega]  # the clip range; the search moves it
     if ckpt:
+        noise = list(ckpt.get("noise_range", noise))
         optimizer.load_state_dict(ckpt["optimizer"])
         train_loader.set_state(ckpt["loader"])
         common.set_rng_state(ckpt["rng"])
@@ -681,8 +717,8 @@ def train(cfg, d):
             x0, valid, seg = x0.to(d.device), valid.to(d.device), seg.to(d.device)
             with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
                 with autocast:
-                    terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, cfg.noise_beta,
-                                        cfg.noise_omega, cfg.antithetic, two_pass=cfg.two_pass) * valid
+                    terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
+                                        cfg.antithetic, two_pass=cfg.two_pass) * valid
                 loss_sum = terms.sum()
                 (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
             stats[0] += loss_sum.detach()
@@ -710,7 +746,8 @@ def train(cfg, d):
             "bd3lm": {"mask_id": mask_id, "n_vocab": n_vocab, "block_size": cfg.block_size, "seq_len": cfg.seq_len,
                       "segment_lens": segment_lengths(cfg), "segment_names": seg_names, "data": cfg.data},
             "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
-            "loader": train_loader.state(), "rng": common.rng_state(), "val_loss": val_loss}, d, cfg.keep_last_k)
+            "loader": train_loader.state(), "rng": common.rng_state(), "val_loss": val_loss, "noise_range": noise},
+            d, cfg.keep_last_k)
 
     def evaluate():
         """The validation NELBO per token with the EMA weights: the same batches and the same noise every time."""
@@ -724,8 +761,8 @@ def train(cfg, d):
                 x0, valid, _ = val_loader.next_batch()
                 x0, valid = x0.to(d.device), valid.to(d.device)
                 with autocast:
-                    terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, cfg.noise_beta,
-                                        cfg.noise_omega, cfg.antithetic, g) * valid
+                    terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
+                                        cfg.antithetic, g) * valid
                 totals += torch.stack([terms.sum(), valid.sum().float()])
         raw_model.train()
         totals = common.all_reduce(totals, "sum", d)
@@ -750,7 +787,10 @@ def train(cfg, d):
                 last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0))
             ckpt_now = last_step or (cfg.ckpt_interval > 0 and (step + 1) % cfg.ckpt_interval == 0)
             user_stop = step == cfg.stop_after_step
-            log_now = (step + 1) % cfg.log_interval == 0 or step == start_step or val_now or ckpt_now or user_stop
+            clip_now = val_loader is not None and cfg.clip_search_interval > 0 and \
+                (step + 1) % cfg.clip_search_interval == 0
+            log_now = ((step + 1) % cfg.log_interval == 0 or step == start_step or val_now or ckpt_now or user_stop
+                       or clip_now)
             signal_stop = stop.check(d, sync=log_now)
             if not (log_now or signal_stop):
                 continue
@@ -782,6 +822,14 @@ def train(cfg, d):
                 logger.log({"type": "val", "step": step, "val_loss": val_loss}, echo=False)
                 if d.master:
                     bar.write(f"step {step} | val NELBO {val_loss:.4f}")
+            if clip_now:
+                val_loader.reset()
+                batches = [val_loader.next_batch() for _ in range(cfg.clip_search_batches)]
+                noise[0], noise[1], variances = search_noise_range(
+                    ema.model if ema is not None else raw_model, batches, block_ids, attn_mask, mask_id, n_vocab,
+                    cfg.clip_search_widths, cfg.seed + 29, autocast, d)
+                logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
+                            "variance": variances[tuple(noise)], "candidates": len(variances)}, echo=False)
             if ckpt_now or user_stop or signal_stop:
                 path = save(step)
             if (signal_stop or user_stop) and not last_step:
@@ -794,7 +842,7 @@ def train(cfg, d):
     bar.close()
 
     tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
-    results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, "final_val_loss": val_loss,
+    results = {"status": status, "steps": step + 1, "noise_range": noise, "final_train_loss": train_loss, "final_val_loss": val_loss,
                "final_val_ppl_bound": math.exp(val_loss) if val_loss is not None else None, **seg_losses,
                "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_sec": tokens_per_sec,
                "seconds": time.time() - run_t0, "n_params": raw_model.num_params(), "world_size": d.world_size,

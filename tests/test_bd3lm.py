@@ -274,3 +274,17 @@ def test_shipped_configs_load():
         bd.check_config(cfg)
     big = common.load_config(bd.Config, [os.path.join(ROOT, "configs", "gsm8k_bd3lm.yaml"), "block_size=4"])
     assert (big.seq_len, big.batch_size, big.micro_batch_size, big.max_steps, big.max_lr) == (512, 128, 32, 50000, 3e-4)
+
+
+def test_clip_search_picks_the_lowest_variance_range_and_resumes_with_it(tmp_path):
+    assert bd.clip_candidates([0.5, 1.0]) == [(0.0, 0.5), (0.0, 1.0), (0.1, 0.6), (0.2, 0.7), (0.3, 0.8),
+                                              (0.4, 0.9), (0.5, 1.0)]
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    args = dict(clip_search_interval=2, clip_search_widths="[0.3,1.0]", clip_search_batches=1, val_interval=0)
+    bd.main(plans_args(full, **args))
+    searches = records(full, "clip_search")
+    assert [r["step"] for r in searches] == [1, 3, 5] and all(r["candidates"] == 9 for r in searches)
+    assert all(r["omega"] - r["beta"] in (pytest.approx(0.3), pytest.approx(1.0)) for r in searches)
+    bd.main(plans_args(split, stop_after_step=3, **args))
+    bd.main(plans_args(split, resume="latest", **args))
+    assert records(full, "train")[-1]["loss"] == records(split, "train")[-1]["loss"]
