@@ -41,6 +41,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True  # GPT-2 ties wte and lm_head; BD3-LM keeps them apart (its input has [MASK])
+    exec_layers: int = 0  # hierarchical BD3-LM: the top exec_layers get a second copy for execution positions
 
 
 # the GPT-2 family and a few tiny sizes for tests and the CPU demo
@@ -252,6 +253,9 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if config.exec_layers:  # KV-cache slots after the shared ones
+            self.transformer["h_exec"] = nn.ModuleList([Block(config, config.n_layer + i)
+                                                        for i in range(config.exec_layers)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
@@ -273,7 +277,7 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None, position_ids=None, attn_mask=None, doc_ids=None, kv_cache=None,
-                padding_mask=None, loss_reduction="mean", ignore_index=-100, logits_len=None):
+                padding_mask=None, loss_reduction="mean", ignore_index=-100, logits_len=None, exec_positions=None):
         """idx (B, T) -> logits (B, T, V) and the cross-entropy against targets (or None): 'mean' over the
         targets that are not ignore_index, or their 'sum' (callers count tokens as (targets != -100).sum(), so
         gradient accumulation and packed rows normalise over the right tokens).
@@ -281,7 +285,8 @@ class GPT(nn.Module):
         causal unless given attn_mask (bool (B|1, 1|H, T, T), True = may attend) or doc_ids (packed rows, see
         attention()). With kv_cache the tokens are appended to the cache and attend to it; padding_mask (B, T),
         True = real token, marks left padding (default: all real). logits_len runs the head on the first
-        logits_len positions only (BD3-LM scores the noisy half of its [x_t | x_0] input)."""
+        logits_len positions only (BD3-LM scores the noisy half of its [x_t | x_0] input). exec_positions (B|1, T)
+        bool sends those positions through the execution copy of the top layers (config.exec_layers)."""
         B, T = idx.size()
         if T > self.config.block_size and position_ids is None:  # BD3-LM's two copies share their positions
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -296,8 +301,13 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=idx.device) + (kv_cache.pos if kv_cache is not None else 0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
-        for block in self.transformer.h:
-            x = block(x, attn_mask, doc_ids, kv_cache)
+        first_exec = self.config.n_layer - self.config.exec_layers
+        for i, block in enumerate(self.transformer.h):
+            if i >= first_exec and exec_positions is not None:  # each position's output from its own module
+                exec_out = self.transformer.h_exec[i - first_exec](x, attn_mask, doc_ids, kv_cache)
+                x = torch.where(exec_positions[..., None], exec_out, block(x, attn_mask, doc_ids, kv_cache))
+            else:
+                x = block(x, attn_mask, doc_ids, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         if logits_len is not None:

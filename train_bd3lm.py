@@ -77,6 +77,10 @@ class Config:
     dropout: float = 0.0
     tie_embeddings: bool = False
     init_from: str = "scratch"  # scratch | a train_gpt.py or train_bd3lm.py checkpoint (file, run folder, RUN/latest)
+    # transfer (hierarchical): the top exec_layers get a second copy, the execution module, which computes the
+    # execution positions; the shared lower layers and the first copy are the plan module (question and plan)
+    exec_layers: int = 0
+    freeze: str = "none"  # none | plan: train only the execution module (fine-tuning on a new task)
     # noise schedule: log-linear; a mask rate per block, stratified over batch x blocks, clipped to [beta, omega]
     noise_beta: float = 1e-3
     noise_omega: float = 1.0
@@ -161,6 +165,12 @@ def check_config(cfg):
                                  "0 <= beta <= omega <= 1, omega > 0")
     if not 0.0 < cfg.top_p <= 1.0:
         raise common.ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.freeze not in ("none", "plan"):
+        raise common.ConfigError(f"freeze '{cfg.freeze}' is not one of none, plan")
+    if (cfg.exec_layers or cfg.freeze == "plan") and (cfg.data != "hierarchical" or cfg.flat_plans):
+        raise common.ConfigError("exec_layers and freeze=plan need data=hierarchical with a plan segment")
+    if cfg.freeze == "plan" and not cfg.exec_layers:
+        raise common.ConfigError("freeze=plan needs exec_layers > 0 (the execution module that stays trainable)")
     if cfg.mode != "train" and not cfg.checkpoint:
         raise common.ConfigError(f"mode={cfg.mode} needs checkpoint=PATH (a file, run folder or RUN/latest)")
 
@@ -175,6 +185,13 @@ def segment_lengths(cfg):
 
 def segment_names(cfg):
     return ["question", "execution"] if cfg.flat_plans else list(SEGMENTS)
+
+
+def exec_positions_of(segment_lens, exec_layers):
+    """(L,) bool: the execution segment (the last), for a model with an execution module; else None."""
+    if not exec_layers or len(segment_lens) < 3:
+        return None
+    return torch.arange(sum(segment_lens)) >= sum(segment_lens[:-1])
 
 
 def make_block_ids(segment_lens, block_size):
@@ -356,7 +373,7 @@ def sample_mask_rates(batch, n_blocks, beta, omega, antithetic, device, generato
 
 
 def nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, antithetic, generator=None,
-                two_pass=False):
+                two_pass=False, exec_positions=None):
     """Per-token NELBO terms (B, L): (1/t) x cross-entropy at masked tokens, 0 elsewhere (SUBS)."""
     B, L = x0.shape
     rates = sample_mask_rates(B, int(block_ids[-1]) + 1, beta, omega, antithetic, x0.device, generator)
@@ -367,8 +384,9 @@ def nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, 
     if two_pass:  # what the vectorized pass replaces: clean keys/values first, then the noisy half reads them
         logits = two_pass_logits(model, xt, x0, positions, block_ids)
     else:
+        both = None if exec_positions is None else torch.cat([exec_positions, exec_positions])[None]
         logits, _ = model(torch.cat([xt, x0], dim=1), position_ids=torch.cat([positions, positions]),
-                          attn_mask=attn_mask, logits_len=L)
+                          attn_mask=attn_mask, logits_len=L, exec_positions=both)
     # SUBS: only real tokens can be predicted ([MASK] and the vocabulary padding are cut from the softmax)
     ce = F.cross_entropy(logits[..., :n_vocab].float().transpose(1, 2), x0, reduction="none")
     return torch.where(masked, ce / t, torch.zeros_like(ce))
@@ -398,7 +416,8 @@ def clip_candidates(widths, grid=0.1):
 
 
 @torch.no_grad()
-def search_noise_range(net, batches, block_ids, attn_mask, mask_id, n_vocab, widths, seed, autocast, d):
+def search_noise_range(net, batches, block_ids, attn_mask, mask_id, n_vocab, widths, seed, autocast, d,
+                       exec_positions=None):
     """The clip range whose per-sequence NELBO estimate has the lowest variance on these batches (the same
     noise for every candidate). Returns (beta, omega, {range: variance})."""
     variances = {}
@@ -408,7 +427,8 @@ def search_noise_range(net, batches, block_ids, attn_mask, mask_id, n_vocab, wid
         for x0, valid, _ in batches:
             x0, valid = x0.to(d.device), valid.to(d.device)
             with autocast:
-                terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, True, g) * valid
+                terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, True, g,
+                                    exec_positions=exec_positions) * valid
             per_row = terms.sum(1).double() / valid.sum(1).clamp(min=1)
             moments += torch.stack([per_row.sum(), (per_row ** 2).sum(), per_row.new_tensor(len(per_row))])
         s, s2, n = common.all_reduce(moments, "sum", d).tolist()
@@ -466,13 +486,16 @@ def top_p_filter(probs, top_p):
     return filtered / filtered.sum(-1, keepdim=True)
 
 
-def block_logits(model, x, lo, hi, block_ids, cache):
+def block_logits(model, x, lo, hi, block_ids, cache, exec_positions=None):
     """Logits (B, hi-lo, V) for the noisy block x[:, lo:hi] given the clean tokens before it."""
+    ex = None if exec_positions is None else exec_positions.to(x.device)[None]
     if cache is not None:  # the cache holds exactly the clean tokens before lo
-        logits, _ = model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache)
+        logits, _ = model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache,
+                          exec_positions=None if ex is None else ex[:, lo:hi])
         return logits
     ids = block_ids[:hi].to(x.device)  # no cache: the clean prefix and the noisy block, block-causal
-    logits, _ = model(x[:, :hi], attn_mask=ids[None, :] <= ids[:, None])
+    logits, _ = model(x[:, :hi], attn_mask=ids[None, :] <= ids[:, None],
+                      exec_positions=None if ex is None else ex[:, :hi])
     return logits[:, lo:]
 
 
@@ -489,7 +512,8 @@ def choose_reveals(still, sampler, step, steps, generator):
 
 
 @torch.no_grad()
-def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id, cfg, generator, use_cache):
+def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id, cfg, generator, use_cache,
+             exec_positions=None):
     """Fill every position of x (B, L) that is not `fixed` (the prompt), block by block. After an end of
     text, the rest of that segment is padding (as in training). Returns (tokens, network calls)."""
     x = torch.where(fixed, x, torch.full_like(x, mask_id))
@@ -508,7 +532,7 @@ def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id,
             step += 1
             if not reveal.any():
                 continue  # no token changes in this step: no network call needed
-            logits = block_logits(model, x, lo, hi, block_ids, cache)[..., :n_vocab].float()
+            logits = block_logits(model, x, lo, hi, block_ids, cache, exec_positions)[..., :n_vocab].float()
             nfe += 1
             probs = top_p_filter(F.softmax(logits, dim=-1), cfg.top_p)
             drawn = torch.multinomial(probs.view(-1, n_vocab), 1, generator=generator).view(B, hi - lo)
@@ -516,7 +540,9 @@ def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id,
         pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id)
         if cache is not None and hi < L:  # the clean block joins the cache: one pass, no logits
             cache.store = True
-            model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache, logits_len=0)
+            ex = None if exec_positions is None else exec_positions[lo:hi].to(x.device)[None]
+            model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache, logits_len=0,
+                  exec_positions=ex)
             cache.store = False
         last_start = segment_ends[-2] if len(segment_ends) > 1 else 0
         if hi < L and lo >= last_start and ended_all(x[:, last_start:hi], fixed[:, last_start:hi], eos_id):
@@ -555,11 +581,12 @@ def build_model(cfg, vocab_size, d):
     if cfg.init_from == "scratch":
         config = model_config(cfg.model, vocab_size, cfg.seq_len, cfg.dropout, cfg.n_layer or None,
                               cfg.n_head or None, cfg.n_embd or None)
-        config.tie_embeddings = cfg.tie_embeddings
+        config.tie_embeddings, config.exec_layers = cfg.tie_embeddings, cfg.exec_layers
         return GPT(config)
     ckpt = load_any_checkpoint(cfg.init_from, ("gpt", KIND))
     source = ckpt.get("ema") if ckpt.get("kind") == KIND and ckpt.get("ema") else ckpt["model"]
-    config = GPTConfig(**{**ckpt["model_config"], "tie_embeddings": cfg.tie_embeddings, "dropout": cfg.dropout})
+    config = GPTConfig(**{**ckpt["model_config"], "tie_embeddings": cfg.tie_embeddings, "dropout": cfg.dropout,
+                          "exec_layers": cfg.exec_layers})
     if config.block_size < cfg.seq_len:
         raise common.ConfigError(f"{ckpt['path']} has {config.block_size} positions, fewer than seq_len {cfg.seq_len}")
     if config.vocab_size < vocab_size:
@@ -571,6 +598,14 @@ def build_model(cfg, vocab_size, d):
         state["lm_head.weight"] = state["transformer.wte.weight"]
     if "transformer.wte.weight" not in state:
         state["transformer.wte.weight"] = state["lm_head.weight"]
+    first_exec = config.n_layer - config.exec_layers
+    for k, v in list(state.items()):  # a new execution module starts as a copy of the top layers
+        parts = k.split(".")
+        if k.startswith("transformer.h.") and int(parts[2]) >= first_exec:
+            exec_key = ".".join(["transformer", "h_exec", str(int(parts[2]) - first_exec)] + parts[3:])
+            state.setdefault(exec_key, v)
+    if not config.exec_layers:
+        state = {k: v for k, v in state.items() if not k.startswith("transformer.h_exec.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise common.ConfigError(f"{ckpt['path']}: weights do not fit (missing {missing[:3]}, "
@@ -667,6 +702,11 @@ def train(cfg, d):
         model = build_model(cfg, vocab_size, d)
     model.to(d.device)
     raw_model = model  # plain module: checkpoints, EMA, evaluation
+    if cfg.freeze == "plan":  # transfer: only the execution module learns
+        for name, p in raw_model.named_parameters():
+            p.requires_grad_(name.startswith("transformer.h_exec."))
+    exec_pos = exec_positions_of(segment_lengths(cfg), raw_model.config.exec_layers)
+    exec_pos = exec_pos.to(d.device) if exec_pos is not None else None
     ema = EMA(raw_model, cfg.ema) if cfg.ema > 0 else None
     use_flex = cfg.flex_attention and d.device_type == "cuda" and flex_block_diffusion_mask is not None
     model = common.wrap_model(model, d, cfg.compile)
@@ -718,7 +758,7 @@ def train(cfg, d):
             with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
                 with autocast:
                     terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
-                                        cfg.antithetic, two_pass=cfg.two_pass) * valid
+                                        cfg.antithetic, two_pass=cfg.two_pass, exec_positions=exec_pos) * valid
                 loss_sum = terms.sum()
                 (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
             stats[0] += loss_sum.detach()
@@ -762,7 +802,7 @@ def train(cfg, d):
                 x0, valid = x0.to(d.device), valid.to(d.device)
                 with autocast:
                     terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
-                                        cfg.antithetic, g) * valid
+                                        cfg.antithetic, g, exec_positions=exec_pos) * valid
                 totals += torch.stack([terms.sum(), valid.sum().float()])
         raw_model.train()
         totals = common.all_reduce(totals, "sum", d)
@@ -827,7 +867,7 @@ def train(cfg, d):
                 batches = [val_loader.next_batch() for _ in range(cfg.clip_search_batches)]
                 noise[0], noise[1], variances = search_noise_range(
                     ema.model if ema is not None else raw_model, batches, block_ids, attn_mask, mask_id, n_vocab,
-                    cfg.clip_search_widths, cfg.seed + 29, autocast, d)
+                    cfg.clip_search_widths, cfg.seed + 29, autocast, d, exec_pos)
                 logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
                             "variance": variances[tuple(noise)], "candidates": len(variances)}, echo=False)
             if ckpt_now or user_stop or signal_stop:
@@ -904,6 +944,8 @@ def ppl_eval(cfg, d):
     block_ids = make_block_ids(info["segment_lens"], cfg.block_size)
     attn_mask = attention_mask_for(block_ids, d.device, False)
     block_ids = block_ids.to(d.device)
+    exec_pos = exec_positions_of(info["segment_lens"], model.config.exec_layers)
+    exec_pos = exec_pos.to(d.device) if exec_pos is not None else None
     if cfg.data == "shards":
         loader = ShardRows(cfg.data_dir, "val", cfg.eval_batch_size, cfg.seq_len, d.rank, d.world_size)
         n_batches = cfg.eval_batches or 1
@@ -921,7 +963,7 @@ def ppl_eval(cfg, d):
             x0, valid, seg = (t.to(d.device) for t in loader.next_batch())
             with autocast:
                 terms = nelbo_terms(model, x0, block_ids, attn_mask, info["mask_id"], info["n_vocab"],
-                                    cfg.eval_noise_beta, 1.0, False, g) * valid
+                                    cfg.eval_noise_beta, 1.0, False, g, exec_positions=exec_pos) * valid
             totals[0] += terms.sum()
             totals[1] += valid.sum()
             for s in range(len(names)):
@@ -986,7 +1028,8 @@ def run_generation(cfg, d, model, info, tok, prompts):
     t0 = time.time()
     with autocast:
         out, nfe = generate(model, x, fixed.clone(), block_ids, segment_ends(info), info["mask_id"],
-                            info["n_vocab"], tok.eot_id, cfg, g, cfg.kv_cache)
+                            info["n_vocab"], tok.eot_id, cfg, g, cfg.kv_cache,
+                            exec_positions_of(info["segment_lens"], model.config.exec_layers))
     seconds = time.time() - t0
     return out.cpu(), fixed.cpu(), nfe, seconds
 

@@ -288,3 +288,38 @@ def test_clip_search_picks_the_lowest_variance_range_and_resumes_with_it(tmp_pat
     bd.main(plans_args(split, stop_after_step=3, **args))
     bd.main(plans_args(split, resume="latest", **args))
     assert records(full, "train")[-1]["loss"] == records(split, "train")[-1]["loss"]
+
+
+def test_transfer_execution_module_starts_as_a_copy_and_freeze_plan_trains_only_it(tmp_path):
+    base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
+    bd.main(plans_args(base, max_steps=2, val_interval=0, ckpt_interval=0))
+    # a new execution module is a copy of the top layer: the same network function as the base model
+    cfg = common.load_config(bd.Config, plans_args(str(tmp_path / "x"), init_from=base, exec_layers=1))
+    split = bd.build_model(cfg, 320, common.Dist(False, 0, 0, 1, "cpu")).eval()
+    plain = common.load_checkpoint(base)
+    one = GPT(GPTConfig(**plain["model_config"])).eval()
+    one.load_state_dict(plain["ema"])
+    lens = bd.segment_lengths(cfg)
+    ids, ex = bd.make_block_ids(lens, 16), bd.exec_positions_of(lens, 1)
+    x0 = torch.randint(0, 257, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = bd.nelbo_terms(one, x0, ids, block_diffusion_mask(ids), 257, 257, 0.2, 0.9, True,
+                           torch.Generator().manual_seed(1))
+        b = bd.nelbo_terms(split, x0, ids, block_diffusion_mask(ids), 257, 257, 0.2, 0.9, True,
+                           torch.Generator().manual_seed(1), exec_positions=ex)
+    assert torch.allclose(a, b, atol=1e-5)
+    # freeze=plan: every weight outside the execution module stays where it was
+    bd.main(plans_args(tuned, init_from=base, exec_layers=1, freeze="plan", max_steps=3, val_interval=0,
+                       ckpt_interval=0, max_lr=1e-2))
+    after = common.load_checkpoint(tuned)["model"]
+    start = split.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], start[k])}
+    assert moved and all(k.startswith("transformer.h_exec.") for k in moved)
+    # sampling through the execution module: cached and uncached agree
+    model = GPT(GPTConfig(**common.load_checkpoint(tuned)["model_config"])).eval()
+    model.load_state_dict(after)
+    fixed = torch.zeros(2, 128, dtype=torch.bool)
+    fixed[:, :48] = True
+    outs = [bd.generate(model, x0, fixed.clone(), ids, [48, 96, 128], 257, 257, 256, bd.Config(),
+                        torch.Generator().manual_seed(3), cache, ex)[0] for cache in (True, False)]
+    assert torch.equal(outs[0], outs[1])
