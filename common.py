@@ -662,25 +662,68 @@ class ShardLoader:
         self.reset()
 
     def reset(self):
-        self.set_state({"shard": 0, "pos": 0})
+        self.set_state({"file": os.path.basename(self.shards[0]), "pos": 0})
 
     def state(self):
-        # `pos` is the start of the current window; every rank's offset within it follows from its rank
-        return {"shard": self.shard, "pos": self.pos}
+        # the file by name (the list of readable shards depends on the batch geometry) and the start of the
+        # current window in it; every rank's offset within the window follows from its rank
+        return {"file": os.path.basename(self.shards[self.shard]), "pos": self.pos}
 
     def set_state(self, state):
-        self.shard, self.pos = state["shard"], state["pos"]
+        names = [os.path.basename(p) for p in self.shards]
+        if state["file"] not in names:
+            raise ShardError(f"the checkpoint's data position is in {state['file']}, which is not a readable shard "
+                             f"here ({len(names)} shards; a shard shorter than one batch window of this geometry is "
+                             "left out): resume with the batch geometry of the run, or start afresh")
+        self.shard, self.pos = names.index(state["file"]), state["pos"]
         self.tokens = read_shard(self.shards[self.shard])
+        if self.pos + self.B * self.T * self.world_size + 1 > len(self.tokens):  # another geometry: next file
+            self.shard, self.pos = (self.shard + 1) % len(self.shards), 0
+            self.tokens = read_shard(self.shards[self.shard])
 
     def next_batch(self):
         B, T = self.B, self.T
         start = self.pos + self.rank * B * T
         buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        if torch.cuda.is_available():
+            buf = buf.pin_memory()  # so that .to(device, non_blocking=True) really overlaps
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
         self.pos += B * T * self.world_size
         if self.pos + B * T * self.world_size + 1 > len(self.tokens):
-            self.set_state({"shard": (self.shard + 1) % len(self.shards), "pos": 0})
+            self.set_state({"file": os.path.basename(self.shards[(self.shard + 1) % len(self.shards)]), "pos": 0})
         return x, y
+
+
+def validation_rows(data_dir, n_rows, T):
+    """The first n_rows (T+1)-token windows of the val split: one fixed validation set, whatever the world size
+    (each rank scores rows rank, rank + W, ...). Fewer rows when the split is shorter."""
+    rows = []
+    for path in find_shards(data_dir, "val"):
+        tokens = read_shard(path)
+        for start in range(0, len(tokens) - T, T):
+            if len(rows) == n_rows:
+                return torch.from_numpy(np.stack(rows).astype(np.int64))
+            rows.append(tokens[start:start + T + 1])
+    if not rows:
+        raise ShardError(f"the val split of {data_dir} is shorter than one row of {T + 1} tokens")
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def token_byte_lengths(tokenizer, vocab_size):
+    """UTF-8 bytes each token id stands for (0 for end of text, roles and other special tokens; padding rows 0):
+    bits per byte = summed nats / ln 2 / bytes, a loss comparable across tokenizers."""
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    special = set(tokenizer.special.values())
+    for i in range(tokenizer.vocab_size):
+        if i in special:
+            continue
+        if tokenizer.kind == "byte" and i < 256:
+            lengths[i] = 1
+        elif tokenizer.kind == "gpt2" and i < tokenizer.eot_id:
+            lengths[i] = len(tokenizer.base.decode_single_token_bytes(i))
+        else:  # a multiplication token: the bytes of its canonical text a*b=c
+            lengths[i] = len(tokenizer.id_to_text[i].encode("utf-8"))
+    return lengths
 
 
 # -----------------------------------------------------------------------------
