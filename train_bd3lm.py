@@ -175,6 +175,20 @@ def check_config(cfg):
         raise common.ConfigError(f"mode={cfg.mode} needs checkpoint=PATH (a file, run folder or RUN/latest)")
 
 
+# what the weights and their data layout are: a resumed run cannot change these (max_steps, the lr etc. it may)
+SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "tie_embeddings", "exec_layers", "init_from", "data", "seq_len",
+              "block_size", "question_len", "plan_len", "exec_len", "flat_plans", "tokenizer", "data_dir")
+
+
+def check_resume_config(cfg, ckpt):
+    saved = ckpt.get("config") or {}
+    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in SHAPE_KEYS
+              if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
+                                 f"model or data layout: {'; '.join(differ)}. Use that run's settings, or another out_dir")
+
+
 def segment_lengths(cfg):
     if cfg.data != "hierarchical":
         return [cfg.seq_len]
@@ -691,6 +705,8 @@ def train(cfg, d):
 
     # ---- where to start: fresh (or from pretrained weights), or from a checkpoint of this run
     ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, KIND)
+    if ckpt:
+        check_resume_config(cfg, ckpt)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= cfg.max_steps:
         return {"status": "already_finished", "step": ckpt["step"]}

@@ -223,6 +223,8 @@ def test_hierarchical_training_logs_segment_losses_and_resumes_exactly(tmp_path)
     assert a[-1]["step"] == b[-1]["step"] == 5 and a[-1]["loss"] == b[-1]["loss"]
     assert {"loss_question", "loss_plan", "loss_execution"} <= set(a[-1])
     assert [r["val_loss"] for r in records(full, "val")] == [r["val_loss"] for r in records(split, "val")]
+    with pytest.raises(common.ConfigError, match="block_size=16 in the checkpoint but 8 now"):
+        bd.main(plans_args(split, resume="latest", block_size=8, max_steps=9))
     s = bd.main(plans_args(str(tmp_path / "s"), mode="sample", checkpoint=full, num_samples=2))
     sample = common.read_jsonl(str(tmp_path / "s" / "samples.jsonl"))[0]
     assert set(sample["segments"]) == {"question", "plan", "execution"} and s["nfe"] > 0
