@@ -52,7 +52,7 @@ PLAN_FIELDS = ("question", "plan", "execution")
 
 @dataclass
 class Config:
-    mode: str = "train"  # train | ppl_eval | sample | gsm8k_eval
+    mode: str = "train"  # train | ppl_eval | sample | gsm8k_eval | compare
     # data: gsm8k (flat Question/Answer rows) | hierarchical (plans JSON) | shards (prepare_data.py)
     data: str = "gsm8k"
     data_path: str = ""  # GSM8K train jsonl (empty: the HF hub)
@@ -120,6 +120,8 @@ class Config:
     stop_after_step: int = -1
     # evaluation and sampling (modes ppl_eval, sample, gsm8k_eval)
     checkpoint: str = ""
+    runs: List[str] = field(default_factory=list)  # compare: run folders (hierarchical, flat, AR ...), each with
+    labels: List[str] = field(default_factory=list)  # its results.json and optional ppl/ and gsm8k/ subfolders
     use_ema: bool = True
     eval_batch_size: int = 16
     eval_batches: int = 0  # ppl_eval: 0 = the whole evaluation set
@@ -137,7 +139,7 @@ class Config:
     two_pass: bool = False  # bench: noisy and clean halves in two passes (what the vectorized pass replaces)
 
 
-MODES = ("train", "ppl_eval", "sample", "gsm8k_eval")
+MODES = ("train", "ppl_eval", "sample", "gsm8k_eval", "compare")
 
 
 def check_config(cfg):
@@ -171,7 +173,9 @@ def check_config(cfg):
         raise common.ConfigError("exec_layers and freeze=plan need data=hierarchical with a plan segment")
     if cfg.freeze == "plan" and not cfg.exec_layers:
         raise common.ConfigError("freeze=plan needs exec_layers > 0 (the execution module that stays trainable)")
-    if cfg.mode != "train" and not cfg.checkpoint:
+    if cfg.mode == "compare" and len(cfg.runs) < 2:
+        raise common.ConfigError("mode=compare needs runs=[run_dir,run_dir,...] (two or more run folders)")
+    if cfg.mode not in ("train", "compare") and not cfg.checkpoint:
         raise common.ConfigError(f"mode={cfg.mode} needs checkpoint=PATH (a file, run folder or RUN/latest)")
 
 
@@ -676,6 +680,8 @@ def main(argv=None):
             return ppl_eval(cfg, d)
         if cfg.mode == "sample":
             return sample(cfg, d)
+        if cfg.mode == "compare":
+            return compare(cfg)
         return gsm8k_eval(cfg, d)
     finally:
         common.cleanup_dist(d)
@@ -1134,6 +1140,55 @@ def gsm8k_eval(cfg, d):
         common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
         print(f"GSM8K strict {strict}/{n} = {strict / n:.3f}, flexible {flexible / n:.3f} -> {cfg.out_dir}")
     return results
+
+
+
+def run_figures(folder):
+    """A run's comparable figures: NELBO per token (ppl_eval's, else the last validation), its perplexity bound,
+    GSM8K accuracy, training tokens/s. A train_gpt.py run (AR) reports its cross-entropy, which is its NLL."""
+    def read(*parts):
+        path = os.path.join(folder, *parts)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+    train, ppl, gsm8k = read("results.json"), read("ppl", "results.json"), read("gsm8k", "results.json")
+    if not (train or ppl or gsm8k):
+        raise FileNotFoundError(f"no results.json in {folder} (nor in its ppl/ or gsm8k/ subfolders)")
+    nelbo = ppl.get("nelbo", train.get("final_val_loss"))
+    return {"nelbo": nelbo, "ppl_bound": math.exp(nelbo) if nelbo is not None else None,
+            "gsm8k_strict": gsm8k.get("metrics", {}).get("gsm8k_strict"),
+            "train_tokens_per_sec": train.get("tokens_per_sec"), "block_size": train.get("block_size"),
+            "segments": ppl.get("segments")}
+
+
+def compare(cfg):
+    """Hierarchical vs flat vs AR (or any runs) -> comparison.json and comparison.png, one bar chart per figure."""
+    labels = list(cfg.labels) or [os.path.basename(os.path.normpath(r)) for r in cfg.runs]
+    if len(labels) != len(cfg.runs):
+        raise common.ConfigError(f"{len(labels)} labels for {len(cfg.runs)} runs")
+    table = {label: run_figures(run) for label, run in zip(labels, cfg.runs)}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    common.atomic_write_json(os.path.join(cfg.out_dir, "comparison.json"), {"runs": dict(zip(labels, cfg.runs)),
+                                                                           "figures": table})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figures = [("nelbo", "NELBO per token (nats)"), ("gsm8k_strict", "GSM8K accuracy"),
+               ("train_tokens_per_sec", "training tokens/s")]
+    figures = [(k, title) for k, title in figures if any(table[lab][k] is not None for lab in labels)]
+    fig, axes = plt.subplots(1, max(len(figures), 1), figsize=(4.5 * max(len(figures), 1), 3.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], figures):
+        values = [table[lab][key] or 0.0 for lab in labels]
+        ax.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "comparison.png"), dpi=120)
+    plt.close(fig)
+    for label in labels:
+        print(f"{label:>16}: " + " | ".join(f"{k} {v:.4g}" for k, v in table[label].items() if isinstance(v, float)))
+    return table
 
 
 if __name__ == "__main__":

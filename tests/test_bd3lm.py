@@ -201,17 +201,25 @@ def test_loss_falls_on_gsm8k_and_ppl_eval_is_deterministic(gsm8k_files, tmp_path
     ckpt = common.load_checkpoint(out, expected_kind="bd3lm")
     assert ckpt["ema"] is not None and ckpt["bd3lm"]["mask_id"] == 257
     ev = dict(mode="ppl_eval", checkpoint=f"{out}/latest", eval_batch_size=8, eval_batches=2)
-    first = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e1"), **ev))
+    first = bd.main(gsm8k_args(gsm8k_files, f"{out}/ppl", **ev))
     again = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e2"), **ev))
     other = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e3"), **{**ev, "seed": 4}))
     assert first["nelbo"] == again["nelbo"] and first["nelbo"] != other["nelbo"]
     assert first["ppl_bound"] < 257  # better than uniform over the bytes
     # generation: GSM8K questions as prompts, eval_gsm8k.py's layout
-    g = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "g"), mode="gsm8k_eval", checkpoint=out, limit=3,
+    g = bd.main(gsm8k_args(gsm8k_files, f"{out}/gsm8k", mode="gsm8k_eval", checkpoint=out, limit=3,
                            eval_batch_size=3))
-    preds = common.read_jsonl(str(tmp_path / "g" / "predictions.jsonl"))
+    preds = common.read_jsonl(f"{out}/gsm8k/predictions.jsonl")
     assert g["n"] == 3 and "gsm8k_strict" in g["metrics"] and len(preds) == 3 and g["counts"]["nfe"] > 0
     assert all({"question", "gold", "completion", "correct", "extracted"} <= set(p) for p in preds)
+    # the compare report: this run against an autoregressive one (block size 1) of 3 steps
+    ar = str(tmp_path / "ar")
+    bd.main(gsm8k_args(gsm8k_files, ar, block_size=1, max_steps=3, val_interval=3))
+    table = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "cmp"), mode="compare", runs=f"[{out},{ar}]",
+                               labels="[bd3lm,ar]"))
+    assert table["bd3lm"]["nelbo"] == first["nelbo"] and table["ar"]["block_size"] == 1
+    assert table["bd3lm"]["gsm8k_strict"] == g["metrics"]["gsm8k_strict"] and table["ar"]["gsm8k_strict"] is None
+    assert os.path.isfile(str(tmp_path / "cmp" / "comparison.png"))
 
 
 def test_hierarchical_training_logs_segment_losses_and_resumes_exactly(tmp_path):
