@@ -10,9 +10,11 @@ Tasks
              base models, or zero-shot in sft.py's chat format `User: ...\nAssistant:` with fewshot=0.
              Scored `strict` (the number after ####) and `flexible` (the last number), numbers normalised.
   svamp      SVAMP, same prompts and scoring (k-shot exemplars come from GSM8K train, as in the CoT papers).
+  synthetic  1,000 synthetic word problems (tasks/synthetic.py, a fixed test stream), same prompts and scoring;
+             k-shot exemplars come from the synthetic train stream.
   probes     deterministic arithmetic suites: 12x12 multiplication table, two-digit x one-digit, addition,
              subtraction; accuracy per suite. A multiplication token counts as the text it decodes to.
-  hellaswag  acc (summed loss) and acc_norm (mean per-token loss of the ending), common.hellaswag_scores.
+  hellaswag  acc (summed loss) and acc_norm (mean per-token loss of the ending), tasks/hellaswag.py.
   sweep      every checkpoint of a run folder -> checkpoint_results.json and a learning curve PNG per metric.
   compare    several results folders (runs=[a,b]) -> comparison_report.json and a bar chart.
 
@@ -26,7 +28,6 @@ import inspect
 import json
 import os
 import random
-import re
 import sys
 import time
 from typing import List, Optional
@@ -36,13 +37,14 @@ import torch
 import common
 import export_hf
 import model as model_lib
+from tasks import cut_at_stop, gsm8k, hellaswag, probes, synthetic
 
-TASKS = ("gsm8k", "svamp", "probes", "hellaswag", "sweep", "compare")
+TASKS = ("gsm8k", "svamp", "synthetic", "probes", "hellaswag", "sweep", "compare")
 
 
 @dataclasses.dataclass
 class Config:
-    task: str = "gsm8k"              # gsm8k | svamp | probes | hellaswag | sweep | compare
+    task: str = "gsm8k"              # gsm8k | svamp | synthetic | probes | hellaswag | sweep | compare
     model: str = ""                  # native ckpt / run folder / RUN/latest, an exported folder, or an HF id
     out_dir: str = "out/eval"
     limit: int = 0                   # first N items (per suite for probes); 0 = all
@@ -68,134 +70,11 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# answers: extraction and normalisation (strict = after ####, flexible = last number), as lm-evaluation-harness
-
-NUMBER_RE = re.compile(r"-?\$?-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_strict(completion):
-    m = common.FINAL_ANSWER_RE.search(completion)  # the first '####' answer, as lm-evaluation-harness
-    return common.normalize_number(m.group(1)) if m else None
-
-
-def extract_flexible(completion):
-    found = NUMBER_RE.findall(completion)
-    return common.normalize_number(found[-1]) if found else None
-
-
-def score_completion(completion, gold):
-    strict, flexible = extract_strict(completion), extract_flexible(completion)
-    return {"extracted": {"strict": strict, "flexible": flexible},
-            "correct": {"strict": common.same_number(strict, gold), "flexible": common.same_number(flexible, gold)}}
-
-
-def cut_at_stop(text, stop):
-    """The completion up to the first stop string."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
-
-
-# -----------------------------------------------------------------------------
-# data: HF hub through `datasets` (lazy import) or local files
-
-
-def gsm8k_gold(answer):
-    return common.final_answer(answer)
-
-
-def load_gsm8k(data_path="", split="test"):
-    rows = common.load_gsm8k(split, data_path)
-    return [{"id": i, "question": r["question"], "answer": r["answer"], "gold": gsm8k_gold(r["answer"])}
-            for i, r in enumerate(rows)]
-
-
-def load_svamp(data_path=""):
-    if data_path:
-        if not os.path.isfile(data_path):
-            raise FileNotFoundError(f"SVAMP file not found: {data_path}")
-        with open(data_path) as f:
-            rows = json.load(f)
-    else:
-        from datasets import load_dataset  # lazily: only needed when reading from the hub
-        rows = list(load_dataset("ChilleD/SVAMP", split="test"))
-    return [{"id": r.get("ID", i), "question": f"{r['Body'].strip()} {r['Question'].strip()}",
-             "gold": common.normalize_number(r["Answer"])} for i, r in enumerate(rows)]
+# data: each task's local file, else the hub (loading, prompts, scoring and the probe suites live in tasks/)
 
 
 def task_data_path(cfg, task):
     return cfg.data_path or getattr(cfg, f"{task}_path", "")
-
-
-def fewshot_exemplars(cfg, k, data_path=""):
-    """k fixed GSM8K train exemplars: fewshot_path, else train.jsonl beside the task's data file (or in
-    ../gsm8k of the shared data layout), else the hub's train split."""
-    if k <= 0:
-        return []
-    path = cfg.fewshot_path
-    if not path:
-        candidates = []
-        for beside in (data_path, cfg.gsm8k_path):
-            if beside:
-                here = os.path.dirname(os.path.abspath(beside))
-                candidates += [os.path.join(here, "train.jsonl"), os.path.join(here, "..", "gsm8k", "train.jsonl")]
-        path = next((c for c in candidates if os.path.isfile(c)), "")
-    train = load_gsm8k(path, split="train")
-    return random.Random(cfg.fewshot_seed).sample(train, k)
-
-
-CHAT_TEMPLATE = "User: {question}\nAssistant:"  # the format sft.py trains
-CHAT_STOP = ["User:"]
-FEWSHOT_STOP = ["\n\n", "Question:"]
-
-
-def build_prompt(question, exemplars):
-    if not exemplars:
-        return CHAT_TEMPLATE.format(question=question)
-    shots = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in exemplars)
-    return shots + f"Question: {question}\nAnswer:"
-
-
-# arithmetic probes: fixed suites, 3-shot in the suite's own format, answer = last number of the first line
-PROBE_OPS = {"mul_table": "*", "mul_2d_1d": "*", "add_2d": "+", "sub_2d": "-"}
-PROBE_STOP = ["\n"]
-
-
-def probe_pairs(suite, n, seed=0):
-    rng = random.Random(f"probe-{suite}-{seed}")
-    if suite == "mul_table":
-        return [(a, b) for a in range(1, 13) for b in range(1, 13)]
-    if suite == "mul_2d_1d":
-        pool = [(a, b) for a in range(10, 100) for b in range(2, 10)]
-    elif suite == "add_2d":
-        pool = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    elif suite == "sub_2d":
-        pool = [(a, b) for a in range(10, 100) for b in range(10, 100) if a >= b]
-    else:
-        raise ValueError(f"unknown probe suite {suite!r}")
-    return rng.sample(pool, min(n, len(pool)))
-
-
-def probe_answer(a, op, b):
-    return {"*": a * b, "+": a + b, "-": a - b}[op]
-
-
-def probe_items(n=100, seed=0, limit=0):
-    items = []
-    for suite, op in PROBE_OPS.items():
-        pairs = probe_pairs(suite, n, seed)
-        chosen = pairs[:limit] if limit else pairs
-        for i, (a, b) in enumerate(chosen):
-            rng = random.Random(f"shots-{suite}-{seed}-{i}")
-            shots = rng.sample([p for p in pairs if p != (a, b)], 3)
-            prompt = "".join(f"Q: {x} {op} {y}\nA: {x}{op}{y}={probe_answer(x, op, y)}\n\n" for x, y in shots)
-            prompt += f"Q: {a} {op} {b}\nA:"
-            items.append({"id": f"{suite}-{i}", "suite": suite, "question": f"{a}{op}{b}", "prompt": prompt,
-                          "gold": str(probe_answer(a, op, b))})
-    return items
 
 
 # -----------------------------------------------------------------------------
@@ -455,18 +334,29 @@ def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
     return records, time.time() - t0, truncated
 
 
-def task_math(cfg, lm, engine, task):
-    """gsm8k / svamp: k-shot or zero-shot chat prompts; strict and flexible accuracy."""
+def math_task(cfg, task):
+    """The Task of gsm8k / svamp / synthetic and its k-shot exemplars (GSM8K train for gsm8k and svamp)."""
+    if task == "synthetic":
+        problems = synthetic.SyntheticMath()
+        train = problems.examples("train") if cfg.fewshot > 0 else []
+        exemplars = random.Random(cfg.fewshot_seed).sample(train, cfg.fewshot) if train else []
+        return problems, exemplars
     path = task_data_path(cfg, task)
-    data = load_gsm8k(path) if task == "gsm8k" else load_svamp(path)
+    problems = gsm8k.GSM8K(path) if task == "gsm8k" else gsm8k.SVAMP(path)
+    exemplars = gsm8k.fewshot_exemplars(cfg.fewshot, cfg.fewshot_seed, cfg.fewshot_path, near=(path, cfg.gsm8k_path))
+    return problems, exemplars
+
+
+def task_math(cfg, lm, engine, task):
+    """gsm8k / svamp / synthetic: k-shot or zero-shot chat prompts; strict and flexible accuracy."""
+    problems, exemplars = math_task(cfg, task)
+    data = problems.examples("test")
     if cfg.limit:
         data = data[:cfg.limit]
-    exemplars = fewshot_exemplars(cfg, cfg.fewshot, path)
     for it in data:
-        it["prompt"] = build_prompt(it["question"], exemplars)
-    stop = FEWSHOT_STOP if exemplars else CHAT_STOP
-    records, seconds, truncated = run_generation(data, lm, engine, cfg.max_new_tokens, stop,
-                                                 lambda it, c: score_completion(c, it["gold"]), task)
+        it["prompt"] = problems.prompt(it, exemplars)
+    records, seconds, truncated = run_generation(data, lm, engine, cfg.max_new_tokens, problems.stop(exemplars),
+                                                 problems.evaluate, task)
     n = len(records)
     strict = sum(r["correct"]["strict"] for r in records)
     flexible = sum(r["correct"]["flexible"] for r in records)
@@ -480,27 +370,23 @@ def task_math(cfg, lm, engine, task):
 
 
 def task_probes(cfg, lm, engine):
-    items = probe_items(cfg.probe_n, limit=cfg.limit)
-
-    def score(it, completion):
-        pred = extract_flexible(completion)
-        return {"suite": it["suite"], "extracted": pred, "correct": common.same_number(pred, it["gold"])}
-
-    records, seconds, truncated = run_generation(items, lm, engine, cfg.probe_max_new_tokens, PROBE_STOP,
-                                                 score, "probes")
+    suites = probes.Probes(cfg.probe_n, limit=cfg.limit)
+    items = suites.examples()
+    records, seconds, truncated = run_generation(items, lm, engine, cfg.probe_max_new_tokens, suites.stop(),
+                                                 suites.evaluate, "probes")
     metrics, counts = {}, {"truncated_prompts": truncated}
-    for suite in PROBE_OPS:
+    for suite in probes.PROBE_OPS:
         rs = [r for r in records if r["suite"] == suite]
         metrics[f"probe_{suite}"] = sum(r["correct"] for r in rs) / len(rs)
         counts[suite] = {"n": len(rs), "correct": sum(r["correct"] for r in rs)}
-    metrics["probes_mean"] = sum(metrics[f"probe_{s}"] for s in PROBE_OPS) / len(PROBE_OPS)
+    metrics["probes_mean"] = sum(metrics[f"probe_{s}"] for s in probes.PROBE_OPS) / len(probes.PROBE_OPS)
     counts["n"] = len(records)
     return metrics, counts, records, seconds
 
 
 @torch.no_grad()
 def task_hellaswag(cfg, lm):
-    items = common.load_hellaswag(task_data_path(cfg, "hellaswag"), cfg.limit or None)
+    items = hellaswag.load_hellaswag(task_data_path(cfg, "hellaswag"), cfg.limit or None)
     device = next(lm.hf.parameters()).device
 
     def logits_fn(idx):
@@ -510,7 +396,7 @@ def task_hellaswag(cfg, lm):
     t0 = time.time()
     bar = common.progress(items, desc="hellaswag")
     for i, item in enumerate(bar):
-        summed, mean = common.hellaswag_scores(logits_fn, lm.tok, item, device, max_len=lm.max_positions)
+        summed, mean = hellaswag.hellaswag_scores(logits_fn, lm.tok, item, device, max_len=lm.max_positions)
         pred, pred_norm = int(summed.argmin()), int(mean.argmin())
         correct += pred == item["label"]
         correct_norm += pred_norm == item["label"]
@@ -534,7 +420,7 @@ def evaluate(cfg, lm, task, out_dir, engine=None):
     else:
         engine = engine or make_engine(cfg, lm, next(lm.hf.parameters()).dtype)
         engine_name = engine.name
-        if task in ("gsm8k", "svamp"):
+        if task in ("gsm8k", "svamp", "synthetic"):
             metrics, counts, records, seconds = task_math(cfg, lm, engine, task)
         elif task == "probes":
             metrics, counts, records, seconds = task_probes(cfg, lm, engine)
@@ -547,7 +433,8 @@ def evaluate(cfg, lm, task, out_dir, engine=None):
     results = {"task": task, "model": lm.name, "model_kind": lm.kind, **lm.info, "engine": engine_name,
                "metrics": metrics, "counts": counts, "n": counts["n"], "seconds": round(seconds, 3),
                "samples_per_s": counts["n"] / seconds if seconds > 0 else None,
-               "data": task_data_path(cfg, task) or "hub", "config": {**dataclasses.asdict(cfg), "task": task}}
+               "data": "generated" if task == "synthetic" else task_data_path(cfg, task) or "hub",
+               "config": {**dataclasses.asdict(cfg), "task": task}}
     common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
     logger.log({"task": task, **metrics, "n": counts["n"], "seconds": round(seconds, 2),
                 "samples_per_s": results["samples_per_s"]})
@@ -590,9 +477,10 @@ def run_sweep(cfg):
     common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     device = resolve_device(cfg.device)
     dtype = common.resolve_dtype(cfg.dtype, device)
-    bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "probes", "hellaswag")]
+    bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "synthetic", "probes", "hellaswag")]
     if bad or not cfg.sweep_tasks:
-        raise common.ConfigError(f"sweep_tasks must be some of gsm8k, svamp, probes, hellaswag; got {cfg.sweep_tasks}")
+        raise common.ConfigError(f"sweep_tasks must be some of gsm8k, svamp, synthetic, probes, hellaswag; "
+                                 f"got {cfg.sweep_tasks}")
     if cfg.data_path:
         raise common.ConfigError("a sweep runs several tasks: give gsm8k_path/svamp_path/hellaswag_path, not data_path")
     tasks = sorted(cfg.sweep_tasks, key=lambda t: t != "hellaswag")  # loss tasks first: vLLM may take the GPU after

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 import common
 from model import GPT, GPTConfig, MODEL_SIZES, from_hf, model_config
+from tasks.hellaswag import hellaswag_eval, load_hellaswag
 
 
 @dataclass
@@ -178,8 +179,8 @@ def evaluate_hellaswag(model, tokenizer, items, d, autocast):
             return model(idx)[0].float()
 
     model.eval()
-    counts = common.hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master,
-                                   max_len=model.config.block_size)
+    counts = hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master,
+                            max_len=model.config.block_size)
     model.train()
     c = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long, device=d.device)
     correct, correct_norm, n = common.all_reduce(c, "sum", d).tolist()
@@ -249,7 +250,7 @@ def train(cfg, d, stop):
     if cfg.hellaswag_file and not cfg.bench:
         if tokenizer is None:
             tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)  # raises the clear error
-        hellaswag_items = common.load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None)
+        hellaswag_items = load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None)
 
     if ckpt and d.master:
         common.trim_log(cfg.out_dir, ckpt["step"])  # records after the checkpoint are about to be redone
