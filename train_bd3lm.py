@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from tasks import gsm8k as gsm8k_task, synthetic
 from model import GPT, GPTConfig, MODEL_SIZES, block_diffusion_mask, flex_block_diffusion_mask, model_config
 
 KIND = "bd3lm"
@@ -69,6 +70,7 @@ class Config:
     plan_len: int = 128
     exec_len: int = 256
     flat_plans: bool = False  # hierarchical JSON laid out flat as [question | execution] (the flat baseline)
+    synthetic_plans: int = 0  # hierarchical offline: N synthetic problems with abstract plans (tasks/synthetic.py)
     # model
     model: str = "gpt2"
     n_layer: int = 0
@@ -181,7 +183,8 @@ def check_config(cfg):
 
 # what the weights and their data layout are: a resumed run cannot change these (max_steps, the lr etc. it may)
 SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "tie_embeddings", "exec_layers", "init_from", "data", "seq_len",
-              "block_size", "question_len", "plan_len", "exec_len", "flat_plans", "tokenizer", "data_dir")
+              "block_size", "question_len", "plan_len", "exec_len", "flat_plans", "synthetic_plans", "tokenizer",
+              "data_dir")
 
 
 def check_resume_config(cfg, ckpt):
@@ -242,7 +245,7 @@ def pad_to(ids, n, pad_id):
 
 def gsm8k_rows(rows, tok, L, wrap):
     """Flat GSM8K: `Question: ...\\nAnswer: ...` + end of text, one padded problem per row, or wrapped."""
-    docs = [tok.encode(f"Question: {r['question']}\nAnswer: {r['answer']}") + [tok.eot_id] for r in rows]
+    docs = [tok.encode(gsm8k_task.format_qa(r["question"], r["answer"])) + [tok.eot_id] for r in rows]
     if wrap:
         stream = [t for d in docs for t in d]
         n = len(stream) // L
@@ -359,12 +362,21 @@ def build_rows(cfg, tok, split):
     """(x, valid, seg, truncated) for gsm8k / hierarchical data of a split ('train' or 'val')."""
     if cfg.data == "gsm8k":
         path = cfg.data_path if split == "train" else cfg.val_data_path
-        rows = common.load_gsm8k("train" if split == "train" else "test", path)
+        rows = gsm8k_task.read_gsm8k("train" if split == "train" else "test", path)
         return gsm8k_rows(rows, tok, cfg.seq_len, cfg.wrap and split == "train")
+    return hierarchical_rows(plan_items(cfg, split), tok, segment_lengths(cfg), cfg.flat_plans)
+
+
+def plan_items(cfg, split):
+    """Plan records of a split: gen_plans.py's JSON, or the synthetic stand-in (synthetic_plans=N, offline)."""
+    if cfg.synthetic_plans:
+        n = cfg.synthetic_plans if split == "train" else max(cfg.synthetic_plans // 10, 1)
+        return synthetic.synthetic_plans(n, seed=f"{split}:{cfg.seed}")
     path = cfg.plans_path if split == "train" else (cfg.val_plans_path or cfg.plans_path)
     if not path:
-        raise common.ConfigError("data=hierarchical needs plans_path=FILE.json (gen_plans.py output)")
-    return hierarchical_rows(load_plans(path), tok, segment_lengths(cfg), cfg.flat_plans)
+        raise common.ConfigError("data=hierarchical needs plans_path=FILE.json (gen_plans.py output) or "
+                                 "synthetic_plans=N")
+    return load_plans(path)
 
 
 def make_loader(cfg, tok, split, batch, d, shuffle=True):
@@ -735,7 +747,7 @@ def train(cfg, d):
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), d.device_type)
     train_loader, truncated = make_loader(cfg, tok, "train", cfg.micro_batch_size, d)
     has_val = cfg.data == "shards" or (cfg.data == "gsm8k" and cfg.val_data_path) or \
-        (cfg.data == "hierarchical" and cfg.val_plans_path)
+        (cfg.data == "hierarchical" and (cfg.val_plans_path or cfg.synthetic_plans))
     val_loader = make_loader(cfg, tok, "val", cfg.micro_batch_size, d, shuffle=False)[0] if has_val else None
     attn_mask = attention_mask_for(block_ids, d.device, use_flex)
     block_ids = block_ids.to(d.device)
@@ -950,8 +962,8 @@ def eval_setup(cfg, d):
     model, ckpt = load_for_eval(cfg, d.device)
     info = ckpt["bd3lm"]
     trained = ckpt["config"]
-    for key in ("question_len", "plan_len", "exec_len", "flat_plans", "tokenizer", "block_size"):
-        setattr(cfg, key, trained[key])  # the layout the model was trained with
+    for key in ("question_len", "plan_len", "exec_len", "flat_plans", "tokenizer", "block_size", "synthetic_plans"):
+        setattr(cfg, key, trained.get(key, getattr(cfg, key)))  # the layout the model was trained with
     for key in ("data_dir", "val_data_path", "plans_path", "val_plans_path"):
         setattr(cfg, key, getattr(cfg, key) or trained[key])
     cfg.data, cfg.seq_len = info["data"], info["seq_len"]
@@ -1060,7 +1072,7 @@ def sample(cfg, d):
     """num_samples unconditional (flat) or question-conditioned (hierarchical) samples -> samples.jsonl."""
     model, ckpt, info, tok = eval_setup(cfg, d)
     if cfg.data == "hierarchical":
-        prompts = [r["question"] for r in load_plans(cfg.val_plans_path or cfg.plans_path)][:cfg.num_samples]
+        prompts = [r["question"] for r in plan_items(cfg, "val")][:cfg.num_samples]
     else:
         prompts = [""] * cfg.num_samples
     out, fixed, nfe, seconds = run_generation(cfg, d, model, info, tok, prompts)
@@ -1082,29 +1094,18 @@ def sample(cfg, d):
     return results
 
 
-def score_answer(completion, gold):
-    """strict: the number after '####'; flexible: the last number in the completion."""
-    import re
-    strict = common.final_answer(completion)
-    numbers = re.findall(r"-?\$?\d[\d,]*(?:\.\d+)?", completion)
-    flexible = common.normalize_number(numbers[-1]) if numbers else None
-    return {"extracted": {"strict": strict, "flexible": flexible},
-            "correct": {"strict": common.same_number(strict, gold), "flexible": common.same_number(flexible, gold)}}
-
-
 def gsm8k_eval(cfg, d):
     """GSM8K test accuracy: the question is the prompt, the model generates the rest (for the hierarchical
     model, plan and execution kept apart). results.json + predictions.jsonl in eval_gsm8k.py's layout."""
     model, ckpt, info, tok = eval_setup(cfg, d)
     if cfg.data == "hierarchical":
-        items = load_plans(cfg.val_plans_path or cfg.plans_path)
+        items = plan_items(cfg, "val")
         questions = [it["question"] for it in items]
-        golds = [common.normalize_number(str(it.get("answer_numerical"))) if it.get("answer_numerical") is not None
-                 else common.final_answer(it["execution"]) for it in items]
+        golds = [gsm8k_task.normalize_number(str(it.get("answer_numerical")))
+                 if it.get("answer_numerical") is not None else gsm8k_task.final_answer(it["execution"]) for it in items]
     else:
-        rows = common.load_gsm8k("test", cfg.val_data_path)
-        questions = [r["question"] for r in rows]
-        golds = [common.final_answer(r["answer"]) for r in rows]
+        rows = gsm8k_task.load_gsm8k(cfg.val_data_path, "test")
+        questions, golds = [r["question"] for r in rows], [r["gold"] for r in rows]
     if cfg.limit:
         questions, golds = questions[:cfg.limit], golds[:cfg.limit]
     records, nfe_total, seconds, generated = [], 0, 0.0, 0
@@ -1118,7 +1119,7 @@ def gsm8k_eval(cfg, d):
             completion = segs.get("execution", segs.get("all", ""))
             gold = golds[start + i]
             records.append({"id": start + i, "question": q, "gold": gold, "completion": completion,
-                            **({"plan": segs["plan"]} if "plan" in segs else {}), **score_answer(completion, gold),
+                            **({"plan": segs["plan"]} if "plan" in segs else {}), **gsm8k_task.score_completion(completion, gold),
                             "new_tokens": int((~fixed[i]).sum())})
     n = len(records)
     strict = sum(r["correct"]["strict"] for r in records)

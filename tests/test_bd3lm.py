@@ -333,3 +333,24 @@ def test_transfer_execution_module_starts_as_a_copy_and_freeze_plan_trains_only_
     outs = [bd.generate(model, x0, fixed.clone(), ids, [48, 96, 128], 257, 257, 256, bd.Config(),
                         torch.Generator().manual_seed(3), cache, ex)[0] for cache in (True, False)]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_synthetic_plans_have_no_numbers_in_the_plan_and_all_of_them_in_the_execution():
+    import re
+    from tasks.synthetic import synthetic_math_problems, synthetic_plans
+    problems, plans = synthetic_math_problems(200, seed=3, max_steps=6), synthetic_plans(200, seed=3, max_steps=6)
+    for problem, rec in zip(problems, plans):
+        assert set(bd.PLAN_FIELDS) <= set(rec) and rec["question"] == problem["question"]
+        assert not re.search(r"\d", rec["plan"]), rec["plan"]
+        numbers = re.findall(r"\d+", " ".join(re.findall(r"<<([^>]*)>>", problem["answer"])))
+        found = set(re.findall(r"\d+", rec["execution"]))
+        assert numbers and set(numbers) <= found  # every operand and result of every calculation
+        assert rec["execution"].rstrip().endswith(f"#### {rec['answer_numerical']}")
+    # and the hierarchical model trains on them offline, with no plans file
+    out = bd.main(plans_args("unused", synthetic_plans=40, plans_path="", val_plans_path="", max_steps=1,
+                             val_interval=1, ckpt_interval=0, bench=True, bench_steps=1, bench_warmup=0))
+    assert out["bench"] and math_finite(out["final_train_loss"])
+
+
+def math_finite(x):
+    return x == x and abs(x) != float("inf")
