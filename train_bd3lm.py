@@ -71,6 +71,7 @@ class Config:
     exec_len: int = 256
     flat_plans: bool = False  # hierarchical JSON laid out flat as [question | execution] (the flat baseline)
     synthetic_plans: int = 0  # hierarchical offline: N synthetic problems with abstract plans (tasks/synthetic.py)
+    synthetic_max_steps: int = 4  # their most solution steps (1..synthetic_max_steps)
     # model
     model: str = "gpt2"
     n_layer: int = 0
@@ -371,7 +372,7 @@ def plan_items(cfg, split):
     """Plan records of a split: gen_plans.py's JSON, or the synthetic stand-in (synthetic_plans=N, offline)."""
     if cfg.synthetic_plans:
         n = cfg.synthetic_plans if split == "train" else max(cfg.synthetic_plans // 10, 1)
-        return synthetic.synthetic_plans(n, seed=f"{split}:{cfg.seed}")
+        return synthetic.synthetic_plans(n, seed=f"{split}:{cfg.seed}", max_steps=cfg.synthetic_max_steps)
     path = cfg.plans_path if split == "train" else (cfg.val_plans_path or cfg.plans_path)
     if not path:
         raise common.ConfigError("data=hierarchical needs plans_path=FILE.json (gen_plans.py output) or "
@@ -962,7 +963,8 @@ def eval_setup(cfg, d):
     model, ckpt = load_for_eval(cfg, d.device)
     info = ckpt["bd3lm"]
     trained = ckpt["config"]
-    for key in ("question_len", "plan_len", "exec_len", "flat_plans", "tokenizer", "block_size", "synthetic_plans"):
+    for key in ("question_len", "plan_len", "exec_len", "flat_plans", "tokenizer", "block_size", "synthetic_plans",
+                "synthetic_max_steps"):
         setattr(cfg, key, trained.get(key, getattr(cfg, key)))  # the layout the model was trained with
     for key in ("data_dir", "val_data_path", "plans_path", "val_plans_path"):
         setattr(cfg, key, getattr(cfg, key) or trained[key])
