@@ -335,7 +335,7 @@ def test_transfer_execution_module_starts_as_a_copy_and_freeze_plan_trains_only_
     assert torch.equal(outs[0], outs[1])
 
 
-def test_synthetic_plans_have_no_numbers_in_the_plan_and_all_of_them_in_the_execution():
+def test_synthetic_plans_have_no_numbers_in_the_plan_and_all_of_them_in_the_execution(tmp_path):
     import re
     from tasks.synthetic import synthetic_math_problems, synthetic_plans
     problems, plans = synthetic_math_problems(200, seed=3, max_steps=6), synthetic_plans(200, seed=3, max_steps=6)
@@ -347,7 +347,7 @@ def test_synthetic_plans_have_no_numbers_in_the_plan_and_all_of_them_in_the_exec
         assert numbers and set(numbers) <= found  # every operand and result of every calculation
         assert rec["execution"].rstrip().endswith(f"#### {rec['answer_numerical']}")
     # and the hierarchical model trains on them offline, with no plans file
-    out = bd.main(plans_args("unused", synthetic_plans=40, plans_path="", val_plans_path="", max_steps=1,
+    out = bd.main(plans_args(str(tmp_path / "run"), synthetic_plans=40, plans_path="", val_plans_path="", max_steps=1,
                              val_interval=1, ckpt_interval=0, bench=True, bench_steps=1, bench_warmup=0))
     assert out["bench"] and math_finite(out["final_train_loss"])
 
