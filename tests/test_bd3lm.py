@@ -279,7 +279,7 @@ def test_entry_point_prints_one_line_errors(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("gsm8k_bd3lm", "gsm8k_hierarchical", "gsm8k_flat", "owt_bd3lm_small", "bd3lm_demo"):
+    for name in ("gsm8k_bd3lm", "gsm8k_hierarchical", "gsm8k_flat", "owt_bd3lm_small", "bd3lm_demo", "svamp_transfer"):
         cfg = common.load_config(bd.Config, [os.path.join(ROOT, "configs", f"{name}.yaml")])
         bd.check_config(cfg)
     big = common.load_config(bd.Config, [os.path.join(ROOT, "configs", "gsm8k_bd3lm.yaml"), "block_size=4"])
