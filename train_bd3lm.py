@@ -565,9 +565,9 @@ def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id,
                 continue  # no token changes in this step: no network call needed
             logits = block_logits(model, x, lo, hi, block_ids, cache, exec_positions)[..., :n_vocab].float()
             nfe += 1
-            probs = top_p_filter(F.softmax(logits, dim=-1), cfg.top_p)
-            drawn = torch.multinomial(probs.view(-1, n_vocab), 1, generator=generator).view(B, hi - lo)
-            x[:, lo:hi] = torch.where(reveal, drawn, x[:, lo:hi])
+            rows, cols = reveal.nonzero(as_tuple=True)  # draw only the tokens revealed now
+            probs = top_p_filter(F.softmax(logits[rows, cols], dim=-1), cfg.top_p)
+            x[rows, lo + cols] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id)
         if cache is not None and hi < L:  # the clean block joins the cache: one pass, no logits
             cache.store = True
