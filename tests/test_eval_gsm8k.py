@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import engine as engine_lib
 import eval_gsm8k as ev
 import export_hf
 from conftest import shared_path
@@ -78,15 +79,17 @@ def test_local_data_and_golds():
 
 
 class ScriptedEngine:
-    """Answers each probe with fixed token ids (right or wrong) through the real decode/stop/score path."""
+    """Answers each probe with fixed token ids (right or wrong), decoded and cut at the stop strings as the
+    engine does, then scored through eval's real path."""
     name = "scripted"
     batch_size = 7
 
     def __init__(self, tok, by_prompt):
         self.tok, self.by_prompt = tok, by_prompt
 
-    def generate(self, prompts, max_new_tokens, stop):
-        return [self.by_prompt[tuple(p)] for p in prompts]
+    def generate(self, prompts, max_new_tokens, stop=()):
+        return [[engine_lib.Completion(ids, text=cut_at_stop(self.tok.decode(ids), stop))]
+                for ids in (self.by_prompt[tuple(p)] for p in prompts)]
 
 
 def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_path):
@@ -101,8 +104,8 @@ def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_pa
     assert probes.probe_items(limit=3) == [it for s in probes.PROBE_OPS for it in suites[s][:3]]
 
     tok = run["tok"]
-    lm = ev.LoadedModel(hf=None, tok=ev.NativeTokenizer(tok), name="scripted", kind="native", max_positions=256,
-                        info={})
+    lm = engine_lib.LoadedModel(model=None, tok=engine_lib.NativeTokenizer(tok), name="scripted", kind="native",
+                                max_positions=256, info={})
     items = probes.probe_items(limit=4)
     right = {tuple(lm.tok.encode_prompt(it["prompt"])): tok.encode(f" {it['question']}={it['gold']}\nQ: junk")
              for it in items}
@@ -149,31 +152,28 @@ def test_synthetic_task_through_eval_with_scripted_answers():
 
 
 def test_kv_cache_generator_equals_uncached_greedy(run):
-    lm = ev.load_model(run["run"], run["ranks"])
+    lm = engine_lib.load_model(run["run"], run["ranks"])
     tok, gpt = run["tok"], run["gpt"]
     prompts = [tok.encode(t, allow_special=True) for t in
-               ["<|user|> What is 7*8? <|assistant|>", "Hi", "So 3 x 4 = 12 and 5*5=25, then 6*6 is"]]
-    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
-    got = ev.generate_greedy(lm.hf, prompts, 10, eos_ids=set(), pad_id=tok.eot_id)
+               ["<|user|> What is 7*8? <|assistant|>", "Hi", "So 3 x 4 = 12 and 5*5=25, then", "6*6 is"]]
+    assert len({len(p) for p in prompts}) == 4  # different lengths: left padding is exercised
+    lm.tok.eos_ids = set()
+    got = [out[0].ids for out in engine_lib.Engine(lm).generate(prompts, 10)]
     for p, g in zip(prompts, got):
         assert g == greedy_uncached(gpt, p, 10)[len(p):]
-    # EOS ends a row (not included), the others run on; stop_fn ends a row early
-    eos = got[0][3]
-    stopped = ev.generate_greedy(lm.hf, prompts, 10, eos_ids={eos}, pad_id=tok.eot_id)
-    assert stopped[0] == got[0][:got[0].index(eos)] and len(stopped[0]) <= 3
-    for s, g in zip(stopped, got):  # rows left in the shrunken batch decode exactly as before
-        assert s == (g[:g.index(eos)] if eos in g else g)
-    early = ev.generate_greedy(lm.hf, prompts, 10, set(), tok.eot_id, stop_fn=lambda i, ids: i == 1 and len(ids) == 2)
-    assert early == [got[0], got[1][:2], got[2]]
+    # through eval's engine choice and the HF export of the same run: the same tokens
+    hf = engine_lib.load_model(run["hf"])
+    hf.tok.eos_ids = set()
+    assert [out[0].ids for out in ev.make_engine(ev.Config(engine="hf"), hf, torch.float32).generate(prompts, 10)] == got
 
 
 def test_vllm_path_is_guarded(run):
     if not torch.cuda.is_available():
         assert common.vllm_available() is False  # never imported, never used without CUDA
-        lm = ev.load_model(run["run"], run["ranks"])
+        lm = engine_lib.load_model(run["run"], run["ranks"])
         with pytest.raises(RuntimeError, match="engine=vllm needs"):
             ev.make_engine(ev.Config(engine="vllm"), lm, torch.float32)
-        assert isinstance(ev.make_engine(ev.Config(engine="auto"), lm, torch.float32), ev.PlainEngine)
+        assert isinstance(ev.make_engine(ev.Config(engine="auto"), lm, torch.float32), engine_lib.Engine)
     with pytest.raises(common.ConfigError, match="unknown task"):
         ev.main(["task=mmlu", "model=x"])
 
