@@ -1079,9 +1079,11 @@ def sample(cfg, d):
         prompts = [""] * cfg.num_samples
     out, fixed, nfe, seconds = run_generation(cfg, d, model, info, tok, prompts)
     generated = int((~fixed).sum())
-    records = [{"id": i, "prompt": p, "text": tok.decode(out[i][~fixed[i]].tolist()),
-                **({"segments": decode_segments(tok, out[i].tolist(), fixed[i].tolist(), info)}
-                   if cfg.data == "hierarchical" else {})} for i, p in enumerate(prompts)]
+    records = []
+    for i, p in enumerate(prompts):
+        segs = decode_segments(tok, out[i].tolist(), fixed[i].tolist(), info)  # each cut at its end of text
+        records.append({"id": i, "prompt": p, "text": "".join(segs.values()),
+                        **({"segments": segs} if cfg.data == "hierarchical" else {})})
     results = {"mode": "sample", "checkpoint": ckpt["path"], "sampler": cfg.sampler, "kv_cache": cfg.kv_cache,
                "block_size": cfg.block_size, "top_p": cfg.top_p, "num_samples": len(prompts), "nfe": nfe,
                "generated_tokens": generated, "seconds": seconds, "tokens_per_sec": generated / seconds}
