@@ -51,7 +51,7 @@ if ! munge_ok; then
     munge_ok || fail "munge does not answer"
 fi
 
-# ---- slurm.conf: this host and its CPUs, root as SlurmUser, no cgroups, requeue allowed, a scheduler
+# ---- slurm.conf: this host (reached at 127.0.0.1, whatever its name resolves to) and its CPUs, root as SlurmUser, no cgroups, requeue allowed, a scheduler
 # that looks every second (the default minute would dominate a test's run time)
 HOST=$(hostname -s)
 CPUS=$(nproc)
@@ -62,7 +62,7 @@ if [ -f "$CONF" ] && ! grep -q "$MARK" "$CONF"; then
 fi
 WANTED="$MARK
 ClusterName=testcluster
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -86,7 +86,7 @@ JobRequeue=1
 SlurmdParameters=config_overrides
 KillWait=10
 MinJobAge=600
-NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
 if [ "$(cat "$CONF" 2>/dev/null)" != "$WANTED" ]; then
     echo "$WANTED" > "$CONF"
