@@ -138,3 +138,20 @@ def test_pipeline_sbatch_header_and_dry_run_in_a_job(cluster, tmp_path):
     assert "+ python train_gpt.py configs/demo/pretrain.yaml" in text and "task=compare" in text
     requeue = [line for line in open(os.path.join(ROOT, "slurm", "pipeline.sh")) if line.startswith("#SBATCH")]
     assert "#SBATCH --requeue\n" in requeue and any("--signal=B:USR1@" in line for line in requeue)
+
+
+def test_prepare_data_sbatch_writes_shards(cluster, tmp_path):
+    config = tmp_path / "data.yaml"
+    config.write_text("source: synthetic_math\ntokenizer: byte\ntarget_tokens: 20000\nval_tokens: 4000\n"
+                      "shard_size: 20000\n")
+    out, log = tmp_path / "shards", tmp_path / "prepare.out"
+    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=1G", f"--output={log}",
+                           "slurm/prepare_data.sbatch", str(config), f"out_dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    wait_until(lambda: job_info(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 90, "the job")
+    assert job_info(job_id)["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    meta = json.load(open(out / "meta.json"))
+    assert meta["train_tokens"] == 16000 and meta["val_tokens"] == 4000
+    assert json.load(open(out / "config.json"))["num_proc"] == 1  # one tokenizer process per CPU of the job
