@@ -296,7 +296,7 @@ def test_every_stage_in_order_with_the_model_of_the_stage_before(checkout_with_e
     assert rc == 0, text
     cmds = commands(text)
     mul = [c for c in cmds if "mul_tokens" in c and "task=compare" not in c]
-    assert [c.split()[0] if c.startswith("python") else c.split()[0] for c in mul][:2] == ["python", "torchrun"]
+    assert [c.split()[0] for c in mul][:2] == ["python", "torchrun"]  # prepare_data, then pretraining
     assert "--nproc_per_node=4 train_gpt.py" in mul[1]  # the GPU count from the environment
     sft_a, sft_b, grpo = (c for c in mul if " sft.py " in c or " grpo.py " in c)
     assert "model=o/mul_tokens/hf " in sft_a and "inject_mul_tokens=true" in sft_a
