@@ -752,7 +752,6 @@ def train(cfg, d):
     val_loader = make_loader(cfg, tok, "val", cfg.micro_batch_size, d, shuffle=False)[0] if has_val else None
     attn_mask = attention_mask_for(block_ids, d.device, use_flex)
     block_ids = block_ids.to(d.device)
-    torch.manual_seed(cfg.seed + 1 + d.rank)  # the noise differs across ranks (weights were seeded alike)
     val_loss = None
     noise = [cfg.noise_beta, cfg.noise_omega]  # the clip range; the search moves it
     if ckpt:
@@ -786,6 +785,9 @@ def train(cfg, d):
         optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(2 + 2 * len(seg_names), device=d.device)
         batches = [train_loader.next_batch() for _ in range(accum)]
+        # the noise of a step depends only on (seed, step, rank): a resumed run, on any number of ranks, draws
+        # exactly what the uninterrupted one drew, with no per-rank RNG state in the checkpoint
+        noise_rng = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + step) * 1024 + d.rank)
         # the loss is the NELBO per token of the whole step (all micro batches, all ranks)
         n_tokens = common.all_reduce(sum(v.sum() for _, v, _ in batches).float().to(d.device), "sum", d)
         for micro, (x0, valid, seg) in enumerate(batches):
@@ -793,7 +795,7 @@ def train(cfg, d):
             with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
                 with autocast:
                     terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
-                                        cfg.antithetic, two_pass=cfg.two_pass, exec_positions=exec_pos) * valid
+                                        cfg.antithetic, noise_rng, cfg.two_pass, exec_pos) * valid
                 loss_sum = terms.sum()
                 (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
             stats[0] += loss_sum.detach()
