@@ -41,6 +41,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # sigma-GPT's double position encoding: the left half of each wpe row encodes a token's own position,
+    # the right half the position of the token it predicts next (forward's target_position_ids)
+    double_position: bool = False
     tie_embeddings: bool = True  # GPT-2 ties wte and lm_head; BD3-LM keeps them apart (its input has [MASK])
     exec_layers: int = 0  # hierarchical BD3-LM: the top exec_layers get a second copy for execution positions
 
@@ -246,6 +249,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.double_position and config.n_embd % 2:
+            raise ValueError(f"double_position splits the position code in halves: n_embd {config.n_embd} must be even")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -278,16 +283,19 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None, position_ids=None, attn_mask=None, doc_ids=None, kv_cache=None,
-                padding_mask=None, loss_reduction="mean", ignore_index=-100, logits_len=None, exec_positions=None):
+                padding_mask=None, loss_reduction="mean", ignore_index=-100, target_position_ids=None,
+                logits_len=None, exec_positions=None):
         """idx (B, T) -> logits (B, T, V) and the cross-entropy against targets (or None): 'mean' over the
         targets that are not ignore_index, or their 'sum' (callers count tokens as (targets != -100).sum(), so
         gradient accumulation and packed rows normalise over the right tokens).
         position_ids (B, T) or (T,) default to 0..T-1 (after the cached tokens with a kv_cache). Attention is
         causal unless given attn_mask (bool (B|1, 1|H, T, T), True = may attend) or doc_ids (packed rows, see
         attention()). With kv_cache the tokens are appended to the cache and attend to it; padding_mask (B, T),
-        True = real token, marks left padding (default: all real). logits_len runs the head on the first
-        logits_len positions only (BD3-LM scores the noisy half of its [x_t | x_0] input). exec_positions (B|1, T)
-        bool sends those positions through the execution copy of the top layers (config.exec_layers)."""
+        True = real token, marks left padding (default: all real). With config.double_position,
+        target_position_ids (the position each token predicts; default position_ids + 1) feed the second half
+        of the position code. logits_len runs the head on the first logits_len positions only (BD3-LM scores
+        the noisy half of its [x_t | x_0] input). exec_positions (B|1, T) bool sends those positions through the
+        execution copy of the top layers (config.exec_layers)."""
         B, T = idx.size()
         if T > self.config.block_size and position_ids is None:  # BD3-LM's two copies share their positions
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -301,7 +309,7 @@ class GPT(nn.Module):
             attn_mask = kv_cache.open(padding_mask)
         if position_ids is None:
             position_ids = torch.arange(T, device=idx.device) + (kv_cache.pos if kv_cache is not None else 0)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        x = self.transformer.drop(self.transformer.wte(idx) + self.position_code(position_ids, target_position_ids))
         first_exec = self.config.n_layer - self.config.exec_layers
         for i, block in enumerate(self.transformer.h):
             if i >= first_exec and exec_positions is not None:  # each position's output from its own module
@@ -319,6 +327,18 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=ignore_index, reduction=loss_reduction)
         return logits, loss
+
+    def position_code(self, position_ids, target_position_ids=None):
+        """wpe at the token's position; under double_position, the row's left half at the token's own
+        position concatenated with the right half at the position it predicts (sigma-GPT, arXiv 2404.09562)."""
+        wpe = self.transformer.wpe
+        if not self.config.double_position:
+            return wpe(position_ids)
+        if target_position_ids is None:
+            target_position_ids = position_ids + 1  # left to right; the last row's target may run off the table
+            target_position_ids = target_position_ids.clamp(max=self.config.block_size - 1)
+        half = self.config.n_embd // 2
+        return torch.cat([wpe.weight[position_ids, :half], wpe.weight[target_position_ids, half:]], dim=-1)
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with decay on 2D weights only (matmuls, embeddings); fused kernel on CUDA."""
@@ -359,6 +379,17 @@ class GPT(nn.Module):
                 v = v[:vocab_size]
             out[k] = v.contiguous()
         return out
+
+
+def double_position_table(wpe):
+    """A plain GPT's (block_size, n_embd) position table -> the sigma-GPT table, by the rule: the left half
+    (own position) is copied row for row; the right half (next position) is shifted down one row, row q
+    holding row q-1's right half (row 0 keeps its own). In left-to-right order (next = own + 1) every token
+    then gets exactly the plain model's position vector, so the converted model starts as the AR model."""
+    half = wpe.shape[1] // 2
+    out = wpe.clone()
+    out[1:, half:] = wpe[:-1, half:]
+    return out
 
 
 def build_model(model_config_dict):
