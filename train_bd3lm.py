@@ -194,7 +194,8 @@ def check_resume_config(cfg, ckpt):
               if k in saved and saved[k] != getattr(cfg, k)]
     if differ:
         raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
-                                 f"model or data layout: {'; '.join(differ)}. Use that run's settings, or another out_dir")
+                                 f"model or data layout: {'; '.join(differ)}. Use that run's settings, or another "
+                                 "out_dir")
 
 
 def segment_lengths(cfg):
@@ -919,7 +920,8 @@ def train(cfg, d):
     bar.close()
 
     tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
-    results = {"status": status, "steps": step + 1, "noise_range": noise, "final_train_loss": train_loss, "final_val_loss": val_loss,
+    results = {"status": status, "steps": step + 1, "noise_range": noise, "final_train_loss": train_loss,
+               "final_val_loss": val_loss,
                "final_val_ppl_bound": math.exp(val_loss) if val_loss is not None else None, **seg_losses,
                "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_sec": tokens_per_sec,
                "seconds": time.time() - run_t0, "n_params": raw_model.num_params(), "world_size": d.world_size,
@@ -1107,8 +1109,8 @@ def gsm8k_eval(cfg, d):
     if cfg.data == "hierarchical":
         items = plan_items(cfg, "val")
         questions = [it["question"] for it in items]
-        golds = [gsm8k_task.normalize_number(str(it.get("answer_numerical")))
-                 if it.get("answer_numerical") is not None else gsm8k_task.final_answer(it["execution"]) for it in items]
+        golds = [gsm8k_task.normalize_number(str(it["answer_numerical"])) if it.get("answer_numerical") is not None
+                 else gsm8k_task.final_answer(it["execution"]) for it in items]
     else:
         rows = gsm8k_task.load_gsm8k(cfg.val_data_path, "test")
         questions, golds = [r["question"] for r in rows], [r["gold"] for r in rows]
@@ -1125,7 +1127,8 @@ def gsm8k_eval(cfg, d):
             completion = segs.get("execution", segs.get("all", ""))
             gold = golds[start + i]
             records.append({"id": start + i, "question": q, "gold": gold, "completion": completion,
-                            **({"plan": segs["plan"]} if "plan" in segs else {}), **gsm8k_task.score_completion(completion, gold),
+                            **({"plan": segs["plan"]} if "plan" in segs else {}),
+                            **gsm8k_task.score_completion(completion, gold),
                             "new_tokens": int((~fixed[i]).sum())})
     n = len(records)
     strict = sum(r["correct"]["strict"] for r in records)
