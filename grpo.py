@@ -311,6 +311,8 @@ def score(funcs, examples, prompts, completions):
 @torch.no_grad()
 def evaluate(lm, sampler, task, examples, cfg, stop, d, autocast):
     """Greedy accuracy (the task's reward > 0, e.g. GSM8K strict) on the fixed subset, split over ranks."""
+    if not examples:
+        return None, 0
     mine = examples[d.rank::d.world_size]
     correct = 0.0
     if mine:
@@ -456,11 +458,11 @@ def train(cfg, d, stop_signal):
                     rollout_seconds=seconds)
 
     @torch.no_grad()
-    def frozen_logprobs(which, micro_batches):
+    def frozen_logprobs(which, is_native, micro_batches):
         out = []
         for mb in micro_batches:
             with autocast:
-                out.append(completion_logprobs(which, mb["ids"], mb["attention"], mb["where"], native).float())
+                out.append(completion_logprobs(which, mb["ids"], mb["attention"], mb["where"], is_native).float())
         return out
 
     def update(step, batch):
@@ -481,8 +483,8 @@ def train(cfg, d, stop_signal):
         # DDP averages gradients over ranks, so each rank divides by the global count / world size
         active = torch.tensor(sum(m["mask"].sum().item() for m in micro), device=d.device)
         num_items = (common.all_reduce(active, "sum", d) / d.world_size).clamp(min=1)
-        old = frozen_logprobs(model, micro) if cfg.num_iterations > 1 else None  # pi_old: the sampling policy
-        refs = frozen_logprobs(ref.model, micro) if ref is not None else None
+        old = frozen_logprobs(model, native, micro) if cfg.num_iterations > 1 else None  # pi_old: the sampling policy
+        refs = frozen_logprobs(ref.model, ref.kind == "native", micro) if ref is not None else None
         totals = {}
         tokens = 0
         for it in range(cfg.num_iterations):
@@ -541,7 +543,7 @@ def train(cfg, d, stop_signal):
     status, step, accuracy = "done", start_step - 1, None
     rollout_time = update_time = 0.0
     rollout_tokens = update_tokens = 0
-    if start_step == 0:
+    if start_step == 0 and eval_examples:  # where the policy starts
         accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, stop, d, autocast)
         log({"type": "eval", "step": -1, "accuracy": accuracy, "n": n_eval})
     for step in range(start_step, cfg.max_steps):
@@ -562,7 +564,7 @@ def train(cfg, d, stop_signal):
             if bad is not None:
                 raise common.TrainingDiverged(common.diverged_message(cfg.out_dir, bad, "GRPO loss or gradient norm"))
             log(step_record(step, batch, totals, generated / batch["rollout_seconds"], tokens / seconds))
-        if last_step or (cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0):
+        if eval_examples and (last_step or (cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0)):
             accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, stop, d, autocast)
             log({"type": "eval", "step": step, "accuracy": accuracy, "n": n_eval})
         preempted = stop_signal.check(d)
