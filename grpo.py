@@ -309,14 +309,14 @@ def score(funcs, examples, prompts, completions):
 
 
 @torch.no_grad()
-def evaluate(lm, sampler, task, examples, cfg, stop, d, autocast):
+def evaluate(lm, sampler, task, examples, cfg, prompt_budget, stop, d, autocast):
     """Greedy accuracy (the task's reward > 0, e.g. GSM8K strict) on the fixed subset, split over ranks."""
     if not examples:
         return None, 0
     mine = examples[d.rank::d.world_size]
     correct = 0.0
     if mine:
-        _, prompt_ids = encode_prompts(lm, task, mine, cfg.max_prompt_length)
+        _, prompt_ids = encode_prompts(lm, task, mine, prompt_budget)
         with autocast:
             outs = sampler.generate(prompt_ids, cfg.max_completion_length, temperature=0.0, stop=stop, seed=0)
         correct = sum(float(task.reward(e, o[0].text) > 0) for e, o in zip(mine, outs))
@@ -385,6 +385,14 @@ def train(cfg, d, stop_signal):
     else:
         sampler = engine_lib.Engine(lm, batch_size=cfg.generation_batch_size)
 
+    # prompts keep their last tokens, so that prompt + completion fit the model's positions
+    prompt_budget = cfg.max_prompt_length
+    if lm.max_positions:
+        if cfg.max_completion_length >= lm.max_positions:
+            raise common.ConfigError(f"max_completion_length={cfg.max_completion_length} leaves no room for a prompt "
+                                     f"in the model's {lm.max_positions} positions")
+        prompt_budget = min(prompt_budget, lm.max_positions - cfg.max_completion_length)
+
     # ---- task, rewards, data
     task = tasks.get_task(cfg.task, **cfg.task_args)
     train_examples = task.examples("train")
@@ -437,7 +445,7 @@ def train(cfg, d, stop_signal):
         """This rank's prompts, G completions each, their rewards and advantages."""
         idx = prompt_indices(len(train_examples), step, prompts_per_rank * d.world_size, cfg.seed)
         examples = [train_examples[i] for i in idx[d.rank * prompts_per_rank:(d.rank + 1) * prompts_per_rank]]
-        prompt_texts, prompt_ids = encode_prompts(lm, task, examples, cfg.max_prompt_length)
+        prompt_texts, prompt_ids = encode_prompts(lm, task, examples, prompt_budget)
         common.synchronize(d.device_type)
         t0 = time.time()
         with autocast:
@@ -544,7 +552,7 @@ def train(cfg, d, stop_signal):
     rollout_time = update_time = 0.0
     rollout_tokens = update_tokens = 0
     if start_step == 0 and eval_examples:  # where the policy starts
-        accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, stop, d, autocast)
+        accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, prompt_budget, stop, d, autocast)
         log({"type": "eval", "step": -1, "accuracy": accuracy, "n": n_eval})
     for step in range(start_step, cfg.max_steps):
         last_step = step == cfg.max_steps - 1
@@ -565,7 +573,7 @@ def train(cfg, d, stop_signal):
                 raise common.TrainingDiverged(common.diverged_message(cfg.out_dir, bad, "GRPO loss or gradient norm"))
             log(step_record(step, batch, totals, generated / batch["rollout_seconds"], tokens / seconds))
         if eval_examples and (last_step or (cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0)):
-            accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, stop, d, autocast)
+            accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, prompt_budget, stop, d, autocast)
             log({"type": "eval", "step": step, "accuracy": accuracy, "n": n_eval})
         preempted = stop_signal.check(d)
         if last_step or preempted or step == cfg.stop_after_step or (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0):
