@@ -204,7 +204,7 @@ def test_reward_model_scores_prompt_plus_completion(tmp_path):
 # the sampler's log-probs and a whole run
 
 
-def sft_warm(run_dir, steps=30, max_operand=2, seed=0):
+def sft_warm(run_dir, steps=25, max_operand=2, seed=0):
     """A tiny byte-level GPT taught the arithmetic task's answer format by a few plain supervised steps
     (loss on the answer only), saved as a native checkpoint."""
     tok = common.Tokenizer("byte")
@@ -259,7 +259,7 @@ def run_args(model, out_dir, *extra):
     return [f"model={model}", "task=arithmetic", "task_args={max_operand: 2, n: 500}",
             "reward_funcs=arithmetic,format", "num_generations=8", "per_device_train_batch_size=32",
             "max_completion_length=8", "eval_examples=16", f"out_dir={out_dir}", "learning_rate=2e-3",
-            "warmup_ratio=0.1", "tensorboard=true", "logging_steps=1", *extra]
+            "warmup_ratio=0.2", "tensorboard=true", "logging_steps=1", *extra]
 
 
 def train_rewards(out_dir):
@@ -267,14 +267,15 @@ def train_rewards(out_dir):
 
 
 def test_grpo_raises_the_reward_of_an_sft_warmed_tiny_model(warm_run, tmp_path):
-    """30 supervised steps leave the answer format half learned; 20 GRPO steps on the arithmetic + format
-    reward must raise the mean sampled reward clearly above where it started."""
+    """25 supervised steps leave the answer format partly learned (the first step's mean reward is about 0.35);
+    20 GRPO steps on the arithmetic + format reward must raise the mean sampled reward of the last 5 steps
+    clearly above the first step's (by 0.4-0.55 over three seeds of the SFT warm-up)."""
     out = str(tmp_path / "rl")
     results = grpo.main(run_args(warm_run, out, "max_steps=20", "eval_steps=0", "save_steps=0"))
     rewards = train_rewards(out)
     assert len(rewards) == 20
     start, end = rewards[0], sum(rewards[-5:]) / 5
-    assert end > start + 0.1, rewards
+    assert end > start + 0.25, rewards
     for name in ("hf/config.json", "hf/model.safetensors", "grpo.png", "results.json", "config.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert os.listdir(os.path.join(out, "tensorboard"))
@@ -326,3 +327,12 @@ def test_vllm_without_cuda_is_a_one_line_error(warm_run):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: use_vllm=true needs a CUDA GPU; none is visible (use_vllm=false samples in PyTorch)"]
+
+
+@pytest.mark.skipif(not common.vllm_available(), reason="the vLLM rollout path needs CUDA and vllm installed")
+def test_vllm_rollouts_train_and_push_weights(warm_run, tmp_path):
+    out = str(tmp_path / "vllm")
+    results = grpo.main(run_args(warm_run, out, "max_steps=3", "eval_steps=0", "save_steps=0", "use_vllm=true",
+                                 "vllm_gpu_memory_utilization=0.2", "device=cuda"))
+    assert results["sampler"] == "vllm" and len(train_rewards(out)) == 3
+    assert results["rollout_tokens_per_s"] > 0
