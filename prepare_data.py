@@ -26,7 +26,7 @@ target_tokens, at most one shard: for 10B tokens in 100M shards that is one 100M
 split as build-nanogpt's fineweb.py. With target_tokens=0 (the whole source) auto means 100,000 tokens.
 A document may straddle the val/train boundary or two shards; the stream stops exactly at target_tokens.
 
-Condition mul_tokens: the tokenizer is common.Tokenizer(..., mul_range=(mul_min, mul_max)), which turns
+Condition mul_tokens: the tokenizer is dataio.Tokenizer(..., mul_range=(mul_min, mul_max)), which turns
 every correct in-range product written as a*b=c, a x b = c, a × b = c or a times b is c into one token.
 The text is the same as in the baseline condition; only the tokenization differs. meta.json counts
 the injected tokens (total, per split, per fact), counted in the shards as they are written.
@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import common
-from common import ConfigError
+import dataio
+from dataio import ConfigError
 from tasks import gsm8k, synthetic
 
 SOURCES = ("fineweb_edu", "wikitext", "openwebmath", "gsm8k", "local", "synthetic_math")
@@ -255,7 +255,7 @@ _tok = None
 
 def _init_tokenizer(tok_args):
     global _tok
-    _tok = common.Tokenizer(**tok_args)
+    _tok = dataio.Tokenizer(**tok_args)
 
 
 def _tokenize(text):
@@ -310,7 +310,7 @@ class ShardWriter:
         self.out_dir, self.tok, self.logger = out_dir, tok, logger
         self.shard_size, self.val_tokens, self.target = shard_size, val_tokens, target_tokens
         self.progress = progress
-        self.dtype = common.token_dtype(tok.vocab_size)
+        self.dtype = dataio.token_dtype(tok.vocab_size)
         self.mul_first = tok.vocab_size - len(tok.mul_ids)  # multiplication tokens are the last ids
         self.total = sum(s["tokens"] for s in progress["shards"])
         self.buf = np.empty(0, dtype=self.dtype)
@@ -352,7 +352,7 @@ class ShardWriter:
         index = sum(1 for s in self.progress["shards"] if s["split"] == self.split)
         name = f"{self.split}_{index:06d}.bin"
         tokens = self.buf[:self.fill]
-        common.write_shard(os.path.join(self.out_dir, name), tokens, self.tok.vocab_size)
+        dataio.write_shard(os.path.join(self.out_dir, name), tokens, self.tok.vocab_size)
         mul = {}
         if self.tok.mul_ids:
             counts = np.bincount(tokens[tokens >= self.mul_first].astype(np.int64) - self.mul_first,
@@ -360,7 +360,7 @@ class ShardWriter:
             mul = {self.tok.id_to_text[self.mul_first + i]: int(c) for i, c in enumerate(counts) if c}
         self.progress["shards"].append({"file": name, "split": self.split, "tokens": int(self.fill),
                                         "next_doc": int(next_doc), "next_offset": int(next_offset), "mul": mul})
-        common.atomic_write_json(os.path.join(self.out_dir, PROGRESS), self.progress)
+        dataio.atomic_write_json(os.path.join(self.out_dir, PROGRESS), self.progress)
         self.total += self.fill
         self.logger.log({"shard": name, "tokens": int(self.fill), "total_tokens": int(self.total),
                          "mul_injections": int(sum(mul.values())), "elapsed_s": round(time.time() - self.t0, 1)},
@@ -376,8 +376,8 @@ def shard_files(out_dir):
 
 def valid_shard(path, n_tokens, width):
     try:
-        tokens = common.read_shard(path)
-    except common.ShardError:
+        tokens = dataio.read_shard(path)
+    except dataio.ShardError:
         return False
     return len(tokens) == n_tokens and tokens.dtype.itemsize == width
 
@@ -476,8 +476,8 @@ def prepare(cfg):
     tok_args = dict(kind=cfg.tokenizer, extra_tokens=list(cfg.extra_tokens),
                     mul_range=(cfg.mul_min, cfg.mul_max) if cfg.condition == "mul_tokens" else None,
                     tokenizer_file=cfg.tokenizer_file or None)
-    tok = common.Tokenizer(**tok_args)  # a missing ranks file or an offline tiktoken stops the run here
-    width = np.dtype(common.token_dtype(tok.vocab_size)).itemsize
+    tok = dataio.Tokenizer(**tok_args)  # a missing ranks file or an offline tiktoken stops the run here
+    width = np.dtype(dataio.token_dtype(tok.vocab_size)).itemsize
 
     # everything that changes the bytes of the shards; a rerun must match it to keep finished shards
     skip = {"out_dir", "num_proc", "chunksize", "overwrite", "streaming", "tokenizer_file", "val_tokens"}
@@ -487,8 +487,8 @@ def prepare(cfg):
     os.makedirs(out_dir, exist_ok=True)
     progress = load_progress(out_dir, fingerprint, cfg.overwrite, width)
     resuming = bool(progress["shards"])
-    common.atomic_write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
-    logger = common.Logger(out_dir, resume=True)
+    dataio.atomic_write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
+    logger = dataio.Logger(out_dir, resume=True)
     writer = ShardWriter(out_dir, tok, cfg.shard_size, val_tokens, cfg.target_tokens, progress, logger)
     num_proc = cfg.num_proc or max(1, (os.cpu_count() or 2) // 2)
 
@@ -507,7 +507,7 @@ def prepare(cfg):
         docs = itertools.chain([first], docs) if first is not None else iter(())
         logger.info(f"tokenizing {cfg.source} with {cfg.tokenizer} ({cfg.condition}, vocab {tok.vocab_size}) "
                     f"on {num_proc} process(es) into {out_dir}")
-        bar = common.progress(total=cfg.target_tokens or None, initial=writer.total, unit="tok", unit_scale=True,
+        bar = dataio.progress(total=cfg.target_tokens or None, initial=writer.total, unit="tok", unit_scale=True,
                               desc=f"{cfg.source} -> shards")
         doc_index = start_doc
         with contextlib.closing(tokenize_stream(docs, tok_args, num_proc, cfg.chunksize)) as stream:
@@ -523,10 +523,10 @@ def prepare(cfg):
         writer.flush(doc_index, 0)  # the last, partly filled shard (when the source ran out)
         bar.close()
         progress["complete"] = True
-        common.atomic_write_json(os.path.join(out_dir, PROGRESS), progress)
+        dataio.atomic_write_json(os.path.join(out_dir, PROGRESS), progress)
 
     meta = build_meta(cfg, tok, progress, val_tokens, out_dir)
-    common.atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
+    dataio.atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
     logger.log({"done": True, "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
                 "shards": len(meta["shards"]), "mul_injections": meta["mul_injections"]["total"]})
     if meta["train_tokens"] == 0:
@@ -552,13 +552,13 @@ def build_meta(cfg, tok, progress, val_tokens, out_dir):
         "tokenizer": tok.spec,
         "tokenizer_file": cfg.tokenizer_file or None,
         "vocab_size": tok.vocab_size,
-        "padded_vocab_size": common.padded_vocab_size(tok.vocab_size),
+        "padded_vocab_size": dataio.padded_vocab_size(tok.vocab_size),
         "eot_id": tok.eot_id,
         "special_tokens": dict(tok.special),
         "condition": cfg.condition,
         "mul_range": [cfg.mul_min, cfg.mul_max] if cfg.condition == "mul_tokens" else None,
         "mul_first_id": tok.vocab_size - len(tok.mul_ids) if tok.mul_ids else None,
-        "dtype": np.dtype(common.token_dtype(tok.vocab_size)).name,
+        "dtype": np.dtype(dataio.token_dtype(tok.vocab_size)).name,
         "train_tokens": sum(s["tokens"] for s in shards if s["split"] == "train"),
         "val_tokens": sum(s["tokens"] for s in shards if s["split"] == "val"),
         "total_tokens": sum(s["tokens"] for s in shards),
@@ -576,7 +576,7 @@ def build_meta(cfg, tok, progress, val_tokens, out_dir):
 
 
 def main(argv=None):
-    cfg = common.load_config(Config, argv)
+    cfg = dataio.load_config(Config, argv)
     meta = prepare(cfg)
     print(f"wrote {len(meta['shards'])} shards to {cfg.out_dir or default_out_dir(cfg)}: "
           f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "

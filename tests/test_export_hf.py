@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import dataio
 import export_hf
 import model as model_lib
 from conftest import ROOT, shared_path
@@ -189,8 +190,8 @@ def test_corrupted_export_is_caught_and_leaves_nothing(gpt2_run, tmp_path, monke
     monkeypatch.undo()
 
     # a tokenizer that forgets one multiplication token is caught too
-    original_regex = common.mul_split_regex
-    monkeypatch.setattr(common, "mul_split_regex", lambda tok: original_regex(tok).replace("7\\*8=56|", ""))
+    original_regex = dataio.mul_split_regex
+    monkeypatch.setattr(dataio, "mul_split_regex", lambda tok: original_regex(tok).replace("7\\*8=56|", ""))
     with pytest.raises(export_hf.ExportVerificationError, match="tokenizer ids differ"):
         export_hf.export(run, str(out), ranks)
     assert not out.exists() and os.listdir(tmp_path) == []

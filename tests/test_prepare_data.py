@@ -404,3 +404,14 @@ def test_other_settings_in_same_out_dir_refused(tmp_path):
         run(tmp_path, *args, "seed=1")
     out, meta = run(tmp_path, *args, "seed=1", "overwrite=true")
     assert meta["seed"] == 1 and json.load(open(os.path.join(out, P.PROGRESS)))["fingerprint"]["seed"] == 1
+
+
+def test_data_path_does_not_import_torch(tmp_path):
+    """prepare_data.py and its tokenizer workers never pay torch's import (~3 s and ~225 MB per process)."""
+    code = ("import sys, prepare_data as P; "
+            f"P.main(['source=synthetic_math', 'tokenizer=byte', 'target_tokens=20000', 'num_proc=2', "
+            f"'out_dir={tmp_path / 'out'}']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
