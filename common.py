@@ -451,7 +451,9 @@ class ShardLoader:
         # every header and length is checked now, so a corrupt shard fails at start rather than hours in;
         # a shard shorter than one batch window (the tail of a small source) cannot be read and is left out
         window = B * T * world_size + 1
-        short = [p for p in self.shards if len(read_shard(p)) < window]
+        # and ids outside the vocabulary of meta.json (shards of another tokenizer) stop the run here too
+        vocab_size = load_meta(data_dir)["vocab_size"] if os.path.isfile(os.path.join(data_dir, "meta.json")) else None
+        short = [p for p in self.shards if len(read_shard(p, vocab_size)) < window]
         self.shards = [p for p in self.shards if p not in short]
         if not self.shards:
             raise ShardError(f"every {split} shard in {data_dir} is shorter than one batch window "

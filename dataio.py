@@ -74,7 +74,10 @@ def _convert(value, typ, key):
     if origin in (list, tuple):
         if isinstance(value, str):
             import yaml
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v != ""]
+            try:
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v != ""]
+            except yaml.YAMLError:
+                raise ConfigError(f"config key '{key}' expects a list, got {value!r} (not valid YAML)") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         elem = args[0] if args else None
@@ -83,7 +86,10 @@ def _convert(value, typ, key):
     if typ is dict or origin is dict:
         if isinstance(value, str):
             import yaml
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"config key '{key}' expects a mapping, got {value!r} (not valid YAML)") from None
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
         return value
@@ -130,8 +136,11 @@ def load_config(cls, argv=None):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: {arg}")
             import yaml
-            with open(arg) as f:
-                loaded = yaml.safe_load(f) or {}
+            try:
+                with open(arg, encoding="utf-8") as f:
+                    loaded = yaml.safe_load(f) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"config file {arg} is not valid YAML: {' '.join(str(e).split())}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {arg} must hold a mapping of key: value")
             for k, v in loaded.items():
@@ -175,21 +184,26 @@ def token_dtype(vocab_size):
 
 
 def write_shard(path, tokens, vocab_size=None):
+    """Header, then the tokens in the narrowest dtype for vocab_size. The header records max id + 1, so a
+    reader can check the ids against its vocabulary without scanning the tokens."""
     tokens = np.asarray(tokens)
     dtype = token_dtype(vocab_size if vocab_size is not None else int(tokens.max(initial=0)) + 1)
-    if tokens.size and int(tokens.max()) >= np.iinfo(dtype).max + 1:
-        raise ShardError(f"token id {int(tokens.max())} does not fit in {np.dtype(dtype).name}")
+    id_bound = int(tokens.max()) + 1 if tokens.size else 0
+    if id_bound > np.iinfo(dtype).max + 1:
+        raise ShardError(f"token id {id_bound - 1} does not fit in {np.dtype(dtype).name}")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[0], header[1], header[2], header[3] = SHARD_MAGIC, SHARD_VERSION, tokens.size, np.dtype(dtype).itemsize
+    header[:5] = SHARD_MAGIC, SHARD_VERSION, tokens.size, np.dtype(dtype).itemsize, id_bound
+    tokens = np.ascontiguousarray(tokens, dtype=dtype)  # no copy when the buffer already has the dtype
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype(dtype).tobytes())
+        f.write(memoryview(tokens).cast("B"))  # straight from the buffer: no bytes copy of the shard
     os.replace(tmp, path)
 
 
-def read_shard(path):
-    """Memory-map a shard's tokens after checking its header and length."""
+def read_shard(path, vocab_size=None):
+    """Memory-map a shard's tokens after checking its header and length, and (given vocab_size) that its
+    ids are below it: from the header's id bound, or a scan for shards written without one."""
     if not os.path.isfile(path):
         raise ShardError(f"shard not found: {path}")
     size = os.path.getsize(path)
@@ -206,7 +220,13 @@ def read_shard(path):
     expected = HEADER_BYTES + ntok * width
     if size != expected:
         raise ShardError(f"{path}: header promises {ntok} tokens ({expected} bytes) but the file has {size} bytes")
-    return np.memmap(path, dtype=np.uint16 if width == 2 else np.uint32, mode="r", offset=HEADER_BYTES, shape=(ntok,))
+    tokens = np.memmap(path, dtype=np.uint16 if width == 2 else np.uint32, mode="r", offset=HEADER_BYTES, shape=(ntok,))
+    if vocab_size is not None:
+        id_bound = int(header[4]) or (int(tokens.max()) + 1 if ntok else 0)
+        if id_bound > vocab_size:
+            raise ShardError(f"{path}: token id {id_bound - 1} is outside the vocabulary of {vocab_size} "
+                             "(shards from another tokenizer?)")
+    return tokens
 
 
 def find_shards(data_dir, split):
@@ -223,8 +243,15 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found (run prepare_data.py first)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path} is not valid JSON (truncated?): {e}; run prepare_data.py again") from None
+    missing = [k for k in ("tokenizer", "vocab_size") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ShardError(f"{path} lacks {', '.join(missing)}: not a meta.json of prepare_data.py; run it again")
+    return meta
 
 
 
@@ -233,8 +260,23 @@ def load_meta(data_dir):
 
 GPT2_EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# a correct product written as a*b=c, a x b = c, a × b = c or a times b is c (not part of a longer number)
-MUL_RE = re.compile(r"(?<![\d.,])(\d+)\s*(?:\*|×|\bx\b|\btimes\b)\s*(\d+)\s*(?:=|\bis\b)\s*(\d+)(?![\d]|[.,]\d)")
+# A multiplication fact: a correct product of ASCII-digit numbers (no leading zeros) on one line, written with
+# '*', '×' or 'x' and '=' (one optional space on each side of each) or with 'times' and 'is' ('3*4=12',
+# '3 x 4 = 12', '3×4=12', '3 times 4 is 12'), standing alone: no letter, digit, '.', ',' or operator
+# touching it and no operator one space away, so '2*3*4=12', '-3*4=12', 'a3*4=12', '1e3*4=12', '3*4=12.5'
+# stay text. The same pattern (these lookarounds run in Python's re and in the HF tokenizer's Oniguruma alike)
+# drives our encoder and the exported HF tokenizer (build_hf_tokenizer).
+FACT_NUMBER = r"[1-9][0-9]*"
+FACT_BEFORE = r"(?<![\w.,*×/+\-^=])(?<![*×/+\-^=] )(?<!\bx )(?<!\btimes )"
+FACT_AFTER = r"(?![\w*×/+\-^=]|[.,][0-9]| [*×/+\-^=]| x\b| times\b)"
+
+
+def fact_pattern(a=FACT_NUMBER, b=FACT_NUMBER, c=FACT_NUMBER):
+    """The surface forms of a fact a*b=c with its guards (groups: a, b, c)."""
+    return rf"{FACT_BEFORE}({a})(?: ?[*×x] ?| times )({b})(?: ?= ?| is )({c}){FACT_AFTER}"
+
+
+MUL_RE = re.compile(fact_pattern())
 
 
 def mul_token_strings(lo, hi):
@@ -243,8 +285,10 @@ def mul_token_strings(lo, hi):
 
 class Tokenizer:
     """kind='gpt2' (tiktoken BPE, 50257 ids) or 'byte' (256 byte ids + end of text). Extra tokens
-    (chat roles, ...) follow the base vocabulary, then one token per multiplication fact when
-    mul_range=(lo, hi) is set. `spec` records everything needed to rebuild the same tokenizer."""
+    (chat roles, ...) follow the base vocabulary, then, when mul_range=(lo, hi) is set, two tokens per
+    multiplication fact: 'a*b=c' (mul_ids) and ' a*b=c' (mul_space_ids), the one a fact preceded by a space
+    takes. GPT-2's BPE joins a space to the number after it, so with the spaced token the tokens outside
+    the facts are exactly the baseline's. `spec` records everything needed to rebuild the same tokenizer."""
 
     def __init__(self, kind="gpt2", extra_tokens=(), mul_range=None, tokenizer_file=None):
         self.kind = kind
@@ -264,13 +308,16 @@ class Tokenizer:
         for i, tok in enumerate(self.extra_tokens):
             self.special[tok] = n_base + i
         n = n_base + len(self.extra_tokens)
-        self.mul_ids = {}  # (a, b) -> id
+        self.mul_ids, self.mul_space_ids = {}, {}  # (a, b) -> id of 'a*b=c', of ' a*b=c'
         self.id_to_text = {v: k for k, v in self.special.items()}
+        self.mul_first = n if self.mul_range else None  # the fact tokens are the ids mul_first .. vocab_size - 1
         if self.mul_range:
-            for i, (a, b, text) in enumerate(mul_token_strings(*self.mul_range)):
-                self.mul_ids[(a, b)] = n + i
-                self.id_to_text[n + i] = text
-            n += len(self.mul_ids)
+            facts = mul_token_strings(*self.mul_range)
+            for i, (a, b, text) in enumerate(facts):
+                self.mul_ids[(a, b)], self.id_to_text[n + i] = n + i, text
+                j = n + len(facts) + i
+                self.mul_space_ids[(a, b)], self.id_to_text[j] = j, " " + text
+            n += 2 * len(facts)
         self.vocab_size = n
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)))
 
@@ -292,7 +339,8 @@ class Tokenizer:
         return self.base.encode_ordinary(text)
 
     def _encode_math(self, text):
-        """Plain encoding, except that correct in-range products become their multiplication token."""
+        """Plain encoding, except that correct in-range facts become their multiplication token (with the
+        space before them, when there is one)."""
         if not self.mul_range:
             return self._encode_plain(text)
         lo, hi = self.mul_range
@@ -300,8 +348,13 @@ class Tokenizer:
         for m in MUL_RE.finditer(text):
             a, b, c = int(m.group(1)), int(m.group(2)), int(m.group(3))
             if lo <= a <= hi and lo <= b <= hi and a * b == c:
-                ids += self._encode_plain(text[last:m.start()])
-                ids.append(self.mul_ids[(a, b)])
+                spaced = m.start() > last and text[m.start() - 1] == " "
+                before = text[last:m.start() - spaced]
+                if not spaced and before[-1:].isspace():  # GPT-2's BPE splits '\n\n' before a digit as '\n', '\n'
+                    ids += self._encode_plain(before[:-1])
+                    before = before[-1]
+                ids += self._encode_plain(before)
+                ids.append(self.mul_space_ids[(a, b)] if spaced else self.mul_ids[(a, b)])
                 last = m.end()
         ids += self._encode_plain(text[last:])
         return ids
@@ -422,8 +475,7 @@ def gpt2_ranks(tok):
 
 
 def mul_split_regex(tok):
-    """Isolates exactly the canonical strings of the multiplication tokens, with MUL_RE's guards
-    (not preceded by a digit, '.' or ','; not followed by a digit or by '.'/',' and a digit)."""
+    """An alternation of the canonical strings 'a*b=c' of the multiplication facts, longest first."""
     strings = sorted((tok.id_to_text[i] for i in tok.mul_ids.values()), key=len, reverse=True)
     return "(?:" + "|".join(re.escape(s) for s in strings) + ")"
 
@@ -444,8 +496,8 @@ def build_hf_tokenizer(tok):
     # (so the added-token machinery reuses those ids instead of appending new ones)
     for text, i in tok.special.items():
         vocab[text] = i
-    for i in tok.mul_ids.values():
-        vocab[tok.id_to_text[i]] = i
+    for i in list(tok.mul_ids.values()) + list(tok.mul_space_ids.values()):
+        vocab[token_str(tok.id_to_text[i].encode("utf-8"))] = i  # ' 7*8=56' is 'Ġ7*8=56' in byte-level form
     if len(set(vocab.values())) != tok.vocab_size or max(vocab.values()) != tok.vocab_size - 1:
         raise ValueError(f"vocabulary ids are not 0..{tok.vocab_size - 1}")
 
@@ -453,13 +505,17 @@ def build_hf_tokenizer(tok):
     hf = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
     splits = []
     if tok.mul_ids:
-        hf.normalizer = normalizers.Sequence([
-            normalizers.Replace(Regex(rf"(?<![\d.,]){a}\s*(?:\*|×|\bx\b|\btimes\b)\s*{b}\s*(?:=|\bis\b)\s*{a * b}"
-                                      r"(?![\d]|[.,]\d)"), f"{a}*{b}={a * b}")
-            for (a, b), _ in sorted(tok.mul_ids.items(), key=lambda kv: kv[1])])
+        # the facts in three steps: a normalizer rewrites each fact's surface forms to its canonical 'a*b=c'
+        # (one Replace per fact: Replace takes no group references), a Split isolates the canonical facts
+        # together with the space before them, and the vocabulary maps 'a*b=c' and ' a*b=c' to their ids
+        hf.normalizer = normalizers.Sequence([normalizers.Replace(Regex(fact_pattern(a, b, a * b)), f"{a}*{b}={a * b}")
+                                              for (a, b) in tok.mul_ids])
         alternatives = mul_split_regex(tok)
-        splits.append(pre_tokenizers.Split(Regex(r"(?<![\d.,])" + alternatives + r"(?![\d]|[.,]\d)"), behavior="isolated"))
-        whole_mul = r"\A" + alternatives + r"\z|"  # keeps an isolated product in one piece through the next split
+        fact = f"{FACT_BEFORE}{alternatives}{FACT_AFTER}"
+        # a fact with the space before it; the whitespace character before an unspaced fact on its own, as in
+        # GPT-2's BPE ('\n\n3*4=12' is '\n', '\n', '3*4=12'), so the tokens outside the facts stay the baseline's
+        splits.append(pre_tokenizers.Split(Regex(f" ?{fact}|[^\\S ](?={fact})"), behavior="isolated"))
+        whole_mul = rf"\A ?{alternatives}\z|"  # keeps an isolated fact in one piece through the next split
     else:
         whole_mul = ""
     if tok.kind == "gpt2":
@@ -489,12 +545,14 @@ def sample_text(tok):
         "  indented\tTabs\r\nCRLF  and   spaces. Ünïcödé: café, naïve, 日本語, emoji 🙂, math ∑ x² ≥ 0.\n",
         "#### 72\n<<48/2=24>> 1*1=1? 13*4=52, 3*4=13, 3*4=125, 123*4=492, 3*4=12.5, 1.3*4=12 ",
         "surface forms: 3 x 4 = 12, 3 × 4 = 12, 3 times 4 is 12, 3 * 4 = 12, 2 x 6 = 12 bags, 12x12=144\n",
+        "not facts: 2*3*4=12, -3*4=12, ３*４=１２, 3*4=\n12, a3*4=12, 1e3*4=12, 03*4=12, 2 x 3 = 6 x 4 = 24, 3  *4=12\n",
+        "facts: 3x4=12 3 *4= 12 (3*4=12) <<3*4=12>>12 is 3 times 4 is 12.  3*4=12\t3*4=12, 5*5=25 5*5=25\n\n\n3*4=12\n",
     ]
     for text in tok.special:
         parts.append(f"{text}a {text}\n")
     for i in sorted(tok.mul_ids.values()):
         s = tok.id_to_text[i]
-        parts.append(f"{s} ({s}),x{s}\n")
+        parts.append(f"{s} ({s}),x{s} {s}\n")
     return "".join(parts)
 
 
@@ -538,10 +596,29 @@ class Logger:
             print(msg, flush=True)
 
 
+class PlainLines:
+    """A file for tqdm that turns its carriage-return frames into plain lines (for logs that are not a
+    terminal, such as SLURM's: ~66 KB of frames per run otherwise)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s):
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
 def progress(iterable=None, master=True, **kwargs):
-    """A tqdm bar on rank 0, silent elsewhere."""
+    """A tqdm bar on rank 0, silent elsewhere. When stderr is not a terminal, a plain line every 30 s instead."""
     from tqdm.auto import tqdm
-    return tqdm(iterable, disable=not master, dynamic_ncols=True, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, disable=not master, dynamic_ncols=True, **kwargs)
+    kwargs = {"mininterval": 30, **kwargs}
+    return tqdm(iterable, disable=not master, file=PlainLines(sys.stderr), ascii=True, **kwargs)
 
 
 def read_jsonl(path):
