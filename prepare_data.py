@@ -261,14 +261,14 @@ def iter_documents(cfg, start=0):
         docs = wikitext_articles(row_field(r, cfg.text_field, cfg) for r in source_rows(cfg))
     else:
         docs = (row_field(r, cfg.text_field, cfg) for r in source_rows(cfg))
-    docs = (d for d in docs if d.strip())
+    docs = (d for d in docs if d and not d.isspace())  # (strip() would copy every document)
     if start:  # resume: read past the documents already in finished shards, without tokenizing them
         docs = itertools.islice(docs, start, None)
     return docs
 
 
 # -----------------------------------------------------------------------------
-# tokenization: a Pool of workers, each with its own Tokenizer, documents in order
+# tokenization: a Pool of workers holding the parent's Tokenizer (through fork), documents in order
 
 _tok, _dtype = None, None
 
@@ -297,7 +297,7 @@ def tokenize_stream(docs, tok, tok_args, num_proc, chunksize=16):
     documents in flight: memory stays bounded however long the stream. Even one worker is a process of its
     own, so that reading the source overlaps with tokenizing it."""
     _use_tokenizer(tok)  # forked workers inherit it
-    window = num_proc * chunksize * 8
+    window = num_proc * chunksize * 32  # enough read-ahead that a worker never waits on a busy reader
     slots, stop = threading.Semaphore(window), threading.Event()
 
     def throttled():  # runs in the Pool's task-feeding thread
@@ -379,8 +379,10 @@ class ShardWriter:
         mul = {}
         if self.tok.mul_ids:  # per fact, its plain and its spaced token together
             first = self.tok.mul_first
-            counts = np.bincount(tokens[tokens >= first].astype(np.int64) - first,
-                                 minlength=self.tok.vocab_size - first)
+            counts = np.zeros(self.tok.vocab_size - first, dtype=np.int64)
+            for start in range(0, len(tokens), 1 << 22):  # in pieces: no shard-sized temporary mask
+                piece = tokens[start:start + (1 << 22)]
+                counts += np.bincount(piece[piece >= first].astype(np.int64) - first, minlength=len(counts))
             for i in np.flatnonzero(counts):
                 fact = self.tok.id_to_text[first + int(i)].lstrip(" ")
                 mul[fact] = mul.get(fact, 0) + int(counts[i])
