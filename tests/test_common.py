@@ -328,6 +328,8 @@ def test_hf_folder_weights_are_group_readable_and_params_leave_out_embeddings(tm
     blocks = sum(p.numel() for p in gpt.transformer.h.parameters()) + sum(p.numel() for p in gpt.transformer.ln_f.parameters())
     assert gpt.num_params() == blocks
     assert gpt.num_params(non_embedding=False) == blocks + 320 * 32 + 16 * 32
+    untied = model_lib.GPT(dataclasses.replace(cfg, tie_embeddings=False))  # BD3-LM: lm_head apart from wte
+    assert untied.num_params() == blocks and untied.num_params(non_embedding=False) == blocks + 2 * 320 * 32 + 16 * 32
     old = os.umask(0o022)
     try:
         model_lib.save_hf_folder(gpt, tok, str(tmp_path), {})
