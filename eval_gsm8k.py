@@ -242,7 +242,7 @@ def evaluate(cfg, lm, task, out_dir, engine=None):
     results = {"task": task, "model": lm.name, "model_kind": lm.kind, **lm.info, "engine": engine_name,
                "metrics": metrics, "counts": counts, "n": counts["n"], "seconds": round(seconds, 3),
                "samples_per_s": counts["n"] / seconds if seconds > 0 else None,
-               "data": "generated" if task == "synthetic" else task_data_path(cfg, task) or "hub",
+               "data": "generated" if task in ("synthetic", "probes") else task_data_path(cfg, task) or "hub",
                "config": {**dataclasses.asdict(cfg), "task": task}}
     common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
     logger.log({"task": task, **metrics, "n": counts["n"], "seconds": round(seconds, 2),

@@ -194,7 +194,8 @@ def check_resume_config(cfg, ckpt):
               if k in saved and saved[k] != getattr(cfg, k)]
     if differ:
         raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
-                                 f"model or data layout: {'; '.join(differ)}. Use that run's settings, or another out_dir")
+                                 f"model or data layout: {'; '.join(differ)}. Use that run's settings, or another "
+                                 "out_dir")
 
 
 def segment_lengths(cfg):
@@ -752,7 +753,6 @@ def train(cfg, d):
     val_loader = make_loader(cfg, tok, "val", cfg.micro_batch_size, d, shuffle=False)[0] if has_val else None
     attn_mask = attention_mask_for(block_ids, d.device, use_flex)
     block_ids = block_ids.to(d.device)
-    torch.manual_seed(cfg.seed + 1 + d.rank)  # the noise differs across ranks (weights were seeded alike)
     val_loss = None
     noise = [cfg.noise_beta, cfg.noise_omega]  # the clip range; the search moves it
     if ckpt:
@@ -786,6 +786,9 @@ def train(cfg, d):
         optimizer.zero_grad(set_to_none=True)
         stats = torch.zeros(2 + 2 * len(seg_names), device=d.device)
         batches = [train_loader.next_batch() for _ in range(accum)]
+        # the noise of a step depends only on (seed, step, rank): a resumed run, on any number of ranks, draws
+        # exactly what the uninterrupted one drew, with no per-rank RNG state in the checkpoint
+        noise_rng = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + step) * 1024 + d.rank)
         # the loss is the NELBO per token of the whole step (all micro batches, all ranks)
         n_tokens = common.all_reduce(sum(v.sum() for _, v, _ in batches).float().to(d.device), "sum", d)
         for micro, (x0, valid, seg) in enumerate(batches):
@@ -793,7 +796,7 @@ def train(cfg, d):
             with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
                 with autocast:
                     terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
-                                        cfg.antithetic, two_pass=cfg.two_pass, exec_positions=exec_pos) * valid
+                                        cfg.antithetic, noise_rng, cfg.two_pass, exec_pos) * valid
                 loss_sum = terms.sum()
                 (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
             stats[0] += loss_sum.detach()
@@ -917,7 +920,8 @@ def train(cfg, d):
     bar.close()
 
     tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
-    results = {"status": status, "steps": step + 1, "noise_range": noise, "final_train_loss": train_loss, "final_val_loss": val_loss,
+    results = {"status": status, "steps": step + 1, "noise_range": noise, "final_train_loss": train_loss,
+               "final_val_loss": val_loss,
                "final_val_ppl_bound": math.exp(val_loss) if val_loss is not None else None, **seg_losses,
                "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_sec": tokens_per_sec,
                "seconds": time.time() - run_t0, "n_params": raw_model.num_params(), "world_size": d.world_size,
@@ -1105,8 +1109,8 @@ def gsm8k_eval(cfg, d):
     if cfg.data == "hierarchical":
         items = plan_items(cfg, "val")
         questions = [it["question"] for it in items]
-        golds = [gsm8k_task.normalize_number(str(it.get("answer_numerical")))
-                 if it.get("answer_numerical") is not None else gsm8k_task.final_answer(it["execution"]) for it in items]
+        golds = [gsm8k_task.normalize_number(str(it["answer_numerical"])) if it.get("answer_numerical") is not None
+                 else gsm8k_task.final_answer(it["execution"]) for it in items]
     else:
         rows = gsm8k_task.load_gsm8k(cfg.val_data_path, "test")
         questions, golds = [r["question"] for r in rows], [r["gold"] for r in rows]
@@ -1123,7 +1127,8 @@ def gsm8k_eval(cfg, d):
             completion = segs.get("execution", segs.get("all", ""))
             gold = golds[start + i]
             records.append({"id": start + i, "question": q, "gold": gold, "completion": completion,
-                            **({"plan": segs["plan"]} if "plan" in segs else {}), **gsm8k_task.score_completion(completion, gold),
+                            **({"plan": segs["plan"]} if "plan" in segs else {}),
+                            **gsm8k_task.score_completion(completion, gold),
                             "new_tokens": int((~fixed[i]).sum())})
     n = len(records)
     strict = sum(r["correct"]["strict"] for r in records)

@@ -13,7 +13,7 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 
-import common
+import dataio
 from tasks.base import Task
 
 # -----------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def read_gsm8k(split="test", data_path=""):
     if data_path:
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"GSM8K file not found: {data_path}")
-        return common.read_jsonl(data_path)
+        return dataio.read_jsonl(data_path)
     from datasets import load_dataset  # lazily: only needed when reading from the hub
     return list(load_dataset("openai/gsm8k", "main", split=split))
 

@@ -110,7 +110,7 @@ def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_pa
     right = {tuple(lm.tok.encode_prompt(it["prompt"])): tok.encode(f" {it['question']}={it['gold']}\nQ: junk")
              for it in items}
     ids = right[tuple(lm.tok.encode_prompt(items[0]["prompt"]))]  # mul_table 1*1: a single mul token
-    assert tok.decode(ids[:1]) == " " and ids[1] == tok.mul_ids[(1, 1)]  # the answer's digits live in a mul token
+    assert ids[0] == tok.mul_space_ids[(1, 1)]  # the answer's digits live in a mul token (' 1*1=1')
     cfg = ev.Config(task="probes", limit=4)
     metrics, counts, records, _ = ev.task_probes(cfg, lm, ScriptedEngine(tok, right))
     assert metrics == {**{f"probe_{s}": 1.0 for s in probes.PROBE_OPS}, "probes_mean": 1.0}
@@ -118,6 +118,15 @@ def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_pa
     wrong = {k: tok.encode(" 7") for k in right}
     metrics, _, _, _ = ev.task_probes(cfg, lm, ScriptedEngine(tok, wrong))
     assert metrics["probes_mean"] == 0.0
+
+
+def test_probe_results_name_their_data_generated(run, tmp_path):
+    tok = run["tok"]
+    lm = engine_lib.LoadedModel(model=None, tok=engine_lib.NativeTokenizer(tok), name="scripted", kind="native",
+                                max_positions=256, info={})
+    answers = {tuple(lm.tok.encode_prompt(it["prompt"])): tok.encode(" 7") for it in probes.probe_items(limit=1)}
+    ev.evaluate(ev.Config(task="probes", limit=1), lm, "probes", str(tmp_path), ScriptedEngine(tok, answers))
+    assert json.load(open(tmp_path / "results.json"))["data"] == "generated"  # not "hub": nothing was downloaded
 
 
 class CharTokenizer:
