@@ -192,10 +192,14 @@ for COND in $CONDITIONS; do
         done
     fi
     SFT_MODEL=$MODEL
-    if [ "$RL" = 1 ] && [ -f grpo.py ] && [ "$MODEL" != "$HF" ]; then
-        stage "grpo $U" "$UNIT/grpo/hf/config.json" "" "${LAUNCH[@]}" grpo.py "$GRPO_CONFIG" model="$MODEL" \
-            out_dir="$UNIT/grpo" resume=latest
-        MODEL=$UNIT/grpo/hf
+    if [ "$RL" = 1 ] && [ -f grpo.py ]; then
+        if [ "$MODEL" = "$HF" ]; then
+            echo "== grpo $U: no SFT stage before it (GRPO starts from an SFT model), skipped"
+        else
+            stage "grpo $U" "$UNIT/grpo/hf/config.json" "" "${LAUNCH[@]}" grpo.py "$GRPO_CONFIG" model="$MODEL" \
+                out_dir="$UNIT/grpo" resume=latest
+            MODEL=$UNIT/grpo/hf
+        fi
     fi
 
     if [ "$SKIP_EVAL" = 0 ]; then
