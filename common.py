@@ -80,7 +80,10 @@ def _convert(value, typ, key):
     if origin in (list, tuple):
         if isinstance(value, str):
             import yaml
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v != ""]
+            try:
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config key '{key}' expects a list, got {value!r} (not valid YAML)") from e
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         elem = args[0] if args else None
@@ -89,7 +92,10 @@ def _convert(value, typ, key):
     if typ is dict or origin is dict:
         if isinstance(value, str):
             import yaml
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config key '{key}' expects a mapping, got {value!r} (not valid YAML)") from e
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
         return value
@@ -137,7 +143,10 @@ def load_config(cls, argv=None):
                 raise ConfigError(f"config file not found: {arg}")
             import yaml
             with open(arg) as f:
-                loaded = yaml.safe_load(f) or {}
+                try:
+                    loaded = yaml.safe_load(f) or {}
+                except yaml.YAMLError as e:  # a syntax error: say where, in one line
+                    raise ConfigError(f"config file {arg} is not valid YAML: {' '.join(str(e).split())}") from e
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {arg} must hold a mapping of key: value")
             for k, v in loaded.items():
@@ -150,6 +159,20 @@ def load_config(cls, argv=None):
 
 def config_dict(cfg):
     return dataclasses.asdict(cfg)
+
+
+# what bad input raises (a config, a data file, a checkpoint): a stage reports these in one line, not a traceback
+EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def run_main(main, expected=()):
+    """A stage's `if __name__ == "__main__"`: run main(); bad input (EXPECTED_ERRORS and `expected`) ends in
+    one line `error: ...` on stderr and exit code 1."""
+    try:
+        main()
+    except EXPECTED_ERRORS + tuple(expected) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(1)
 
 
 # -----------------------------------------------------------------------------
@@ -1041,5 +1064,17 @@ def progress(iterable=None, master=True, **kwargs):
 
 
 def read_jsonl(path):
+    """The JSON objects of a jsonl file, one per non-empty line; a malformed line raises ValueError naming it."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows

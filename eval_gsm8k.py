@@ -101,7 +101,7 @@ def make_engine(cfg, lm, dtype):
     if cfg.engine not in ("auto", "vllm", "hf"):
         raise common.ConfigError(f"engine must be auto, vllm or hf, got {cfg.engine!r}")
     if cfg.engine == "vllm" and not common.vllm_available():
-        raise RuntimeError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
+        raise common.ConfigError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
     if cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()):
         return engine_lib.VLLMEngine(lm, dtype, max(cfg.batch_size, 512), cfg.gpu_memory_utilization)
     return engine_lib.Engine(lm, cfg.batch_size)
@@ -499,8 +499,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main)

@@ -96,6 +96,9 @@ def check_config(cfg):
                 "hellaswag_batch"):
         if getattr(cfg, key) <= 0:
             raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
+    for key in ("max_lr", "min_lr_ratio", "weight_decay", "warmup_steps", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            raise common.ConfigError(f"config key '{key}' must not be negative, got {getattr(cfg, key)}")
     if cfg.tokenizer is not None and cfg.tokenizer not in ("gpt2", "byte"):
         raise common.ConfigError(f"tokenizer '{cfg.tokenizer}' is not one of gpt2, byte")
 
@@ -252,7 +255,10 @@ def train(cfg, d, stop):
         print(f"warning: no tokenizer, so no val bits per byte: {str(e).splitlines()[0]}", file=sys.stderr)
     if cfg.hellaswag_file and not cfg.bench:
         if tokenizer is None:
-            tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)  # raises the clear error
+            try:
+                tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)
+            except RuntimeError as e:
+                raise common.ConfigError(f"hellaswag_file needs the data's tokenizer: {e}") from e
         # tokenized once here, not at every evaluation; contexts longer than the block lose tokens from the left
         hellaswag_items = encode_items(tokenizer, load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None),
                                        max_len=raw_model.config.block_size)
@@ -430,8 +436,4 @@ def bench(cfg, d, train_step, logger, n_params, flops_per_token, peak, device_na
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, TrainingDiverged, FileNotFoundError, common.ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, expected=(TrainingDiverged,))

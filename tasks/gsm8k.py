@@ -93,9 +93,18 @@ def read_gsm8k(split="test", data_path=""):
     if data_path:
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"GSM8K file not found: {data_path}")
-        return common.read_jsonl(data_path)
+        return require_fields(common.read_jsonl(data_path), ("question", "answer"), data_path)
     from datasets import load_dataset  # lazily: only needed when reading from the hub
     return list(load_dataset("openai/gsm8k", "main", split=split))
+
+
+def require_fields(rows, fields, path):
+    """Refuse a data file whose rows lack a field the task reads (a clear error, not a KeyError later)."""
+    for n, row in enumerate(rows, 1):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise ValueError(f"{path}: row {n} has no {', '.join(missing)} field (each row needs {', '.join(fields)})")
+    return rows
 
 
 def load_gsm8k(data_path="", split="test"):
@@ -110,7 +119,13 @@ def load_svamp(data_path="", split="test"):
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"SVAMP file not found: {data_path}")
         with open(data_path) as f:
-            rows = json.load(f)
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{data_path}: not a JSON file ({e})") from e
+        if not isinstance(rows, list):
+            raise ValueError(f"{data_path}: expected a JSON list of SVAMP problems")
+        require_fields(rows, ("Body", "Question", "Answer"), data_path)
     else:
         from datasets import load_dataset  # lazily: only needed when reading from the hub
         rows = list(load_dataset("ChilleD/SVAMP", split=split))

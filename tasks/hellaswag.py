@@ -25,7 +25,9 @@ def load_hellaswag(path="", limit=None):
         raise FileNotFoundError(f"HellaSwag file not found: {path}")
     items = []
     if path.endswith(".jsonl"):
-        for row in common.read_jsonl(path):
+        for n, row in enumerate(common.read_jsonl(path), 1):
+            if not {"ctx", "endings", "label"} <= set(row):
+                raise ValueError(f"{path}: row {n} needs the fields ctx, endings and label")
             items.append({"ctx": row["ctx"], "endings": list(row["endings"]), "label": int(row["label"])})
     else:
         with open(path, encoding="utf-8") as f:

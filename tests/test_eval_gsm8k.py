@@ -171,7 +171,7 @@ def test_vllm_path_is_guarded(run):
     if not torch.cuda.is_available():
         assert common.vllm_available() is False  # never imported, never used without CUDA
         lm = engine_lib.load_model(run["run"], run["ranks"])
-        with pytest.raises(RuntimeError, match="engine=vllm needs"):
+        with pytest.raises(common.ConfigError, match="engine=vllm needs"):
             ev.make_engine(ev.Config(engine="vllm"), lm, torch.float32)
         assert isinstance(ev.make_engine(ev.Config(engine="auto"), lm, torch.float32), engine_lib.Engine)
     with pytest.raises(common.ConfigError, match="unknown task"):
