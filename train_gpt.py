@@ -13,8 +13,19 @@ warmup + cosine schedule. One step always consumes `total_batch_size` tokens ove
 
 Checkpoints hold everything needed to continue bit for bit: weights, optimizer, step, the data
 loader's position and the RNG state. SIGTERM / SIGUSR1 (SLURM preemption or time limit) only set a
-flag; at the next step boundary the run saves a checkpoint and exits with code 0.
+flag; at the next step boundary the run saves a checkpoint and exits with code 0. That holds from process
+start to exit: a signal during start-up (the imports take seconds) ends the run before its first step with
+exit code 0 (nothing new to save), and one after the last checkpoint lets the run finish and exit 0.
 """
+import signal
+
+# installed before the slow imports below, so that no moment of the process is left to the default handler
+# (which kills with -15): a signal here is remembered and honoured in main, and after main it is ignored
+EARLY_SIGNALS = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signal.Signals(signum).name))
+
 import contextlib
 import dataclasses
 import math
@@ -199,6 +210,7 @@ def main(argv=None):
     d = common.setup_dist(cfg.device)
     try:
         with common.preemption_handlers() as stop:
+            stop.signal = stop.signal or (EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
             return train(cfg, d, stop)
     finally:
         common.cleanup_dist(d)
@@ -309,6 +321,11 @@ def train(cfg, d, stop):
             "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "step": step,
             "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
             "val_loss": val_loss, "val_bpb": val_bpb}, d, cfg.keep_last_k)
+
+    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
+        logger.info(f"received {stop.signal} before the first step: exiting without training "
+                    f"(continue with resume=latest)")
+        return {"status": "preempted", "step": start_step - 1}
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
