@@ -76,6 +76,8 @@ class Config:
     probe_n: int = 100               # items per sampled probe suite (the 12x12 table is always complete)
     probe_max_new_tokens: int = 16
     sweep_tasks: List[str] = dataclasses.field(default_factory=lambda: ["gsm8k", "probes"])
+    sweep_isolate: str = "auto"      # sweep: one subprocess per checkpoint: auto (when vLLM generates: it keeps
+                                     # its GPU memory until its process ends) | true | false
     runs: List[str] = dataclasses.field(default_factory=list)        # compare: results folders, baseline first
     labels: List[str] = dataclasses.field(default_factory=list)      # compare: names for the runs
     gpu_memory_utilization: float = 0.85  # vLLM
@@ -367,14 +369,71 @@ def plot_curves(rows, out_dir):
     return paths
 
 
-def run_sweep(cfg):
-    """Evaluate every checkpoint of a run folder on sweep_tasks; learning curves per metric."""
+def sweep_checkpoints(cfg):
+    """[(step, path)] a sweep evaluates: every checkpoint of a run folder (or RUN/latest's folder), or one file."""
+    if os.path.isfile(cfg.model):
+        here = os.path.dirname(os.path.abspath(cfg.model))
+        ckpts = [(s, p) for s, p in common.list_checkpoints(here) if os.path.samefile(p, cfg.model)]
+        if not ckpts:
+            raise common.ConfigError(f"model={cfg.model}: a sweep needs a run folder or a ckpt_NNNNNN.pt file")
+        return here, ckpts
     run_dir = os.path.dirname(cfg.model) if os.path.basename(cfg.model) == "latest" else cfg.model
     ckpts = common.list_checkpoints(run_dir)
     if not ckpts:
         raise FileNotFoundError(f"no checkpoints (ckpt_*.pt) in {run_dir}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    return run_dir, ckpts
+
+
+def sweep_isolated(cfg, tasks):
+    """Whether each checkpoint runs in its own process: vLLM does not give its GPU memory back when an engine
+    is closed, so a second engine in the same process can run out of memory."""
+    if cfg.sweep_isolate not in ("auto", "true", "false"):
+        raise common.ConfigError(f"sweep_isolate must be auto, true or false, got {cfg.sweep_isolate!r}")
+    if cfg.sweep_isolate != "auto":
+        return cfg.sweep_isolate == "true"
+    generates = any(t != "hellaswag" for t in tasks)
+    return generates and (cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()))
+
+
+def sweep_checkpoint(cfg, step, path, tasks, device, dtype):
+    """Evaluate one checkpoint on the sweep's tasks in this process: its row of checkpoint_results.json."""
+    lm = engine_lib.load_model(path, cfg.tokenizer_file, device, dtype)
+    metrics = {}
+    if lm.info.get("val_loss") is not None:
+        metrics["val_loss"] = lm.info["val_loss"]
+    engine = None  # one generation engine per checkpoint, shared by its tasks
+    for task in tasks:
+        sub = dataclasses.replace(cfg, task=task)
+        if task != "hellaswag" and engine is None:
+            engine = make_engine(sub, lm, dtype)
+        res = evaluate(sub, lm, task, os.path.join(cfg.out_dir, f"step_{step:06d}", task), engine)
+        metrics.update(res["metrics"])
+    if engine is not None:
+        engine.close()
+    return {"step": step, "checkpoint": path, "metrics": metrics}
+
+
+def config_args(cfg, **overrides):
+    """The config as key=value arguments for a child eval_gsm8k.py (lists in YAML's [a,b] form)."""
+    values = {**dataclasses.asdict(cfg), **overrides}
+    return [f"{k}=[{','.join(map(str, v))}]" if isinstance(v, list) else f"{k}={v}" for k, v in values.items()]
+
+
+def sweep_checkpoint_in_subprocess(cfg, step, path):
+    """The same evaluation in a child process (task=sweep on this one file), which frees all of its GPU
+    memory when it exits; its row is read back from the checkpoint_results.json it writes."""
+    import subprocess
+    args = config_args(cfg, task="sweep", model=path, sweep_isolate="false", runs=[], labels=[])
+    rc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args).returncode
+    if rc != 0:
+        raise ValueError(f"evaluating {path} failed in its subprocess (exit code {rc}; its error is above)")
+    with open(os.path.join(cfg.out_dir, "checkpoint_results.json")) as f:
+        return json.load(f)["checkpoints"][0]
+
+
+def run_sweep(cfg):
+    """Evaluate every checkpoint of a run folder on sweep_tasks; learning curves per metric."""
+    run_dir, ckpts = sweep_checkpoints(cfg)
     device = resolve_device(cfg.device)
     dtype = common.resolve_dtype(cfg.dtype, device)
     bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "synthetic", "probes", "hellaswag")]
@@ -384,25 +443,19 @@ def run_sweep(cfg):
     if cfg.data_path:
         raise common.ConfigError("a sweep runs several tasks: give gsm8k_path/svamp_path/hellaswag_path, not data_path")
     tasks = sorted(cfg.sweep_tasks, key=lambda t: t != "hellaswag")  # loss tasks first: vLLM may take the GPU after
+    isolate = sweep_isolated(cfg, tasks)
+    os.makedirs(cfg.out_dir, exist_ok=True)
     rows, t0 = [], time.time()
     for step, path in ckpts:
-        lm = engine_lib.load_model(path, cfg.tokenizer_file, device, dtype)
-        metrics = {}
-        if lm.info.get("val_loss") is not None:
-            metrics["val_loss"] = lm.info["val_loss"]
-        engine = None  # one generation engine per checkpoint, shared by its tasks
-        for task in tasks:
-            sub = dataclasses.replace(cfg, task=task)
-            if task != "hellaswag" and engine is None:
-                engine = make_engine(sub, lm, dtype)
-            res = evaluate(sub, lm, task, os.path.join(cfg.out_dir, f"step_{step:06d}", task), engine)
-            metrics.update(res["metrics"])
-        if engine is not None:
-            engine.close()
-        rows.append({"step": step, "checkpoint": path, "metrics": metrics})
-        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if isolate:
+            row = sweep_checkpoint_in_subprocess(cfg, step, path)
+        else:
+            row = sweep_checkpoint(cfg, step, path, tasks, device, dtype)
+        rows.append(row)
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()), flush=True)
+    common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     plots = plot_curves(rows, cfg.out_dir)
-    report = {"run": run_dir, "tasks": list(cfg.sweep_tasks), "checkpoints": rows,
+    report = {"run": run_dir, "tasks": list(cfg.sweep_tasks), "checkpoints": rows, "isolated": isolate,
               "plots": [os.path.basename(p) for p in plots], "seconds": round(time.time() - t0, 2)}
     common.atomic_write_json(os.path.join(cfg.out_dir, "checkpoint_results.json"), report)
     return report

@@ -158,3 +158,33 @@ def test_in_loop_hellaswag_defaults_to_checkpoint_steps(tmp_path):
     hs = records(out, "hellaswag")
     assert [r["step"] for r in hs] == [1, 3, 4]  # the checkpoints at steps 1, 3 and the end
     assert all(r["n"] == 5 and 0 <= r["acc_norm_char"] <= 1 for r in hs)
+
+
+# -----------------------------------------------------------------------------
+# item 6: a sweep can give each checkpoint its own process (what vLLM needs); the numbers do not change
+
+
+def test_sweep_in_subprocesses_equals_the_sweep_in_process(run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(run["run"], run_dir)
+    (step, first), = common.list_checkpoints(str(run_dir))
+    ckpt = common.load_checkpoint(first)
+    with torch.no_grad():
+        for p in ckpt["model"].values():
+            p.mul_(0.5)  # a second checkpoint with other weights
+    ckpt.pop("path")
+    common.save_checkpoint(str(run_dir / "ckpt_000005.pt"), ckpt)
+    args = [f"model={run_dir}", "task=sweep", "sweep_tasks=[probes,hellaswag]", "limit=2", "probe_n=5",
+            "probe_max_new_tokens=4", f"hellaswag_path={shared_path('hellaswag', 'hellaswag_val_full.txt')}",
+            f"tokenizer_file={run['ranks']}"]
+    plain = ev.main(args + [f"out_dir={tmp_path / 'plain'}"])  # engine auto on CPU: in process
+    isolated = ev.main(args + [f"out_dir={tmp_path / 'isolated'}", "sweep_isolate=true"])
+    assert plain["isolated"] is False and isolated["isolated"] is True
+    assert [r["step"] for r in isolated["checkpoints"]] == [step, 5] == [r["step"] for r in plain["checkpoints"]]
+    for a, b in zip(plain["checkpoints"], isolated["checkpoints"]):
+        assert a["metrics"] == pytest.approx(b["metrics"]) and "hellaswag_acc_norm_char" in a["metrics"]
+    saved = json.load(open(tmp_path / "isolated" / "checkpoint_results.json"))
+    assert [r["step"] for r in saved["checkpoints"]] == [step, 5]  # the parent's report, not a child's
+    assert ev.sweep_isolated(ev.Config(engine="vllm"), ["gsm8k"]) is True  # vLLM: a process per checkpoint
+    assert ev.sweep_isolated(ev.Config(engine="vllm"), ["hellaswag"]) is False  # no generation, no vLLM
