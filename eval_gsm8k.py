@@ -445,6 +445,7 @@ def run_sweep(cfg):
     tasks = sorted(cfg.sweep_tasks, key=lambda t: t != "hellaswag")  # loss tasks first: vLLM may take the GPU after
     isolate = sweep_isolated(cfg, tasks)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     rows, t0 = [], time.time()
     for step, path in ckpts:
         if isolate:
@@ -453,7 +454,8 @@ def run_sweep(cfg):
             row = sweep_checkpoint(cfg, step, path, tasks, device, dtype)
         rows.append(row)
         print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()), flush=True)
-    common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    if isolate:  # the children wrote theirs over it
+        common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     plots = plot_curves(rows, cfg.out_dir)
     report = {"run": run_dir, "tasks": list(cfg.sweep_tasks), "checkpoints": rows, "isolated": isolate,
               "plots": [os.path.basename(p) for p in plots], "seconds": round(time.time() - t0, 2)}

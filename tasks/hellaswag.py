@@ -100,8 +100,9 @@ def hellaswag_scores(logits_fn, tokenizer, item, device, max_len=None):
 
 def hellaswag_eval(logits_fn, encoded, device, rank=0, world_size=1, master=True, batch_items=8):
     """acc, acc_norm and acc_norm_char counts over pre-encoded items (encode_items): rank r scores items r,
-    r + W, ...; batch_items items (4 rows each) per forward. The caller all-reduces the counts under DDP."""
-    mine = encoded[rank::world_size]
+    r + W, ..., batch_items items (4 rows each) of similar length per forward. The caller all-reduces the
+    counts under DDP."""
+    mine = sorted(encoded[rank::world_size], key=lambda e: max(map(len, e["rows"])))  # little padding per batch
     counts = {"correct": 0, "correct_norm": 0, "correct_norm_char": 0, "n": 0}
     for start in common.progress(range(0, len(mine), batch_items), master=master, desc="hellaswag", leave=False):
         batch = mine[start:start + batch_items]
