@@ -242,12 +242,16 @@ def task_math(cfg, lm, engine, task):
     protocols = {f"{task}_strict": "project: the number after the first '####', normalised, numeric equality",
                  f"{task}_flexible": "project: the last number, normalised, numeric equality"}
     if cfg.protocol == "lm_eval":
+        if k != gsm8k.LM_EVAL_FEWSHOT:
+            print(f"warning: protocol=lm_eval with fewshot={k}: the harness's gsm8k task is "
+                  f"{gsm8k.LM_EVAL_FEWSHOT}-shot, so these numbers are not comparable with published ones",
+                  file=sys.stderr)
         for name in ("strict_match", "flexible_extract"):
             hits = sum(r["lm_eval"]["correct"][name] for r in records)
             metrics[f"{task}_lm_eval_{name}"] = hits / n
             counts[f"lm_eval_{name}_correct"] = hits
             protocols[f"{task}_lm_eval_{name}"] = (f"lm_eval: lm-evaluation-harness gsm8k.yaml v3.0 "
-                                                   f"{name.replace('_', '-')} filter + exact_match")
+                                                   f"{name.replace('_', '-')} filter + exact_match, {k}-shot")
     if counts["fewshot_below_requested"]:
         print(f"warning: {counts['fewshot_below_requested']} of {n} {task} prompts hold fewer than the "
               f"{k} requested exemplars (min {counts['fewshot_used_min']}, mean {counts['fewshot_used_mean']:.2f}): "
