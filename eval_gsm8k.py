@@ -222,10 +222,9 @@ def task_math(cfg, lm, engine, task):
     k = fewshot_k(cfg)
     build_prompts(cfg, lm, problems, exemplars, data, task)
     stop = problems.stop(exemplars) if cfg.protocol == "project" else gsm8k.LM_EVAL_STOP
-    score_fn = problems.evaluate
-    if cfg.protocol == "lm_eval":
-        def score_fn(it, text):
-            return {**problems.evaluate(it, text), "lm_eval": gsm8k.score_lm_eval(text, it["answer"])}
+    def score_fn(it, text):  # the project's scores always; the harness's beside them under protocol=lm_eval
+        scores = problems.evaluate(it, text)
+        return {**scores, "lm_eval": gsm8k.score_lm_eval(text, it["answer"])} if cfg.protocol == "lm_eval" else scores
     records, seconds, truncated = run_generation(data, lm, engine, cfg.max_new_tokens, stop, score_fn, task)
     n = len(records)
     strict = sum(r["correct"]["strict"] for r in records)
