@@ -27,6 +27,20 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
+# what bad input raises (a config, a data file, a checkpoint): a stage reports these in one line, not a traceback
+EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def run_main(main, expected=()):
+    """A stage's `if __name__ == "__main__"`: run main(); bad input (EXPECTED_ERRORS and `expected`) ends in
+    one line `error: ...` on stderr and exit code 1."""
+    try:
+        main()
+    except EXPECTED_ERRORS + tuple(expected) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(1)
+
+
 # -----------------------------------------------------------------------------
 # distributed: one process per GPU under torchrun, else a single process on cuda/mps/cpu
 

@@ -622,5 +622,17 @@ def progress(iterable=None, master=True, **kwargs):
 
 
 def read_jsonl(path):
+    """The JSON objects of a jsonl file, one per non-empty line; a malformed line raises ValueError naming it."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows

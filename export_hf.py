@@ -166,8 +166,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, ExportVerificationError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, expected=(ExportVerificationError,))

@@ -414,7 +414,11 @@ def from_checkpoint(path, tokenizer_file=None):
     """(GPT in eval mode, common.Tokenizer, checkpoint dict) from a checkpoint path / run folder / RUN/latest."""
     ckpt = common.load_checkpoint(path, expected_kind="gpt")
     gpt = build_model(ckpt["model_config"])
-    gpt.load_state_dict(ckpt["model"])
+    try:
+        gpt.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing, unexpected or differently shaped tensors
+        raise ValueError(f"{ckpt['path']}: its model_config does not match its weights: "
+                         f"{' '.join(str(e).split())[:300]}") from e
     gpt.eval()
     tok = common.Tokenizer.from_spec(ckpt["tokenizer"], tokenizer_file or run_tokenizer_file(ckpt))
     return gpt, tok, ckpt
