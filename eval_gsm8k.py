@@ -536,9 +536,9 @@ def scored_outcomes(folder):
             task = json.load(f)["task"]
         records = common.read_jsonl(preds)
         for r in records:
-            if "correct_norm" in r:  # hellaswag
-                outcomes.setdefault("hellaswag_acc_norm", {})[r["id"]] = bool(r["correct_norm"])
-                outcomes.setdefault("hellaswag_acc", {})[r["id"]] = bool(r["correct"])
+            if "correct_norm" in r:  # hellaswag: correct, correct_norm, ... -> hellaswag_acc, hellaswag_acc_norm, ...
+                for key in (k for k in r if k.startswith("correct")):
+                    outcomes.setdefault("hellaswag_acc" + key[len("correct"):], {})[r["id"]] = bool(r[key])
             elif isinstance(r["correct"], dict):  # gsm8k, svamp, synthetic: strict and flexible
                 for how, ok in r["correct"].items():
                     outcomes.setdefault(f"{task}_{how}", {})[r["id"]] = bool(ok)

@@ -70,7 +70,7 @@ def write_condition(root, gsm8k_right, probe_right, tokens, hella_right, train_c
                 for i, ok in enumerate(probe_right)]
         write_task(os.path.join(root, "eval", stage, "probes"), "probes", recs,
                    {"probe_mul_table": sum(probe_right) / len(recs)})
-    recs = [{"id": i, "correct": ok, "correct_norm": ok} for i, ok in enumerate(hella_right)]
+    recs = [{"id": i, "correct": ok, "correct_norm": ok, "correct_norm_char": not ok} for i, ok in enumerate(hella_right)]
     write_task(os.path.join(root, "eval", "pretrain", "hellaswag"), "hellaswag", recs,
                {"hellaswag_acc_norm": sum(hella_right) / len(recs)})
     run = os.path.join(root, "pretrain")
@@ -133,6 +133,7 @@ def test_report_mcnemar_on_the_same_questions(report):
     assert (probe["only_baseline_correct"], probe["only_other_correct"]) == (0, 4)
     hella = rep["mcnemar"]["pretrain"]["mul_tokens"]["hellaswag_acc_norm"]
     assert hella["n_paired"] == 30
+    assert rep["accuracy"]["pretrain"]["baseline"]["hellaswag_acc_norm_char"]["correct"] == 20  # every flag kept
 
 
 def test_report_tokens_curves_and_page(report):
