@@ -255,6 +255,17 @@ def start_or_resume(out_dir, resume, kind):
     return None
 
 
+def check_resume_config(cfg, ckpt, keys):
+    """Refuse a config that contradicts the checkpoint it resumes in any of `keys` (what the weights, the data
+    layout and the loss are: the log would describe another run); other keys (the lr, max_steps) may change."""
+    saved = ckpt.get("config") or {}
+    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in keys
+              if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        raise ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another model, "
+                          f"data or loss: {'; '.join(differ)}. Use that run's settings, or another out_dir")
+
+
 def trim_log(out_dir, step):
     """Drop log.jsonl records after `step`: the steps after a checkpoint are about to be redone."""
     path = os.path.join(out_dir, "log.jsonl")

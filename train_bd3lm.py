@@ -188,16 +188,6 @@ SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "tie_embeddings", "exec_la
               "data_dir")
 
 
-def check_resume_config(cfg, ckpt):
-    saved = ckpt.get("config") or {}
-    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in SHAPE_KEYS
-              if k in saved and saved[k] != getattr(cfg, k)]
-    if differ:
-        raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
-                                 f"model or data layout: {'; '.join(differ)}. Use that run's settings, or another "
-                                 "out_dir")
-
-
 def segment_lengths(cfg):
     if cfg.data != "hierarchical":
         return [cfg.seq_len]
@@ -726,7 +716,7 @@ def train(cfg, d):
     # ---- where to start: fresh (or from pretrained weights), or from a checkpoint of this run
     ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, KIND)
     if ckpt:
-        check_resume_config(cfg, ckpt)
+        common.check_resume_config(cfg, ckpt, SHAPE_KEYS)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= cfg.max_steps:
         return {"status": "already_finished", "step": ckpt["step"]}

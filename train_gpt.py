@@ -118,16 +118,6 @@ def check_config(cfg):
 SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data_dir")
 
 
-def check_resume_config(cfg, ckpt):
-    """Refuse a config that contradicts the checkpoint it resumes (the log would describe another model)."""
-    saved = ckpt.get("config") or {}
-    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in SHAPE_KEYS
-              if k in saved and saved[k] != getattr(cfg, k)]
-    if differ:
-        raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
-                                 f"model or data: {'; '.join(differ)}. Use that run's settings, or another out_dir")
-
-
 def grad_accum_steps(cfg, world_size):
     tokens_per_micro_step = cfg.micro_batch_size * cfg.block_size * world_size
     if cfg.total_batch_size % tokens_per_micro_step:
@@ -227,7 +217,7 @@ def train(cfg, d, stop):
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, step, data position, RNG)
     ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, kind="gpt")
     if ckpt:
-        check_resume_config(cfg, ckpt)
+        common.check_resume_config(cfg, ckpt, SHAPE_KEYS)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= cfg.max_steps:
         if d.master:

@@ -319,16 +319,6 @@ def start_or_resume(run_dir, resume):
 SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data_dir", "mode", "scored_share")
 
 
-def check_resume_config(cfg, ckpt):
-    """Refuse a config that contradicts the checkpoint it resumes (the log would describe another run)."""
-    saved = ckpt.get("config") or {}
-    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in SHAPE_KEYS
-              if k in saved and saved[k] != getattr(cfg, k)]
-    if differ:
-        raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
-                                 f"model, data or loss: {'; '.join(differ)}. Use that run's settings, or another out_dir")
-
-
 def run_folder(cfg, d):
     """out_dir, or experiments/<name>_<timestamp>; resume=latest without out_dir takes the newest <name>_* run."""
     if cfg.out_dir:
@@ -617,7 +607,7 @@ def train(cfg, d, stop):
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, scaler, step, data position, RNG)
     ckpt = start_or_resume(out_dir, cfg.resume)
     if ckpt:
-        check_resume_config(cfg, ckpt)
+        common.check_resume_config(cfg, ckpt, SHAPE_KEYS)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= max_steps:
         if d.master:
