@@ -58,7 +58,7 @@ class Config:
     mixture_rates: List[float] = field(default_factory=list)  # per-draw rates summing to 1; [] = concatenate
     dataset_options: dict = field(default_factory=dict)       # e.g. synthetic: {max_steps: 1, max_value: 20}
     max_samples: int = 0              # train examples per dataset (a seeded subset; 0 = all)
-    eval_samples: int = 200           # eval examples per dataset (eval loss and generation accuracy)
+    eval_samples: int = 200           # eval examples per dataset (eval loss and generation accuracy; 0 = none)
     prompt_format: str = "auto"       # auto (chat template if the model has one, else user_assistant) | chat_template | user_assistant | plain
     inject_mul_tokens: bool = False   # encode assistant replies with the multiplication tokens (mul_tokens condition)
     max_length: int = 1024            # tokens per example (and per packed row)
@@ -429,7 +429,7 @@ def summed_loss(model, kind, x, y, pos, doc, attn):
 
 
 def load_examples(cfg, tok, fmt, master):
-    """-> train examples [(x, y)] in stream order, eval sets {name: (encoded, raw examples)}, counts."""
+    """-> each set's encoded train examples [(x, y)], eval sets {name: (encoded, raw examples)}, counts."""
     per_set, evals, counts = [], {}, {"cut": 0, "examples": 0}
     for k, name in enumerate(cfg.datasets):
         entry = sft_sets.get_set(name)
@@ -437,7 +437,8 @@ def load_examples(cfg, tok, fmt, master):
         path = cfg.data_paths[k] if cfg.data_paths else ""
         eval_path = cfg.eval_data_paths[k] if cfg.eval_data_paths else (path if entry.eval_split is None else "")
         train = sft_sets.load_split(name, "train", path, cfg.max_samples, cfg.seed, cfg.dataset_options)
-        held = sft_sets.load_split(name, "eval", eval_path, cfg.eval_samples, cfg.seed, cfg.dataset_options)
+        held = sft_sets.load_split(name, "eval", eval_path, cfg.eval_samples, cfg.seed,
+                                   cfg.dataset_options) if cfg.eval_samples > 0 else []
         encoded = []
         for ex in train:
             ids, target, cut = encode_example(ex["messages"], fmt, tok, cfg.max_length)
@@ -449,13 +450,20 @@ def load_examples(cfg, tok, fmt, master):
         if master:
             print(f"dataset {name}: {len(train)} train / {len(held)} eval examples", flush=True)
     counts["examples"] = sum(len(s) for s in per_set)
+    return per_set, evals, counts
+
+
+def make_rows(cfg, per_set, per_step):
+    """The training stream (mixture draws, `epochs` passes, or as many as max_steps needs) and its rows."""
     rates = sft_sets.check_rates(cfg.datasets, cfg.mixture_rates)
-    n_draws = max(1, math.ceil(cfg.epochs * counts["examples"]))
-    if cfg.max_steps:  # enough draws for max_steps (rows hold >= 1 example each)
-        n_draws = max(n_draws, cfg.max_steps * cfg.batch_size * cfg.grad_accum_steps * 64)
-    stream = sft_sets.Mixture([len(s) for s in per_set], rates, cfg.seed).stream(n_draws)
-    examples = [per_set[k][i] for k, i in stream]
-    return examples, evals, counts
+    n_draws = max(1, math.ceil(cfg.epochs * sum(len(s) for s in per_set)))
+    while True:
+        stream = sft_sets.Mixture([len(s) for s in per_set], rates, cfg.seed).stream(n_draws)
+        examples = [per_set[k][i] for k, i in stream]
+        rows = build_rows(examples, cfg.max_length, cfg.packing)
+        if not cfg.max_steps or len(rows) >= cfg.max_steps * per_step:
+            return examples, rows
+        n_draws *= 2
 
 
 def step_rows(rows, step, micro, cfg, d):
@@ -598,10 +606,10 @@ def train(cfg, d, stop):
         model.to(d.device)
 
     # ---- data: the whole stream, fixed from the seed
-    examples, evals, counts = load_examples(cfg, tok, fmt, d.master)
-    rows = build_rows(examples, cfg.max_length, cfg.packing)
+    per_set, evals, counts = load_examples(cfg, tok, fmt, d.master)
     per_step = cfg.batch_size * cfg.grad_accum_steps * d.world_size
-    steps_in_data = len(rows) // per_step  # the stream holds `epochs` passes (or enough for max_steps)
+    examples, rows = make_rows(cfg, per_set, per_step)
+    steps_in_data = len(rows) // per_step  # a last partial step is left out
     if cfg.max_steps:
         steps_in_data = min(steps_in_data, cfg.max_steps)
     max_steps = steps_in_data
@@ -633,10 +641,11 @@ def train(cfg, d, stop):
         optimizer.load_state_dict(ckpt["optimizer"])
         common.set_rng_state(ckpt["rng"])
         start_step = ckpt["step"] + 1
-        if start_step >= max_steps:
+        if start_step >= max_steps and os.path.isfile(os.path.join(cfg.out_dir, "hf", "config.json")):
             if d.master:
                 print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {max_steps} steps")
             return {"status": "already_finished", "step": ckpt["step"]}
+        # a run stopped between its last checkpoint and its HF folder: the loop is empty, the folder is written
     raw_model = model
     model = common.wrap_model(model, d, cfg.compile)
     warmup_steps = int(cfg.warmup_ratio * max_steps)

@@ -124,7 +124,11 @@ def synthetic_rows(split, data_path, max_samples, options):
     from tasks.synthetic import SyntheticMath
     knobs = {k: v for k, v in options.items() if k in ("seed", "max_value", "min_steps", "max_steps", "templates", "ops")}
     n = max_samples or (5000 if split == "train" else 500)
-    return [{"question": e["question"], "answer": e["answer"]} for e in SyntheticMath(n=n, **knobs).examples(split)]
+    try:
+        problems = SyntheticMath(n=n, **knobs).examples(split)
+    except (ValueError, TypeError) as e:  # knobs out of range: a config mistake
+        raise common.ConfigError(f"dataset 'synthetic', dataset_options {options}: {e}") from e
+    return [{"question": e["question"], "answer": e["answer"]} for e in problems]
 
 
 def jsonl_rows(split, data_path, max_samples, options):
@@ -264,7 +268,7 @@ def load_split(name, split, data_path="", max_samples=0, seed=0, options=None, h
     else:
         rows = hub_rows(entry, hub_split or entry.train_split)
     index = list(range(len(rows)))  # rows may be a hub Dataset: pick indices first, read only those rows
-    if hub_split is None:  # hold out a fixed part of the train rows for eval
+    if entry.eval_split is None:  # hold out a fixed part of the train rows for eval
         random.Random(f"holdout:{name}:{seed}").shuffle(index)
         n = min(holdout, len(index) // 10 or 1)
         index = sorted(index[:n] if split == "eval" else index[n:])
@@ -277,7 +281,7 @@ def load_split(name, split, data_path="", max_samples=0, seed=0, options=None, h
 def check_labels(entry, encode):
     """Every label word must tokenize to something (a word that vanishes can be neither trained nor parsed)."""
     for word in entry.labels:
-        if not encode(" " + word):
+        if not word.strip() or not encode(word.strip()):
             raise common.ConfigError(f"dataset '{entry.name}': label word {word!r} tokenizes to nothing")
 
 
@@ -311,14 +315,11 @@ def score_generation(entry, example, text):
     """{'pred', 'correct', 'parsed'} of one generated reply against the example's gold."""
     if entry.scoring == "label":
         pred = parse_label(text, entry.labels)
-    else:
-        from tasks.gsm8k import extract_strict, extract_flexible
-        pred = extract_strict(text) or extract_flexible(text)
-    if entry.scoring == "number":
-        from tasks.gsm8k import same_number
-        correct = same_number(pred, example["gold"])
-    else:
         correct = pred is not None and pred == example["gold"]
+    else:  # math: the number after '####' (GSM8K's strict score; a reply without it is unparseable)
+        from tasks.gsm8k import extract_strict, same_number
+        pred = extract_strict(text)
+        correct = same_number(pred, example["gold"])
     return {"pred": pred, "correct": bool(correct), "parsed": pred is not None}
 
 
