@@ -662,25 +662,68 @@ class ShardLoader:
         self.reset()
 
     def reset(self):
-        self.set_state({"shard": 0, "pos": 0})
+        self.set_state({"file": os.path.basename(self.shards[0]), "pos": 0})
 
     def state(self):
-        # `pos` is the start of the current window; every rank's offset within it follows from its rank
-        return {"shard": self.shard, "pos": self.pos}
+        # the file by name (the list of readable shards depends on the batch geometry) and the start of the
+        # current window in it; every rank's offset within the window follows from its rank
+        return {"file": os.path.basename(self.shards[self.shard]), "pos": self.pos}
 
     def set_state(self, state):
-        self.shard, self.pos = state["shard"], state["pos"]
+        names = [os.path.basename(p) for p in self.shards]
+        if state["file"] not in names:
+            raise ShardError(f"the checkpoint's data position is in {state['file']}, which is not a readable shard "
+                             f"here ({len(names)} shards; a shard shorter than one batch window of this geometry is "
+                             "left out): resume with the batch geometry of the run, or start afresh")
+        self.shard, self.pos = names.index(state["file"]), state["pos"]
         self.tokens = read_shard(self.shards[self.shard])
+        if self.pos + self.B * self.T * self.world_size + 1 > len(self.tokens):  # another geometry: next file
+            self.shard, self.pos = (self.shard + 1) % len(self.shards), 0
+            self.tokens = read_shard(self.shards[self.shard])
 
     def next_batch(self):
         B, T = self.B, self.T
         start = self.pos + self.rank * B * T
         buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        if torch.cuda.is_available():
+            buf = buf.pin_memory()  # so that .to(device, non_blocking=True) really overlaps
         x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
         self.pos += B * T * self.world_size
         if self.pos + B * T * self.world_size + 1 > len(self.tokens):
-            self.set_state({"shard": (self.shard + 1) % len(self.shards), "pos": 0})
+            self.set_state({"file": os.path.basename(self.shards[(self.shard + 1) % len(self.shards)]), "pos": 0})
         return x, y
+
+
+def validation_rows(data_dir, n_rows, T):
+    """The first n_rows (T+1)-token windows of the val split: one fixed validation set, whatever the world size
+    (each rank scores rows rank, rank + W, ...). Fewer rows when the split is shorter."""
+    rows = []
+    for path in find_shards(data_dir, "val"):
+        tokens = read_shard(path)
+        for start in range(0, len(tokens) - T, T):
+            if len(rows) == n_rows:
+                return torch.from_numpy(np.stack(rows).astype(np.int64))
+            rows.append(tokens[start:start + T + 1])
+    if not rows:
+        raise ShardError(f"the val split of {data_dir} is shorter than one row of {T + 1} tokens")
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def token_byte_lengths(tokenizer, vocab_size):
+    """UTF-8 bytes each token id stands for (0 for end of text, roles and other special tokens; padding rows 0):
+    bits per byte = summed nats / ln 2 / bytes, a loss comparable across tokenizers."""
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    special = set(tokenizer.special.values())
+    for i in range(tokenizer.vocab_size):
+        if i in special:
+            continue
+        if tokenizer.kind == "byte" and i < 256:
+            lengths[i] = 1
+        elif tokenizer.kind == "gpt2" and i < tokenizer.eot_id:
+            lengths[i] = len(tokenizer.base.decode_single_token_bytes(i))
+        else:  # a multiplication token: the bytes of its canonical text a*b=c
+            lengths[i] = len(tokenizer.id_to_text[i].encode("utf-8"))
+    return lengths
 
 
 # -----------------------------------------------------------------------------
@@ -1000,120 +1043,3 @@ def progress(iterable=None, master=True, **kwargs):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-# -----------------------------------------------------------------------------
-# GSM8K: rows {question, answer} from a local jsonl or the HF hub; the gold number after '####'
-
-FINAL_ANSWER_RE = re.compile(r"####\s*(-?\s*\$?\s*-?\d[\d,]*(?:\.\d+)?)")
-
-
-def load_gsm8k(split="test", data_path=""):
-    """GSM8K rows {question, answer}: a local jsonl (e.g. ../shared/data/gsm8k/test.jsonl) or HF openai/gsm8k."""
-    if data_path:
-        if not os.path.isfile(data_path):
-            raise FileNotFoundError(f"GSM8K file not found: {data_path}")
-        return read_jsonl(data_path)
-    from datasets import load_dataset  # lazily: only needed when reading from the hub
-    return list(load_dataset("openai/gsm8k", "main", split=split))
-
-
-def final_answer(text):
-    """The number after the last '####' (GSM8K's answer line), normalised; None if absent."""
-    found = FINAL_ANSWER_RE.findall(text)
-    return normalize_number(found[-1]) if found else None
-
-
-def normalize_number(text):
-    """'$1,234.50' -> '1234.5', '18.0' -> '18', '- 3' -> '-3', '18 dollars' -> '18'; None without a number."""
-    from decimal import Decimal, InvalidOperation
-    if text is None:
-        return None
-    s = re.sub(r"[\s,$]", "", str(text)).rstrip(".")
-    m = re.search(r"-?\d+(?:\.\d+)?", s)  # drops units and other trailing words
-    if not m:
-        return None
-    try:
-        d = Decimal(m.group(0))
-    except InvalidOperation:
-        return None
-    return str(int(d)) if d == d.to_integral_value() else format(d.normalize(), "f")
-
-
-def same_number(a, b):
-    """Exact numeric equality of two answers (strings or numbers), after normalisation."""
-    from decimal import Decimal
-    a, b = normalize_number(a), normalize_number(b)
-    return a is not None and b is not None and Decimal(a) == Decimal(b)
-
-
-# -----------------------------------------------------------------------------
-# HellaSwag: pick the ending the model finds most likely (acc: summed loss, acc_norm: mean per-token loss)
-
-
-def load_hellaswag(path="", limit=None):
-    """Items {ctx, endings[4], label} from HF-style jsonl, the 6-lines-per-item text export, or (an empty
-    path or 'Rowan/hellaswag') the validation split of Rowan/hellaswag on the HF hub."""
-    if not path or path == "Rowan/hellaswag":
-        from datasets import load_dataset  # lazily: only needed when reading from the hub
-        rows = load_dataset("Rowan/hellaswag", split="validation")
-        items = [{"ctx": r["ctx"], "endings": list(r["endings"]), "label": int(r["label"])} for r in rows]
-        return items[:limit] if limit else items
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"HellaSwag file not found: {path}")
-    items = []
-    if path.endswith(".jsonl"):
-        for row in read_jsonl(path):
-            items.append({"ctx": row["ctx"], "endings": list(row["endings"]), "label": int(row["label"])})
-    else:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        if len(lines) % 6:
-            raise ValueError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, label, 4 endings)")
-        for i in range(0, len(lines), 6):
-            ctx, label, endings = lines[i], lines[i + 1], lines[i + 2:i + 6]
-            if label.strip() not in ("0", "1", "2", "3"):
-                raise ValueError(f"{path}:{i + 2}: label must be 0-3, got {label!r}")
-            items.append({"ctx": ctx, "endings": endings, "label": int(label)})
-    return items[:limit] if limit else items
-
-
-@torch.no_grad()
-def hellaswag_scores(logits_fn, tokenizer, item, device, max_len=None):
-    """Per-ending (summed loss, mean loss) of ' ' + ending after the context; logits_fn(idx) -> logits.
-    With max_len, rows longer than the model's positions lose context tokens from the left."""
-    ctx = tokenizer.encode(item["ctx"])
-    rows, masks = [], []
-    for ending in item["endings"]:
-        end = tokenizer.encode(" " + ending)
-        row, mask = ctx + end, [0] * len(ctx) + [1] * len(end)
-        if max_len is not None and len(row) > max_len:
-            row, mask = row[-max_len:], mask[-max_len:]
-        rows.append(row)
-        masks.append(mask)
-    T = max(len(r) for r in rows)
-    idx = torch.zeros((4, T), dtype=torch.long)
-    mask = torch.zeros((4, T), dtype=torch.float)
-    for i, (r, m) in enumerate(zip(rows, masks)):
-        idx[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)
-    idx, mask = idx.to(device), mask.to(device)
-    logits = logits_fn(idx).float()
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1),
-                                               reduction="none").view(4, T - 1)
-    m = mask[:, 1:]
-    summed = (losses * m).sum(1)
-    return summed, summed / m.sum(1)
-
-
-def hellaswag_eval(logits_fn, tokenizer, items, device, rank=0, world_size=1, master=True, max_len=None):
-    """acc and acc_norm over `items` (split across ranks; the caller all-reduces the counts if DDP)."""
-    correct = correct_norm = n = 0
-    for i, item in enumerate(progress(items, master=master, desc="hellaswag", leave=False)):
-        if i % world_size != rank:
-            continue
-        summed, mean = hellaswag_scores(logits_fn, tokenizer, item, device, max_len)
-        correct += int(summed.argmin().item() == item["label"])
-        correct_norm += int(mean.argmin().item() == item["label"])
-        n += 1
-    return {"correct": correct, "correct_norm": correct_norm, "n": n}

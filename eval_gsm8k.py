@@ -10,39 +10,39 @@ Tasks
              base models, or zero-shot in sft.py's chat format `User: ...\nAssistant:` with fewshot=0.
              Scored `strict` (the number after ####) and `flexible` (the last number), numbers normalised.
   svamp      SVAMP, same prompts and scoring (k-shot exemplars come from GSM8K train, as in the CoT papers).
+  synthetic  1,000 synthetic word problems (tasks/synthetic.py, a fixed test stream), same prompts and scoring;
+             k-shot exemplars come from the synthetic train stream.
   probes     deterministic arithmetic suites: 12x12 multiplication table, two-digit x one-digit, addition,
              subtraction; accuracy per suite. A multiplication token counts as the text it decodes to.
-  hellaswag  acc (summed loss) and acc_norm (mean per-token loss of the ending), common.hellaswag_scores.
+  hellaswag  acc (summed loss) and acc_norm (mean per-token loss of the ending), tasks/hellaswag.py.
   sweep      every checkpoint of a run folder -> checkpoint_results.json and a learning curve PNG per metric.
   compare    several results folders (runs=[a,b]) -> comparison_report.json and a bar chart.
 
-Generation: vLLM when it is installed and a GPU is present (engine=auto|vllm), else batched greedy decoding
-with a KV cache in plain PyTorch/transformers (engine=hf): native checkpoints go through the same in-memory
-GPT-2 conversion that export_hf.py writes. Every run writes config.json, log.jsonl/log.txt, results.json and
+Generation (engine.py): vLLM when it is installed and a GPU is present (engine=auto|vllm), else batched
+greedy decoding with a KV cache in plain PyTorch (engine=hf): native checkpoints run as model.GPT with its own
+KV cache, HF models with transformers' cache. Every run writes config.json, log.jsonl/log.txt, results.json and
 predictions.jsonl to out_dir.
 """
 import dataclasses
-import inspect
 import json
 import os
 import random
-import re
 import sys
 import time
-from typing import List, Optional
+from typing import List
 
 import torch
 
 import common
-import export_hf
-import model as model_lib
+import engine as engine_lib
+from tasks import gsm8k, hellaswag, probes, synthetic
 
-TASKS = ("gsm8k", "svamp", "probes", "hellaswag", "sweep", "compare")
+TASKS = ("gsm8k", "svamp", "synthetic", "probes", "hellaswag", "sweep", "compare")
 
 
 @dataclasses.dataclass
 class Config:
-    task: str = "gsm8k"              # gsm8k | svamp | probes | hellaswag | sweep | compare
+    task: str = "gsm8k"              # gsm8k | svamp | synthetic | probes | hellaswag | sweep | compare
     model: str = ""                  # native ckpt / run folder / RUN/latest, an exported folder, or an HF id
     out_dir: str = "out/eval"
     limit: int = 0                   # first N items (per suite for probes); 0 = all
@@ -68,337 +68,19 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# answers: extraction and normalisation (strict = after ####, flexible = last number), as lm-evaluation-harness
-
-NUMBER_RE = re.compile(r"-?\$?-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_strict(completion):
-    m = common.FINAL_ANSWER_RE.search(completion)  # the first '####' answer, as lm-evaluation-harness
-    return common.normalize_number(m.group(1)) if m else None
-
-
-def extract_flexible(completion):
-    found = NUMBER_RE.findall(completion)
-    return common.normalize_number(found[-1]) if found else None
-
-
-def score_completion(completion, gold):
-    strict, flexible = extract_strict(completion), extract_flexible(completion)
-    return {"extracted": {"strict": strict, "flexible": flexible},
-            "correct": {"strict": common.same_number(strict, gold), "flexible": common.same_number(flexible, gold)}}
-
-
-def cut_at_stop(text, stop):
-    """The completion up to the first stop string."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
-
-
-# -----------------------------------------------------------------------------
-# data: HF hub through `datasets` (lazy import) or local files
-
-
-def gsm8k_gold(answer):
-    return common.final_answer(answer)
-
-
-def load_gsm8k(data_path="", split="test"):
-    rows = common.load_gsm8k(split, data_path)
-    return [{"id": i, "question": r["question"], "answer": r["answer"], "gold": gsm8k_gold(r["answer"])}
-            for i, r in enumerate(rows)]
-
-
-def load_svamp(data_path=""):
-    if data_path:
-        if not os.path.isfile(data_path):
-            raise FileNotFoundError(f"SVAMP file not found: {data_path}")
-        with open(data_path) as f:
-            rows = json.load(f)
-    else:
-        from datasets import load_dataset  # lazily: only needed when reading from the hub
-        rows = list(load_dataset("ChilleD/SVAMP", split="test"))
-    return [{"id": r.get("ID", i), "question": f"{r['Body'].strip()} {r['Question'].strip()}",
-             "gold": common.normalize_number(r["Answer"])} for i, r in enumerate(rows)]
+# data: each task's local file, else the hub (loading, prompts, scoring and the probe suites live in tasks/)
 
 
 def task_data_path(cfg, task):
     return cfg.data_path or getattr(cfg, f"{task}_path", "")
 
 
-def fewshot_exemplars(cfg, k, data_path=""):
-    """k fixed GSM8K train exemplars: fewshot_path, else train.jsonl beside the task's data file (or in
-    ../gsm8k of the shared data layout), else the hub's train split."""
-    if k <= 0:
-        return []
-    path = cfg.fewshot_path
-    if not path:
-        candidates = []
-        for beside in (data_path, cfg.gsm8k_path):
-            if beside:
-                here = os.path.dirname(os.path.abspath(beside))
-                candidates += [os.path.join(here, "train.jsonl"), os.path.join(here, "..", "gsm8k", "train.jsonl")]
-        path = next((c for c in candidates if os.path.isfile(c)), "")
-    train = load_gsm8k(path, split="train")
-    return random.Random(cfg.fewshot_seed).sample(train, k)
-
-
-CHAT_TEMPLATE = "User: {question}\nAssistant:"  # the format sft.py trains
-CHAT_STOP = ["User:"]
-FEWSHOT_STOP = ["\n\n", "Question:"]
-
-
-def build_prompt(question, exemplars):
-    if not exemplars:
-        return CHAT_TEMPLATE.format(question=question)
-    shots = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in exemplars)
-    return shots + f"Question: {question}\nAnswer:"
-
-
-# arithmetic probes: fixed suites, 3-shot in the suite's own format, answer = last number of the first line
-PROBE_OPS = {"mul_table": "*", "mul_2d_1d": "*", "add_2d": "+", "sub_2d": "-"}
-PROBE_STOP = ["\n"]
-
-
-def probe_pairs(suite, n, seed=0):
-    rng = random.Random(f"probe-{suite}-{seed}")
-    if suite == "mul_table":
-        return [(a, b) for a in range(1, 13) for b in range(1, 13)]
-    if suite == "mul_2d_1d":
-        pool = [(a, b) for a in range(10, 100) for b in range(2, 10)]
-    elif suite == "add_2d":
-        pool = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    elif suite == "sub_2d":
-        pool = [(a, b) for a in range(10, 100) for b in range(10, 100) if a >= b]
-    else:
-        raise ValueError(f"unknown probe suite {suite!r}")
-    return rng.sample(pool, min(n, len(pool)))
-
-
-def probe_answer(a, op, b):
-    return {"*": a * b, "+": a + b, "-": a - b}[op]
-
-
-def probe_items(n=100, seed=0, limit=0):
-    items = []
-    for suite, op in PROBE_OPS.items():
-        pairs = probe_pairs(suite, n, seed)
-        chosen = pairs[:limit] if limit else pairs
-        for i, (a, b) in enumerate(chosen):
-            rng = random.Random(f"shots-{suite}-{seed}-{i}")
-            shots = rng.sample([p for p in pairs if p != (a, b)], 3)
-            prompt = "".join(f"Q: {x} {op} {y}\nA: {x}{op}{y}={probe_answer(x, op, y)}\n\n" for x, y in shots)
-            prompt += f"Q: {a} {op} {b}\nA:"
-            items.append({"id": f"{suite}-{i}", "suite": suite, "question": f"{a}{op}{b}", "prompt": prompt,
-                          "gold": str(probe_answer(a, op, b))})
-    return items
-
-
 # -----------------------------------------------------------------------------
-# models: one interface (an HF causal LM + a tokenizer wrapper) for native checkpoints and HF models
-
-
-class NativeTokenizer:
-    """common.Tokenizer behind the interface the tasks use (ids exactly as in training)."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.eos_ids = {tok.eot_id}
-        self.pad_id = tok.eot_id
-
-    def encode(self, text):
-        return self.tok.encode(text)
-
-    def encode_prompt(self, text):
-        return self.tok.encode(text)
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-
-class HFTokenizer:
-    def __init__(self, tok, generation_config=None):
-        self.tok = tok
-        eos = set()
-        for e in (getattr(generation_config, "eos_token_id", None), tok.eos_token_id):
-            if isinstance(e, int):
-                eos.add(e)
-            elif e:
-                eos.update(e)
-        self.eos_ids = eos
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
-
-    def encode(self, text):  # continuation pieces (HellaSwag endings): no BOS
-        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def encode_prompt(self, text):  # a whole prompt: BOS where the model wants one
-        return self.tok(text, add_special_tokens=True, verbose=False)["input_ids"]
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    hf: torch.nn.Module          # a transformers causal LM
-    tok: object                  # NativeTokenizer | HFTokenizer
-    name: str                    # what the user passed
-    kind: str                    # native | hf
-    max_positions: Optional[int]
-    info: dict                   # checkpoint path, step, val_loss (native)
-    hf_dir: Optional[str] = None  # a folder vLLM can load (None for native until exported)
-    native_checkpoint: Optional[str] = None
-
-
-def is_native(path):
-    if os.path.isfile(path):
-        return path.endswith(".pt")
-    if os.path.basename(path) == "latest":
-        return True
-    return os.path.isdir(path) and bool(common.list_checkpoints(path))
+# models and generation: engine.py (native checkpoints through model.GPT's KV cache, HF models, vLLM)
 
 
 def resolve_device(device):
     return common.autodetect_device() if device == "auto" else device
-
-
-def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
-    if not name:
-        raise common.ConfigError("model= is required (a checkpoint, run folder, RUN/latest, HF folder or hub id)")
-    if is_native(name):
-        gpt, tok, ckpt = model_lib.from_checkpoint(name, tokenizer_file or None)
-        hf = model_lib.to_hf(gpt, tok).to(device=device, dtype=dtype).eval()
-        info = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
-                "tokenizer": tok.spec}
-        return LoadedModel(hf, NativeTokenizer(tok), name, "native", gpt.config.block_size, info,
-                           native_checkpoint=ckpt["path"])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(name)
-    c = hf.config
-    max_pos = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
-    info = {}
-    if os.path.isfile(os.path.join(name, "export_info.json")):
-        with open(os.path.join(name, "export_info.json")) as f:
-            e = json.load(f)
-        info = {"checkpoint": e.get("source_checkpoint"), "step": e.get("step"), "val_loss": e.get("val_loss")}
-    return LoadedModel(hf, HFTokenizer(tok, hf.generation_config), name, "hf", max_pos, info, hf_dir=name)
-
-
-# -----------------------------------------------------------------------------
-# generation: batched greedy decoding with a KV cache (plain PyTorch/transformers), or vLLM
-
-
-@torch.no_grad()
-def generate_greedy(model, prompts, max_new_tokens, eos_ids, pad_id, stop_fn=None):
-    """Greedy continuation of each prompt (lists of ids), batched with left padding and a KV cache.
-    Returns the generated ids per prompt, without the EOS token. stop_fn(row, ids) -> True ends a row early.
-    Finished rows leave the batch (their cache rows are dropped), so the batch runs as long as its longest row."""
-    device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    idx = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, L - len(p):] = 1
-    idx, mask = idx.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as without padding
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-    past, last_pos = out.past_key_values, pos[:, -1:]
-    nxt = out.logits[:, -1].float().argmax(-1)
-    generated = [[] for _ in range(B)]
-    rows = list(range(B))  # the prompt index of each batch row still running
-    done = [False] * B     # used only when the cache cannot drop rows (legacy tuple caches)
-    for step in range(max_new_tokens):
-        keep = []
-        for j, t in enumerate(nxt.tolist()):
-            i = rows[j]
-            if done[i]:
-                continue
-            if t in eos_ids:
-                done[i] = True
-                continue
-            generated[i].append(t)
-            if stop_fn is not None and stop_fn(i, generated[i]):
-                done[i] = True
-                continue
-            keep.append(j)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(rows) and hasattr(past, "batch_select_indices"):
-            sel = torch.tensor(keep, device=device)
-            past.batch_select_indices(sel)
-            mask, last_pos, nxt = mask[sel], last_pos[sel], nxt[sel]
-            rows = [rows[j] for j in keep]
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-        last_pos = last_pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos, past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
-        nxt = out.logits[:, -1].float().argmax(-1)
-    return generated
-
-
-class PlainEngine:
-    name = "hf"
-
-    def __init__(self, lm, batch_size):
-        self.lm, self.batch_size = lm, batch_size
-
-    def generate(self, prompts, max_new_tokens, stop):
-        tok = self.lm.tok
-
-        def stop_fn(i, ids):  # decode the tail: a stop string can only end in the newest tokens
-            return any(s in tok.decode(ids[-(len(s) + 8):]) for s in stop) if stop else False
-
-        return generate_greedy(self.lm.hf, prompts, max_new_tokens, tok.eos_ids, tok.pad_id, stop_fn)
-
-    def close(self):
-        pass
-
-
-class VLLMEngine:
-    """vllm.LLM on an HF folder (native checkpoints are exported, verified, to a temporary folder first).
-    Prompts go in as token ids from our tokenizer, so multiplication tokens are exactly the training ones."""
-    name = "vllm"
-
-    def __init__(self, lm, cfg, dtype):
-        from vllm import LLM
-        self.lm = lm
-        self.batch_size = max(cfg.batch_size, 512)  # vLLM schedules its own batches; chunks only feed the bar
-        model_dir = lm.hf_dir
-        if lm.kind == "native":
-            import tempfile
-            self._tmp = tempfile.TemporaryDirectory(prefix="eval_export_")
-            model_dir = os.path.join(self._tmp.name, "hf")
-            export_hf.export(lm.native_checkpoint, model_dir, cfg.tokenizer_file or None)
-        # vLLM takes the GPU: the transformers copy moves out of its way (loss-based tasks run before this)
-        lm.hf.to("cpu")
-        torch.cuda.empty_cache()
-        self.llm = LLM(model=model_dir, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"),
-                       seed=0, max_model_len=lm.max_positions, gpu_memory_utilization=cfg.gpu_memory_utilization)
-
-    def generate(self, prompts, max_new_tokens, stop):
-        from vllm import SamplingParams
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop) or None,
-                                stop_token_ids=sorted(self.lm.tok.eos_ids), skip_special_tokens=True)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        eos = self.lm.tok.eos_ids
-        return [[t for t in o.outputs[0].token_ids if t not in eos] for o in outs]
-
-    def close(self):
-        """Free the GPU for the next checkpoint of a sweep (vLLM keeps memory while an LLM object lives)."""
-        import gc
-        del self.llm
-        gc.collect()
-        torch.cuda.empty_cache()
-        if hasattr(self, "_tmp"):
-            self._tmp.cleanup()
 
 
 def make_engine(cfg, lm, dtype):
@@ -407,8 +89,8 @@ def make_engine(cfg, lm, dtype):
     if cfg.engine == "vllm" and not common.vllm_available():
         raise RuntimeError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
     if cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()):
-        return VLLMEngine(lm, cfg, dtype)
-    return PlainEngine(lm, cfg.batch_size)
+        return engine_lib.VLLMEngine(lm, dtype, max(cfg.batch_size, 512), cfg.gpu_memory_utilization)
+    return engine_lib.Engine(lm, cfg.batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -441,11 +123,10 @@ def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
     bar = common.progress(total=len(items), desc=desc)
     for start in range(0, len(order), engine.batch_size):
         chunk = order[start:start + engine.batch_size]
-        outs = engine.generate([encoded[i] for i in chunk], max_new_tokens, stop)
-        for i, ids in zip(chunk, outs):
-            completion = cut_at_stop(lm.tok.decode(ids), stop)
-            rec = {"id": items[i]["id"], "prompt": items[i]["prompt"], "completion": completion,
-                   "gold": items[i]["gold"], "new_tokens": len(ids), **score_fn(items[i], completion)}
+        outs = engine.generate([encoded[i] for i in chunk], max_new_tokens, stop=stop)
+        for i, (out,) in zip(chunk, outs):
+            rec = {"id": items[i]["id"], "prompt": items[i]["prompt"], "completion": out.text,
+                   "gold": items[i]["gold"], "new_tokens": len(out.content_ids), **score_fn(items[i], out.text)}
             records[i] = rec
             n_correct += int(rec["correct"]["flexible"] if isinstance(rec["correct"], dict) else rec["correct"])
             n_done += 1
@@ -455,18 +136,29 @@ def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
     return records, time.time() - t0, truncated
 
 
-def task_math(cfg, lm, engine, task):
-    """gsm8k / svamp: k-shot or zero-shot chat prompts; strict and flexible accuracy."""
+def math_task(cfg, task):
+    """The Task of gsm8k / svamp / synthetic and its k-shot exemplars (GSM8K train for gsm8k and svamp)."""
+    if task == "synthetic":
+        problems = synthetic.SyntheticMath()
+        train = problems.examples("train") if cfg.fewshot > 0 else []
+        exemplars = random.Random(cfg.fewshot_seed).sample(train, cfg.fewshot) if train else []
+        return problems, exemplars
     path = task_data_path(cfg, task)
-    data = load_gsm8k(path) if task == "gsm8k" else load_svamp(path)
+    problems = gsm8k.GSM8K(path) if task == "gsm8k" else gsm8k.SVAMP(path)
+    exemplars = gsm8k.fewshot_exemplars(cfg.fewshot, cfg.fewshot_seed, cfg.fewshot_path, near=(path, cfg.gsm8k_path))
+    return problems, exemplars
+
+
+def task_math(cfg, lm, engine, task):
+    """gsm8k / svamp / synthetic: k-shot or zero-shot chat prompts; strict and flexible accuracy."""
+    problems, exemplars = math_task(cfg, task)
+    data = problems.examples("test")
     if cfg.limit:
         data = data[:cfg.limit]
-    exemplars = fewshot_exemplars(cfg, cfg.fewshot, path)
     for it in data:
-        it["prompt"] = build_prompt(it["question"], exemplars)
-    stop = FEWSHOT_STOP if exemplars else CHAT_STOP
-    records, seconds, truncated = run_generation(data, lm, engine, cfg.max_new_tokens, stop,
-                                                 lambda it, c: score_completion(c, it["gold"]), task)
+        it["prompt"] = problems.prompt(it, exemplars)
+    records, seconds, truncated = run_generation(data, lm, engine, cfg.max_new_tokens, problems.stop(exemplars),
+                                                 problems.evaluate, task)
     n = len(records)
     strict = sum(r["correct"]["strict"] for r in records)
     flexible = sum(r["correct"]["flexible"] for r in records)
@@ -480,37 +172,33 @@ def task_math(cfg, lm, engine, task):
 
 
 def task_probes(cfg, lm, engine):
-    items = probe_items(cfg.probe_n, limit=cfg.limit)
-
-    def score(it, completion):
-        pred = extract_flexible(completion)
-        return {"suite": it["suite"], "extracted": pred, "correct": common.same_number(pred, it["gold"])}
-
-    records, seconds, truncated = run_generation(items, lm, engine, cfg.probe_max_new_tokens, PROBE_STOP,
-                                                 score, "probes")
+    suites = probes.Probes(cfg.probe_n, limit=cfg.limit)
+    items = suites.examples()
+    records, seconds, truncated = run_generation(items, lm, engine, cfg.probe_max_new_tokens, suites.stop(),
+                                                 suites.evaluate, "probes")
     metrics, counts = {}, {"truncated_prompts": truncated}
-    for suite in PROBE_OPS:
+    for suite in probes.PROBE_OPS:
         rs = [r for r in records if r["suite"] == suite]
         metrics[f"probe_{suite}"] = sum(r["correct"] for r in rs) / len(rs)
         counts[suite] = {"n": len(rs), "correct": sum(r["correct"] for r in rs)}
-    metrics["probes_mean"] = sum(metrics[f"probe_{s}"] for s in PROBE_OPS) / len(PROBE_OPS)
+    metrics["probes_mean"] = sum(metrics[f"probe_{s}"] for s in probes.PROBE_OPS) / len(probes.PROBE_OPS)
     counts["n"] = len(records)
     return metrics, counts, records, seconds
 
 
 @torch.no_grad()
 def task_hellaswag(cfg, lm):
-    items = common.load_hellaswag(task_data_path(cfg, "hellaswag"), cfg.limit or None)
-    device = next(lm.hf.parameters()).device
+    items = hellaswag.load_hellaswag(task_data_path(cfg, "hellaswag"), cfg.limit or None)
+    device = lm.device
 
     def logits_fn(idx):
-        return lm.hf(input_ids=idx).logits
+        return lm.logits(idx)
 
     records, correct, correct_norm = [], 0, 0
     t0 = time.time()
     bar = common.progress(items, desc="hellaswag")
     for i, item in enumerate(bar):
-        summed, mean = common.hellaswag_scores(logits_fn, lm.tok, item, device, max_len=lm.max_positions)
+        summed, mean = hellaswag.hellaswag_scores(logits_fn, lm.tok, item, device, max_len=lm.max_positions)
         pred, pred_norm = int(summed.argmin()), int(mean.argmin())
         correct += pred == item["label"]
         correct_norm += pred_norm == item["label"]
@@ -532,9 +220,9 @@ def evaluate(cfg, lm, task, out_dir, engine=None):
         metrics, counts, records, seconds = task_hellaswag(cfg, lm)
         engine_name = "loss"
     else:
-        engine = engine or make_engine(cfg, lm, next(lm.hf.parameters()).dtype)
+        engine = engine or make_engine(cfg, lm, lm.dtype)
         engine_name = engine.name
-        if task in ("gsm8k", "svamp"):
+        if task in ("gsm8k", "svamp", "synthetic"):
             metrics, counts, records, seconds = task_math(cfg, lm, engine, task)
         elif task == "probes":
             metrics, counts, records, seconds = task_probes(cfg, lm, engine)
@@ -547,7 +235,8 @@ def evaluate(cfg, lm, task, out_dir, engine=None):
     results = {"task": task, "model": lm.name, "model_kind": lm.kind, **lm.info, "engine": engine_name,
                "metrics": metrics, "counts": counts, "n": counts["n"], "seconds": round(seconds, 3),
                "samples_per_s": counts["n"] / seconds if seconds > 0 else None,
-               "data": task_data_path(cfg, task) or "hub", "config": {**dataclasses.asdict(cfg), "task": task}}
+               "data": "generated" if task == "synthetic" else task_data_path(cfg, task) or "hub",
+               "config": {**dataclasses.asdict(cfg), "task": task}}
     common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
     logger.log({"task": task, **metrics, "n": counts["n"], "seconds": round(seconds, 2),
                 "samples_per_s": results["samples_per_s"]})
@@ -590,15 +279,16 @@ def run_sweep(cfg):
     common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     device = resolve_device(cfg.device)
     dtype = common.resolve_dtype(cfg.dtype, device)
-    bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "probes", "hellaswag")]
+    bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "synthetic", "probes", "hellaswag")]
     if bad or not cfg.sweep_tasks:
-        raise common.ConfigError(f"sweep_tasks must be some of gsm8k, svamp, probes, hellaswag; got {cfg.sweep_tasks}")
+        raise common.ConfigError(f"sweep_tasks must be some of gsm8k, svamp, synthetic, probes, hellaswag; "
+                                 f"got {cfg.sweep_tasks}")
     if cfg.data_path:
         raise common.ConfigError("a sweep runs several tasks: give gsm8k_path/svamp_path/hellaswag_path, not data_path")
     tasks = sorted(cfg.sweep_tasks, key=lambda t: t != "hellaswag")  # loss tasks first: vLLM may take the GPU after
     rows, t0 = [], time.time()
     for step, path in ckpts:
-        lm = load_model(path, cfg.tokenizer_file, device, dtype)
+        lm = engine_lib.load_model(path, cfg.tokenizer_file, device, dtype)
         metrics = {}
         if lm.info.get("val_loss") is not None:
             metrics["val_loss"] = lm.info["val_loss"]
@@ -699,7 +389,7 @@ def main(argv=None):
         return run_sweep(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
-    lm = load_model(cfg.model, cfg.tokenizer_file, device, common.resolve_dtype(cfg.dtype, device))
+    lm = engine_lib.load_model(cfg.model, cfg.tokenizer_file, device, common.resolve_dtype(cfg.dtype, device))
     load_seconds = time.time() - t0
     results = evaluate(cfg, lm, cfg.task, cfg.out_dir)
     results["load_seconds"] = round(load_seconds, 2)

@@ -30,6 +30,7 @@ import sys
 import time
 
 import common
+from tasks import gsm8k
 
 # -----------------------------------------------------------------------------
 # config
@@ -105,23 +106,10 @@ def build_messages(question):
 
 
 # -----------------------------------------------------------------------------
-# parsing the model's answer and checking it against GSM8K's gold number
+# parsing the model's answer (checked against GSM8K's gold number with gsm8k.same_number, as eval scores)
 
 # "PLAN:" / "**Plan:**" / "## Execution:" at the start of a line
 MARKER_RE = re.compile(r"^[ \t>#*_]*(PLAN|EXECUTION)[ \t*_]*:[ \t*_]*", re.IGNORECASE | re.MULTILINE)
-def gold_answer(answer_text):
-    """GSM8K's gold answer: the number after '####', as an int when it is whole."""
-    if "####" not in answer_text:
-        raise ValueError(f"GSM8K answer without '####': {answer_text[-80:]!r}")
-    value = common.final_answer(answer_text)
-    if value is None:
-        raise ValueError(f"GSM8K answer with a non-numeric final answer: {answer_text[-80:]!r}")
-    return int(value) if "." not in value else float(value)
-
-
-def answers_match(predicted, gold):
-    """The same check eval_gsm8k.py scores with (common.same_number), so 'valid' means what eval means."""
-    return common.same_number(predicted, gold)
 
 
 def parse_output(text):
@@ -138,11 +126,11 @@ def parse_output(text):
         return None
     plan = text[plan_m.end():exec_m.start()].strip().strip("*_ ").strip()
     rest = text[exec_m.end():]
-    final = common.FINAL_ANSWER_RE.search(rest)
+    final = gsm8k.FINAL_ANSWER_RE.search(rest)
     if final is None:
         return None
     steps = rest[:final.start()].strip().strip("*_ ").strip()
-    answer = common.normalize_number(final.group(1))
+    answer = gsm8k.normalize_number(final.group(1))
     if not plan or not steps or "####" in plan or answer is None:
         return None
     return {"plan": plan, "execution": f"{steps}\n#### {answer}", "answer": answer}
@@ -154,11 +142,11 @@ def parse_output(text):
 
 def load_gsm8k(split, data_path="", num_examples=-1):
     """[{index, id, question, answer_numerical}] from a local jsonl or HF openai/gsm8k (main)."""
-    rows = common.load_gsm8k(split, data_path)
+    rows = gsm8k.read_gsm8k(split, data_path)
     if num_examples is not None and num_examples > 0:
         rows = rows[:num_examples]
     return [{"index": i, "id": f"gsm8k_{split}_{i}", "question": r["question"],
-             "answer_numerical": gold_answer(r["answer"])} for i, r in enumerate(rows)]
+             "answer_numerical": gsm8k.gold_number(r["answer"])} for i, r in enumerate(rows)]
 
 
 # -----------------------------------------------------------------------------
@@ -275,7 +263,7 @@ def make_record(problem, parsed, attempts, raw=None):
     rec = {"id": problem["id"], "question": problem["question"],
            "plan": parsed["plan"] if parsed else "", "execution": parsed["execution"] if parsed else "",
            "answer_numerical": problem["answer_numerical"]}
-    valid = parsed is not None and answers_match(parsed["answer"], problem["answer_numerical"])
+    valid = parsed is not None and gsm8k.same_number(parsed["answer"], problem["answer_numerical"])
     rec["valid"] = valid
     rec["attempts"] = attempts
     if not valid:
@@ -301,7 +289,7 @@ def solve_batch(problems, backend, cfg):
         still = []
         for p, text in zip(pending, texts):
             parsed = parse_output(text)
-            if parsed is not None and answers_match(parsed["answer"], p["answer_numerical"]):
+            if parsed is not None and gsm8k.same_number(parsed["answer"], p["answer_numerical"]):
                 records[p["id"]] = make_record(p, parsed, attempt + 1)
                 continue
             if parsed is not None or best.get(p["id"], (None,))[0] is None:

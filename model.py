@@ -8,7 +8,8 @@ Attention goes through one function, attention(), which picks the kernel:
   - packed rows (doc_ids: a document id per position; attention is causal within each document): flash-attn's
     varlen kernel on CUDA when installed, else SDPA with the block-diagonal causal mask.
 forward() takes explicit position ids, so packed documents restart their positions and left-padded prompts
-count only their real tokens.
+count only their real tokens. Generation with a KVCache attends through SDPA with the cache's mask
+(flash-attn's kvcache kernel would be the CUDA fast path there; not wired in yet).
 """
 import inspect
 import json

@@ -17,6 +17,7 @@ flag; at the next step boundary the run saves a checkpoint and exits with code 0
 """
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.nn import functional as F
 
 import common
 from model import GPT, GPTConfig, MODEL_SIZES, from_hf, model_config
+from tasks.hellaswag import hellaswag_eval, load_hellaswag
 
 
 @dataclass
@@ -64,7 +67,8 @@ class Config:
     out_dir: str = "out/gpt2_124m"
     log_interval: int = 10  # steps between train-loss records (the only per-step host syncs)
     val_interval: int = 250  # steps between validation losses (0 = never; always at the end)
-    val_steps: int = 20  # batches per rank per validation
+    val_steps: int = 20  # validation = the first val_steps x micro_batch_size rows of the val split, in total
+                         # over all ranks: one fixed set, whatever the world size
     hellaswag_file: Optional[str] = None  # e.g. ../shared/data/hellaswag/hellaswag_val_full.txt
     hellaswag_interval: int = 250
     hellaswag_limit: int = 0  # 0 = all items
@@ -92,6 +96,20 @@ def check_config(cfg):
             raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
     if cfg.tokenizer is not None and cfg.tokenizer not in ("gpt2", "byte"):
         raise common.ConfigError(f"tokenizer '{cfg.tokenizer}' is not one of gpt2, byte")
+
+
+# what the weights are: a resumed run cannot change these (the rest, e.g. max_steps or the lr, it may)
+SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data_dir")
+
+
+def check_resume_config(cfg, ckpt):
+    """Refuse a config that contradicts the checkpoint it resumes (the log would describe another model)."""
+    saved = ckpt.get("config") or {}
+    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in SHAPE_KEYS
+              if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
+                                 f"model or data: {'; '.join(differ)}. Use that run's settings, or another out_dir")
 
 
 def grad_accum_steps(cfg, world_size):
@@ -126,19 +144,30 @@ def build_model(cfg, vocab_size):
     return model
 
 
-def evaluate_val_loss(model, cfg, d, autocast):
-    """Mean loss over val_steps batches of a fresh val loader (each rank its own slice), averaged over ranks."""
-    loader = common.ShardLoader(cfg.data_dir, "val", cfg.micro_batch_size, cfg.block_size, d.rank, d.world_size)
+def evaluate_val_loss(model, val_rows, token_bytes, cfg, d, autocast):
+    """Loss on the fixed validation rows (rank r scores rows r, r + W, ...; sums all-reduced, so the number is
+    the same whatever the world size): mean nats per token, and bits per byte when the token byte lengths are
+    known (special tokens count 0 bytes and are left out of the bpb sum, as nanochat does)."""
     model.eval()
-    total = torch.zeros((), device=d.device)
+    sums = torch.zeros(4, device=d.device, dtype=torch.float64)  # nats, tokens, nats on byte tokens, bytes
     with torch.no_grad():
-        for _ in range(cfg.val_steps):
-            x, y = loader.next_batch()
+        mine = val_rows[d.rank::d.world_size]
+        for i in range(0, len(mine), cfg.micro_batch_size):
+            rows = mine[i:i + cfg.micro_batch_size].to(d.device)
+            x, y = rows[:, :-1], rows[:, 1:]
             with autocast:
-                _, loss = model(x.to(d.device), y.to(d.device))
-            total += loss.detach()
+                logits, _ = model(x)
+            nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            sums[0] += nats.sum()
+            sums[1] += nats.numel()
+            if token_bytes is not None:
+                nbytes = token_bytes[y.flatten()]
+                sums[2] += (nats * (nbytes > 0)).sum()
+                sums[3] += nbytes.sum()
     model.train()
-    return common.all_reduce(total / cfg.val_steps, "avg", d).item()
+    nats, tokens, byte_nats, nbytes = common.all_reduce(sums, "sum", d).tolist()
+    bpb = byte_nats / math.log(2) / nbytes if token_bytes is not None and nbytes > 0 else None
+    return nats / max(tokens, 1), bpb
 
 
 def evaluate_hellaswag(model, tokenizer, items, d, autocast):
@@ -150,8 +179,8 @@ def evaluate_hellaswag(model, tokenizer, items, d, autocast):
             return model(idx)[0].float()
 
     model.eval()
-    counts = common.hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master,
-                                   max_len=model.config.block_size)
+    counts = hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master,
+                            max_len=model.config.block_size)
     model.train()
     c = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long, device=d.device)
     correct, correct_norm, n = common.all_reduce(c, "sum", d).tolist()
@@ -179,6 +208,8 @@ def train(cfg, d, stop):
 
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, step, data position, RNG)
     ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, kind="gpt")
+    if ckpt:
+        check_resume_config(cfg, ckpt)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= cfg.max_steps:
         if d.master:
@@ -201,17 +232,25 @@ def train(cfg, d, stop):
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), d.device_type)
     train_loader = common.ShardLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.block_size,
                                       d.rank, d.world_size)
-    val_loss = None
+    val_loss = val_bpb = None
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         train_loader.set_state(ckpt["loader"])
         common.set_rng_state(ckpt["rng"])
-        val_loss = ckpt.get("val_loss")
+        val_loss, val_bpb = ckpt.get("val_loss"), ckpt.get("val_bpb")
 
-    hellaswag_items = tokenizer = None
-    if cfg.hellaswag_file and not cfg.bench:
-        hellaswag_items = common.load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None)
+    # every val shard is read now (a corrupt one fails here, not at the first validation hours in)
+    val_rows = common.validation_rows(cfg.data_dir, cfg.val_steps * cfg.micro_batch_size, cfg.block_size)
+    tokenizer = token_bytes = hellaswag_items = None
+    try:
         tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)
+        token_bytes = common.token_byte_lengths(tokenizer, raw_model.config.vocab_size).to(d.device)
+    except RuntimeError as e:  # GPT-2 ranks unavailable offline: no bits per byte (HellaSwag needs them, below)
+        print(f"warning: no tokenizer, so no val bits per byte: {str(e).splitlines()[0]}", file=sys.stderr)
+    if cfg.hellaswag_file and not cfg.bench:
+        if tokenizer is None:
+            tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)  # raises the clear error
+        hellaswag_items = load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None)
 
     if ckpt and d.master:
         common.trim_log(cfg.out_dir, ckpt["step"])  # records after the checkpoint are about to be redone
@@ -258,7 +297,7 @@ def train(cfg, d, stop):
             "kind": "gpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
             "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "step": step,
             "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
-            "val_loss": val_loss}, d, cfg.keep_last_k)
+            "val_loss": val_loss, "val_bpb": val_bpb}, d, cfg.keep_last_k)
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
@@ -310,8 +349,8 @@ def train(cfg, d, stop):
              "tokens_per_sec": tokens_per_sec, "tokens": (step + 1) * cfg.total_batch_size})
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
         if val_now and cfg.val_steps > 0:
-            val_loss = evaluate_val_loss(raw_model, cfg, d, autocast)
-            log({"type": "val", "step": step, "val_loss": val_loss})
+            val_loss, val_bpb = evaluate_val_loss(raw_model, val_rows, token_bytes, cfg, d, autocast)
+            log({"type": "val", "step": step, "val_loss": val_loss, "val_bpb": val_bpb, "val_rows": len(val_rows)})
         if hella_now:
             hellaswag = evaluate_hellaswag(raw_model, tokenizer, hellaswag_items, d, autocast)
             log({"type": "hellaswag", "step": step, **hellaswag})
@@ -329,6 +368,7 @@ def train(cfg, d, stop):
     tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
     results = {
         "status": status, "steps": step + 1, "final_train_loss": train_loss, "final_val_loss": val_loss,
+        "final_val_bpb": val_bpb,
         "tokens_seen": (step + 1) * cfg.total_batch_size, "tokens_per_sec": tokens_per_sec,
         "tokens_per_sec_per_device": tokens_per_sec / d.world_size if tokens_per_sec else None,
         "mfu": common.mfu(tokens_per_sec, flops_per_token, peak, d.world_size),

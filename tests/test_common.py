@@ -8,6 +8,7 @@ import torch
 
 import common
 from conftest import shared_path
+from tasks import gsm8k, hellaswag
 
 
 @dataclasses.dataclass
@@ -130,16 +131,16 @@ def test_short_and_corrupt_shards_are_found_when_the_loader_starts(tmp_path, cap
 
 
 def test_number_normalisation_and_gsm8k_final_answers():
-    assert common.normalize_number("$1,234.50") == "1234.5" and common.normalize_number("18.0") == "18"
-    assert common.normalize_number("- 3") == "-3" and common.normalize_number("5 apples") == "5"
-    assert common.normalize_number("none") is None
-    assert common.final_answer("She makes 9 * 2 = $18.\n#### 18") == "18"
-    assert common.final_answer("#### 1,200 ... #### $-7.50") == "-7.5"  # the last answer line
-    assert common.final_answer("no answer line") is None
-    assert common.same_number("18.00", 18) and common.same_number("$1,200", "1200")
-    assert not common.same_number("17", 18) and not common.same_number(None, 18)
-    rows = common.load_gsm8k("test", shared_path("gsm8k", "test.jsonl"))
-    assert len(rows) == 1319 and common.final_answer(rows[0]["answer"]) == "18"
+    assert gsm8k.normalize_number("$1,234.50") == "1234.5" and gsm8k.normalize_number("18.0") == "18"
+    assert gsm8k.normalize_number("- 3") == "-3" and gsm8k.normalize_number("5 apples") == "5"
+    assert gsm8k.normalize_number("none") is None
+    assert gsm8k.final_answer("She makes 9 * 2 = $18.\n#### 18") == "18"
+    assert gsm8k.final_answer("#### 1,200 ... #### $-7.50") == "-7.5"  # the last answer line
+    assert gsm8k.final_answer("no answer line") is None
+    assert gsm8k.same_number("18.00", 18) and gsm8k.same_number("$1,200", "1200")
+    assert not gsm8k.same_number("17", 18) and not gsm8k.same_number(None, 18)
+    rows = gsm8k.read_gsm8k("test", shared_path("gsm8k", "test.jsonl"))
+    assert len(rows) == 1319 and gsm8k.final_answer(rows[0]["answer"]) == "18"
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_hellaswag_long_contexts_are_cut_from_the_left():
         seen.append(idx.shape[1])
         return torch.zeros(idx.shape[0], idx.shape[1], tok.vocab_size)
 
-    summed, mean = common.hellaswag_scores(logits_fn, tok, item, "cpu", max_len=16)
+    summed, mean = hellaswag.hellaswag_scores(logits_fn, tok, item, "cpu", max_len=16)
     assert seen == [16]
     # uniform logits: each ending's summed loss is its length times log(V), whatever was cut
     lengths = torch.tensor([len(" " + e) for e in item["endings"]], dtype=torch.float)
@@ -261,7 +262,7 @@ def test_hellaswag_long_contexts_are_cut_from_the_left():
 
 
 def test_hellaswag_text_export_loads():
-    items = common.load_hellaswag(shared_path("hellaswag", "hellaswag_val_full.txt"))
+    items = hellaswag.load_hellaswag(shared_path("hellaswag", "hellaswag_val_full.txt"))
     assert len(items) == 10042
     assert items[0]["label"] == 3 and len(items[0]["endings"]) == 4
     assert items[0]["ctx"].startswith("Roof shingle removal:")

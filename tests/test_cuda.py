@@ -80,18 +80,27 @@ def test_two_gpu_nccl_ddp_matches_one_gpu(tmp_path):
 
 @cuda
 @pytest.mark.skipif(not common.vllm_available(), reason="vLLM is not installed")
-def test_vllm_greedy_matches_the_plain_generator(tmp_path):
-    import eval_gsm8k as ev
-    import export_hf
+def test_vllm_matches_the_plain_engine_and_loads_new_weights(tmp_path):
+    import engine as engine_lib
     from test_export_hf import make_run
-    make_run(str(tmp_path / "run"), "byte", None, steps=10, block_size=256)
-    export_hf.export(str(tmp_path / "run"), str(tmp_path / "hf"))
-    lm = ev.load_model(str(tmp_path / "hf"), device="cuda", dtype=torch.float32)
+    gpt, tok = make_run(str(tmp_path / "run"), "byte", None, steps=10, block_size=256)
+    model_lib.save_hf_folder(gpt, tok, str(tmp_path / "hf"), {})
+    lm = engine_lib.load_model(str(tmp_path / "hf"), device="cuda", dtype=torch.float32)
     prompts = [lm.tok.encode_prompt(t) for t in ["Question: 2+2?\nAnswer:", "7 x 8 =", "Hello"]]
-    plain = ev.PlainEngine(lm, 8).generate(prompts, 12, [])
-    engine = ev.VLLMEngine(lm, ev.Config(engine="vllm", gpu_memory_utilization=0.3), torch.float32)
+    plain = engine_lib.Engine(lm).generate(prompts, 12, logprobs=True)
+    engine = engine_lib.VLLMEngine(lm, torch.float32, gpu_memory_utilization=0.3)
     try:
-        fast = engine.generate(prompts, 12, [])
+        fast = engine.generate(prompts, 12, logprobs=True)
+        assert [o[0].ids for o in fast] == [o[0].ids for o in plain]
+        for f, p in zip(fast, plain):
+            assert f[0].finish_reason == p[0].finish_reason
+            assert f[0].logprobs == pytest.approx(p[0].logprobs, abs=1e-3)
+        # new weights: a re-initialised model's greedy tokens, as the plain engine gives them
+        torch.manual_seed(1)
+        other = model_lib.GPT(gpt.config).eval()
+        engine.load_weights(other)
+        lm_other = engine_lib.LoadedModel(other, engine_lib.NativeTokenizer(tok), "other", "native", 256, {})
+        want = engine_lib.Engine(lm_other).generate(prompts, 12)
+        assert [o[0].ids for o in engine.generate(prompts, 12)] == [o[0].ids for o in want]
     finally:
         engine.close()
-    assert fast == plain

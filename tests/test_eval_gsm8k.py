@@ -3,14 +3,17 @@ questions, checkpoint sweeps and comparisons, all on tiny models."""
 import json
 import os
 import re
+import types
 
 import pytest
 import torch
 
 import common
+import engine as engine_lib
 import eval_gsm8k as ev
 import export_hf
 from conftest import shared_path
+from tasks import cut_at_stop, gsm8k, hellaswag, probes
 from test_export_hf import greedy_uncached, make_run
 
 
@@ -42,32 +45,32 @@ def run(tmp_path_factory):
     (" #### 7", "-7", False, False),
 ])
 def test_strict_and_flexible_scoring(completion, gold, strict, flexible):
-    s = ev.score_completion(completion, gold)
+    s = gsm8k.score_completion(completion, gold)
     assert s["correct"] == {"strict": strict, "flexible": flexible}
     if "####" not in completion:
         assert s["extracted"]["strict"] is None
 
 
 def test_number_normalisation():
-    assert common.normalize_number("$1,234.50") == "1234.5"
-    assert common.normalize_number("18.0") == "18"
-    assert common.normalize_number(" -3 ") == "-3"
-    assert common.normalize_number("72.") == "72"
-    assert common.normalize_number("5 apples") == "5"
-    assert common.normalize_number(51.0) == "51"
-    assert common.normalize_number("none") is None
-    assert ev.extract_flexible("from 1,000 to 12,500, then") == "12500"
-    assert ev.cut_at_stop("a\n#### 3\n\nQuestion: next", ev.FEWSHOT_STOP) == "a\n#### 3"
+    assert gsm8k.normalize_number("$1,234.50") == "1234.5"
+    assert gsm8k.normalize_number("18.0") == "18"
+    assert gsm8k.normalize_number(" -3 ") == "-3"
+    assert gsm8k.normalize_number("72.") == "72"
+    assert gsm8k.normalize_number("5 apples") == "5"
+    assert gsm8k.normalize_number(51.0) == "51"
+    assert gsm8k.normalize_number("none") is None
+    assert gsm8k.extract_flexible("from 1,000 to 12,500, then") == "12500"
+    assert cut_at_stop("a\n#### 3\n\nQuestion: next", gsm8k.FEWSHOT_STOP) == "a\n#### 3"
 
 
 def test_local_data_and_golds():
-    gsm = ev.load_gsm8k(shared_path("gsm8k", "test.jsonl"))
+    gsm = gsm8k.load_gsm8k(shared_path("gsm8k", "test.jsonl"))
     assert len(gsm) == 1319 and gsm[0]["gold"] == "18"  # Janet's ducks
     assert all(g["gold"] is not None for g in gsm)
-    svamp = ev.load_svamp(shared_path("svamp", "SVAMP.json"))
+    svamp = gsm8k.load_svamp(shared_path("svamp", "SVAMP.json"))
     assert len(svamp) == 1000 and svamp[0]["gold"] == "51"
     assert svamp[0]["question"].endswith("How much do you have to pay to buy each pack?")
-    items = common.load_hellaswag(shared_path("hellaswag", "hellaswag_val_full.txt"), limit=5)
+    items = hellaswag.load_hellaswag(shared_path("hellaswag", "hellaswag_val_full.txt"), limit=5)
     assert len(items) == 5 and all(len(it["endings"]) == 4 for it in items)
 
 
@@ -76,43 +79,72 @@ def test_local_data_and_golds():
 
 
 class ScriptedEngine:
-    """Answers each probe with fixed token ids (right or wrong) through the real decode/stop/score path."""
+    """Answers each probe with fixed token ids (right or wrong), decoded and cut at the stop strings as the
+    engine does, then scored through eval's real path."""
     name = "scripted"
     batch_size = 7
 
     def __init__(self, tok, by_prompt):
         self.tok, self.by_prompt = tok, by_prompt
 
-    def generate(self, prompts, max_new_tokens, stop):
-        return [self.by_prompt[tuple(p)] for p in prompts]
+    def generate(self, prompts, max_new_tokens, stop=()):
+        return [[engine_lib.Completion(ids, text=cut_at_stop(self.tok.decode(ids), stop))]
+                for ids in (self.by_prompt[tuple(p)] for p in prompts)]
 
 
 def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_path):
-    a, b = ev.probe_items(), ev.probe_items()
+    a, b = probes.probe_items(), probes.probe_items()
     assert a == b
-    suites = {s: [it for it in a if it["suite"] == s] for s in ev.PROBE_OPS}
+    suites = {s: [it for it in a if it["suite"] == s] for s in probes.PROBE_OPS}
     assert len(suites["mul_table"]) == 144 and all(len(v) == 100 for k, v in suites.items() if k != "mul_table")
     for it in a:
         x, op, y = [int(t) if t.isdigit() else t for t in re.split(r"([*+-])", it["question"])]
-        assert int(it["gold"]) == ev.probe_answer(x, op, y)
+        assert int(it["gold"]) == probes.probe_answer(x, op, y)
         assert it["prompt"].endswith(f"Q: {x} {op} {y}\nA:") and it["prompt"].count(f"Q: {x} {op} {y}\n") == 1
-    assert ev.probe_items(limit=3) == [it for s in ev.PROBE_OPS for it in suites[s][:3]]
+    assert probes.probe_items(limit=3) == [it for s in probes.PROBE_OPS for it in suites[s][:3]]
 
     tok = run["tok"]
-    lm = ev.LoadedModel(hf=None, tok=ev.NativeTokenizer(tok), name="scripted", kind="native", max_positions=256,
-                        info={})
-    items = ev.probe_items(limit=4)
+    lm = engine_lib.LoadedModel(model=None, tok=engine_lib.NativeTokenizer(tok), name="scripted", kind="native",
+                                max_positions=256, info={})
+    items = probes.probe_items(limit=4)
     right = {tuple(lm.tok.encode_prompt(it["prompt"])): tok.encode(f" {it['question']}={it['gold']}\nQ: junk")
              for it in items}
     ids = right[tuple(lm.tok.encode_prompt(items[0]["prompt"]))]  # mul_table 1*1: a single mul token
     assert tok.decode(ids[:1]) == " " and ids[1] == tok.mul_ids[(1, 1)]  # the answer's digits live in a mul token
     cfg = ev.Config(task="probes", limit=4)
     metrics, counts, records, _ = ev.task_probes(cfg, lm, ScriptedEngine(tok, right))
-    assert metrics == {**{f"probe_{s}": 1.0 for s in ev.PROBE_OPS}, "probes_mean": 1.0}
+    assert metrics == {**{f"probe_{s}": 1.0 for s in probes.PROBE_OPS}, "probes_mean": 1.0}
     assert records[0]["completion"] == " 1*1=1"  # cut at the newline, the mul token decoded to its text
     wrong = {k: tok.encode(" 7") for k in right}
     metrics, _, _, _ = ev.task_probes(cfg, lm, ScriptedEngine(tok, wrong))
     assert metrics["probes_mean"] == 0.0
+
+
+class CharTokenizer:
+    """One id per character: enough for eval's prompt/decode/score path without a model."""
+
+    def encode_prompt(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_synthetic_task_through_eval_with_scripted_answers():
+    tok = CharTokenizer()
+    lm = types.SimpleNamespace(tok=tok, max_positions=None)
+    cfg = ev.Config(task="synthetic", limit=6, fewshot=2)
+    problems, exemplars = ev.math_task(cfg, "synthetic")
+    assert len(exemplars) == 2 and exemplars[0] in problems.examples("train")  # shots from the synthetic train split
+    data = problems.examples("test")[:6]
+    # the first four answered with their worked solutions, the last two with a wrong number
+    answers = {tuple(tok.encode_prompt(problems.prompt(e, exemplars))):
+               tok.encode_prompt(" " + (e["answer"] if i < 4 else f"#### {int(e['gold']) + 1}") + "\n\nQuestion: x")
+               for i, e in enumerate(data)}
+    metrics, counts, records, _ = ev.task_math(cfg, lm, ScriptedEngine(tok, answers), "synthetic")
+    assert metrics == {"synthetic_strict": 4 / 6, "synthetic_flexible": 4 / 6}
+    assert counts["prompt_format"] == "fewshot" and [r["gold"] for r in records] == [e["gold"] for e in data]
+    assert records[0]["completion"] == " " + data[0]["answer"]  # cut at the few-shot stop string
 
 
 # -----------------------------------------------------------------------------
@@ -120,31 +152,28 @@ def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_pa
 
 
 def test_kv_cache_generator_equals_uncached_greedy(run):
-    lm = ev.load_model(run["run"], run["ranks"])
+    lm = engine_lib.load_model(run["run"], run["ranks"])
     tok, gpt = run["tok"], run["gpt"]
     prompts = [tok.encode(t, allow_special=True) for t in
-               ["<|user|> What is 7*8? <|assistant|>", "Hi", "So 3 x 4 = 12 and 5*5=25, then 6*6 is"]]
-    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
-    got = ev.generate_greedy(lm.hf, prompts, 10, eos_ids=set(), pad_id=tok.eot_id)
+               ["<|user|> What is 7*8? <|assistant|>", "Hi", "So 3 x 4 = 12 and 5*5=25, then", "6*6 is"]]
+    assert len({len(p) for p in prompts}) == 4  # different lengths: left padding is exercised
+    lm.tok.eos_ids = set()
+    got = [out[0].ids for out in engine_lib.Engine(lm).generate(prompts, 10)]
     for p, g in zip(prompts, got):
         assert g == greedy_uncached(gpt, p, 10)[len(p):]
-    # EOS ends a row (not included), the others run on; stop_fn ends a row early
-    eos = got[0][3]
-    stopped = ev.generate_greedy(lm.hf, prompts, 10, eos_ids={eos}, pad_id=tok.eot_id)
-    assert stopped[0] == got[0][:got[0].index(eos)] and len(stopped[0]) <= 3
-    for s, g in zip(stopped, got):  # rows left in the shrunken batch decode exactly as before
-        assert s == (g[:g.index(eos)] if eos in g else g)
-    early = ev.generate_greedy(lm.hf, prompts, 10, set(), tok.eot_id, stop_fn=lambda i, ids: i == 1 and len(ids) == 2)
-    assert early == [got[0], got[1][:2], got[2]]
+    # through eval's engine choice and the HF export of the same run: the same tokens
+    hf = engine_lib.load_model(run["hf"])
+    hf.tok.eos_ids = set()
+    assert [out[0].ids for out in ev.make_engine(ev.Config(engine="hf"), hf, torch.float32).generate(prompts, 10)] == got
 
 
 def test_vllm_path_is_guarded(run):
     if not torch.cuda.is_available():
         assert common.vllm_available() is False  # never imported, never used without CUDA
-        lm = ev.load_model(run["run"], run["ranks"])
+        lm = engine_lib.load_model(run["run"], run["ranks"])
         with pytest.raises(RuntimeError, match="engine=vllm needs"):
             ev.make_engine(ev.Config(engine="vllm"), lm, torch.float32)
-        assert isinstance(ev.make_engine(ev.Config(engine="auto"), lm, torch.float32), ev.PlainEngine)
+        assert isinstance(ev.make_engine(ev.Config(engine="auto"), lm, torch.float32), engine_lib.Engine)
     with pytest.raises(common.ConfigError, match="unknown task"):
         ev.main(["task=mmlu", "model=x"])
 
@@ -163,7 +192,7 @@ def test_hellaswag_equals_direct_computation(run, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(run["hf"], dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(run["hf"])
     correct = correct_norm = 0
-    for item, rec in zip(common.load_hellaswag(path, 12), preds):
+    for item, rec in zip(hellaswag.load_hellaswag(path, 12), preds):
         sums, means = [], []
         ctx = hf_tok(item["ctx"], add_special_tokens=False)["input_ids"]
         for ending in item["endings"]:
@@ -197,7 +226,7 @@ def test_gsm8k_end_to_end_on_exported_model(run, tmp_path):
     assert saved["step"] == 9  # export_info.json carries the checkpoint's step
     assert os.path.isfile(out / "config.json") and os.path.isfile(out / "log.jsonl")
     preds = common.read_jsonl(str(out / "predictions.jsonl"))
-    golds = [ev.gsm8k_gold(json.loads(line)["answer"]) for line in open(data).readlines()[:20]]
+    golds = [gsm8k.final_answer(json.loads(line)["answer"]) for line in open(data).readlines()[:20]]
     assert [p["gold"] for p in preds] == golds
     train_q = [json.loads(line)["question"] for line in open(shared_path("gsm8k", "train.jsonl"))]
     for p in preds:
@@ -205,7 +234,7 @@ def test_gsm8k_end_to_end_on_exported_model(run, tmp_path):
         assert p["prompt"].startswith("Question: ") and p["prompt"].endswith("\nAnswer:")
         assert p["prompt"].split("\nAnswer:")[0][len("Question: "):] in train_q  # the exemplar is from train
         assert p["new_tokens"] <= 12 and "\n\n" not in p["completion"]
-        assert ev.score_completion(p["completion"], p["gold"])["correct"] == p["correct"]
+        assert gsm8k.score_completion(p["completion"], p["gold"])["correct"] == p["correct"]
     n_flex = sum(p["correct"]["flexible"] for p in preds)
     assert saved["metrics"]["gsm8k_flexible"] == n_flex / 20 and saved["counts"]["flexible_correct"] == n_flex
 
@@ -217,7 +246,7 @@ def test_svamp_zero_shot_chat_format_on_native_checkpoint(run, tmp_path):
     preds = common.read_jsonl(str(tmp_path / "predictions.jsonl"))
     assert res["counts"]["prompt_format"] == "chat" and res["model_kind"] == "native" and res["n"] == 4
     assert all(p["prompt"].startswith("User: ") and p["prompt"].endswith("\nAssistant:") for p in preds)
-    assert [p["gold"] for p in preds] == [s["gold"] for s in ev.load_svamp(shared_path("svamp", "SVAMP.json"))[:4]]
+    assert [p["gold"] for p in preds] == [s["gold"] for s in gsm8k.load_svamp(shared_path("svamp", "SVAMP.json"))[:4]]
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +266,8 @@ def test_sweep_writes_checkpoint_results_and_curves(sweep):
         saved = json.load(f)
     assert [r["step"] for r in saved["checkpoints"]] == [0, 1, 2] == [r["step"] for r in report["checkpoints"]]
     metrics = set(saved["checkpoints"][0]["metrics"])
-    assert metrics == {"val_loss", "gsm8k_strict", "gsm8k_flexible", "probes_mean"} | {f"probe_{s}" for s in ev.PROBE_OPS}
+    assert metrics == ({"val_loss", "gsm8k_strict", "gsm8k_flexible", "probes_mean"}
+                       | {f"probe_{s}" for s in probes.PROBE_OPS})
     for r in saved["checkpoints"]:
         with open(root / "sweep" / f"step_{r['step']:06d}" / "probes" / "results.json") as f:
             assert json.load(f)["metrics"]["probes_mean"] == r["metrics"]["probes_mean"]

@@ -8,6 +8,7 @@ import pytest
 import common
 import gen_plans
 from conftest import shared_path
+from tasks import gsm8k
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "plans_small.json")
 
@@ -32,7 +33,7 @@ def test_prompt_holds_the_rules_the_example_and_the_question():
     # the worked example must itself obey the format and the rules it teaches
     example = gen_plans.parse_output(msgs[2]["content"])
     assert example is not None
-    assert example["answer"] == "7" and gen_plans.answers_match(example["answer"], 48 - 48 * 3 // 4 - 5)
+    assert example["answer"] == "7" and gsm8k.same_number(example["answer"], 48 - 48 * 3 // 4 - 5)
     assert gen_plans.count_numbers(example["plan"]) == 0
     assert 2 <= example["plan"].count(". ") + 1 <= 4
     assert gen_plans.EXAMPLE_QUESTION in msgs[1]["content"]
@@ -74,19 +75,19 @@ def test_parse_malformed_outputs_return_none(text):
 
 
 def test_gold_answer_and_validity_check():
-    assert gen_plans.gold_answer("Janet sells 16 - 3 - 4 = 9 duck eggs.\n#### 18") == 18
-    assert gen_plans.gold_answer("... = 70,000\n#### 70,000") == 70000
-    assert gen_plans.gold_answer("#### 2.5") == 2.5
+    assert gsm8k.gold_number("Janet sells 16 - 3 - 4 = 9 duck eggs.\n#### 18") == 18
+    assert gsm8k.gold_number("... = 70,000\n#### 70,000") == 70000
+    assert gsm8k.gold_number("#### 2.5") == 2.5
     with pytest.raises(ValueError):
-        gen_plans.gold_answer("no final answer here")
-    assert gen_plans.answers_match("18", 18)
-    assert gen_plans.answers_match("18.00", 18)
-    assert gen_plans.answers_match("1,200", 1200)
-    assert gen_plans.answers_match("$5", 5.0)
-    assert not gen_plans.answers_match("17", 18)
-    assert not gen_plans.answers_match("-18", 18)
-    assert not gen_plans.answers_match(None, 18)
-    assert not gen_plans.answers_match("eighteen", 18)
+        gsm8k.gold_number("no final answer here")
+    assert gsm8k.same_number("18", 18)
+    assert gsm8k.same_number("18.00", 18)
+    assert gsm8k.same_number("1,200", 1200)
+    assert gsm8k.same_number("$5", 5.0)
+    assert not gsm8k.same_number("17", 18)
+    assert not gsm8k.same_number("-18", 18)
+    assert not gsm8k.same_number(None, 18)
+    assert not gsm8k.same_number("eighteen", 18)
 
 
 # -----------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def test_end_to_end_transformers_backend_writes_schema_valid_json(tmp_path):
     with open(out) as f:
         saved = json.load(f)
     assert saved == results
-    gold = [gen_plans.gold_answer(r["answer"]) for r in common.read_jsonl(gsm8k_test)[:3]]
+    gold = [gsm8k.gold_number(r["answer"]) for r in common.read_jsonl(gsm8k_test)[:3]]
     assert [r["id"] for r in saved] == ["gsm8k_test_0", "gsm8k_test_1", "gsm8k_test_2"]
     assert [r["answer_numerical"] for r in saved] == gold == [18, 3, 70000]
     for r in saved:

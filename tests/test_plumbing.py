@@ -115,3 +115,30 @@ def test_mfu_and_curves(tmp_path):
     path = common.plot_log_curves(str(tmp_path), [("run", "loss", [("train", "loss", "train")]),
                                                   ("empty", "acc", [("val", "acc", "val")])])
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_token_byte_lengths_add_up_to_the_text_bytes():
+    from conftest import shared_path
+    text = "Natalia sold 48 clips in April, café 日本語 🙂 and 7*8=56.\n<|endoftext|>"
+    for tok in (common.Tokenizer("gpt2", tokenizer_file=shared_path("tokenizers", "gpt2.tiktoken"), mul_range=(1, 12)),
+                common.Tokenizer("byte", mul_range=(1, 12))):
+        lengths = common.token_byte_lengths(tok, common.padded_vocab_size(tok.vocab_size))
+        ids = tok.encode(text, allow_special=True)
+        assert tok.mul_ids[(7, 8)] in ids  # the product is one token, counted as the bytes of '7*8=56'
+        assert int(lengths[ids].sum()) == len(text.replace("<|endoftext|>", "").encode("utf-8"))
+
+
+def test_loader_position_survives_a_change_of_batch_geometry(tmp_path):
+    import numpy as np
+    for i, n in enumerate((5000, 200, 5000)):  # the middle shard is too short for a 4 x 64 window
+        common.write_shard(str(tmp_path / f"train_{i:06d}.bin"), np.arange(n) % 250, 256)
+    small = common.ShardLoader(str(tmp_path), "train", 2, 64)
+    for _ in range(39):
+        small.next_batch()
+    state = small.state()
+    assert state["file"] == "train_000001.bin"  # 200 tokens fit a 2 x 64 window, so it is read here
+    big = common.ShardLoader(str(tmp_path), "train", 4, 64)
+    with pytest.raises(common.ShardError, match="train_000001.bin, which is not a readable shard"):
+        big.set_state(state)
+    big.set_state({"file": "train_000000.bin", "pos": 4900})  # past the end for this geometry: next file
+    assert big.state() == {"file": "train_000002.bin", "pos": 0}

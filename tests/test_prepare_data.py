@@ -14,6 +14,7 @@ import pytest
 import common
 import prepare_data as P
 from conftest import ROOT, shared_path
+from tasks import gsm8k, synthetic
 
 ANNOTATION_RE = re.compile(r"<<([^<>=]+)=([^<>]+)>>")
 # a worked step as written in the text: '44 x 5 = $<<44*5=220>>220'
@@ -49,16 +50,16 @@ def shard_state(out_dir):
 
 
 def test_synthetic_generators_are_deterministic():
-    a = P.synthetic_math_problems(60, seed=7)
-    assert a == P.synthetic_math_problems(60, seed=7)
-    assert P.synthetic_math_problems(20, seed=7) == a[:20]  # problem i does not depend on n
-    assert sum(x != y for x, y in zip(a, P.synthetic_math_problems(60, seed=8))) > 50
-    assert P.synthetic_math_text(40, seed=3) == P.synthetic_math_text(40, seed=3)
-    assert P.synthetic_math_text(40, seed=3) != P.synthetic_math_text(40, seed=4)
-    assert P.synthetic_arithmetic_facts(100, seed=1) == P.synthetic_arithmetic_facts(100, seed=1)
+    a = synthetic.synthetic_math_problems(60, seed=7)
+    assert a == synthetic.synthetic_math_problems(60, seed=7)
+    assert synthetic.synthetic_math_problems(20, seed=7) == a[:20]  # problem i does not depend on n
+    assert sum(x != y for x, y in zip(a, synthetic.synthetic_math_problems(60, seed=8))) > 50
+    assert synthetic.synthetic_math_text(40, seed=3) == synthetic.synthetic_math_text(40, seed=3)
+    assert synthetic.synthetic_math_text(40, seed=3) != synthetic.synthetic_math_text(40, seed=4)
+    assert synthetic.synthetic_arithmetic_facts(100, seed=1) == synthetic.synthetic_arithmetic_facts(100, seed=1)
     # the pretraining text's problems are not the evaluation problems of the same seed
-    questions = {p["question"] for p in P.synthetic_math_problems(300, seed=0)}
-    text = P.synthetic_math_text(300, seed=0)
+    questions = {p["question"] for p in synthetic.synthetic_math_problems(300, seed=0)}
+    text = synthetic.synthetic_math_text(300, seed=0)
     assert sum(d.startswith("Question: ") and d.split("\n")[0][10:] in questions for d in text) < 5
 
 
@@ -66,7 +67,7 @@ def test_synthetic_generators_are_deterministic():
                                    dict(max_value=1000, min_steps=5, max_steps=8)])
 def test_synthetic_problems_are_correct(knobs):
     lo, hi = knobs.get("min_steps", 1), knobs.get("max_steps", 4)
-    problems = P.synthetic_math_problems(400, seed=11, **knobs)
+    problems = synthetic.synthetic_math_problems(400, seed=11, **knobs)
     for p in problems:
         assert p["question"].endswith("?") and set(p) >= {"question", "answer"}
         *steps, final = p["answer"].split("\n")
@@ -84,26 +85,26 @@ def test_synthetic_problems_are_correct(knobs):
             assert shown.group(3) == shown.group(4)
         assert re.fullmatch(r"#### \d+", final), final
         assert int(final[5:]) == last  # the answer is the final computed value
-        assert common.final_answer(p["answer"]) == str(last)
+        assert gsm8k.final_answer(p["answer"]) == str(last)
     templates = {p["template"] for p in problems}
     assert len({p["question"] for p in problems}) > 390
     assert len(templates) >= (12 if hi <= 4 else 4), templates
 
 
 def test_synthetic_problem_knobs():
-    only = P.synthetic_math_problems(100, seed=2, templates=["eggs", "ages"])
+    only = synthetic.synthetic_math_problems(100, seed=2, templates=["eggs", "ages"])
     assert {p["template"] for p in only} == {"eggs", "ages"}
-    add_sub = P.synthetic_math_problems(100, seed=2, ops=("add", "sub"))
+    add_sub = synthetic.synthetic_math_problems(100, seed=2, ops=("add", "sub"))
     for p in add_sub:
         assert not any(set(expr) & set("*/") for expr, _ in ANNOTATION_RE.findall(p["answer"]))
-    small = P.synthetic_math_problems(200, seed=2, max_value=10)
-    big = P.synthetic_math_problems(200, seed=2, max_value=1000)
-    mean = lambda ps: np.mean([int(common.final_answer(p["answer"])) for p in ps])
+    small = synthetic.synthetic_math_problems(200, seed=2, max_value=10)
+    big = synthetic.synthetic_math_problems(200, seed=2, max_value=1000)
+    mean = lambda ps: np.mean([int(gsm8k.final_answer(p["answer"])) for p in ps])
     assert mean(big) > 3 * mean(small)
     with pytest.raises(ValueError, match="templates"):
-        P.synthetic_math_problems(1, templates=["nope"])
+        synthetic.synthetic_math_problems(1, templates=["nope"])
     with pytest.raises(ValueError, match="min_steps"):
-        P.synthetic_math_problems(1, min_steps=3, max_steps=2)
+        synthetic.synthetic_math_problems(1, min_steps=3, max_steps=2)
 
 
 FACT_RE = re.compile(r"(\d+) ?(\*|x|×|times|\+|plus|-|minus|/|divided by) ?(\d+) ?(=|is) ?(\d+)")
@@ -113,7 +114,7 @@ def test_arithmetic_facts_are_correct_in_every_form():
     ops = {"*": "mul", "x": "mul", "×": "mul", "times": "mul", "+": "add", "plus": "add", "-": "sub",
            "minus": "sub", "/": "div", "divided by": "div"}
     seen = set()
-    for fact in P.synthetic_arithmetic_facts(3000, seed=1, mul_min=1, mul_max=12):
+    for fact in synthetic.synthetic_arithmetic_facts(3000, seed=1, mul_min=1, mul_max=12):
         m = FACT_RE.fullmatch(fact)
         assert m, fact
         a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(5))
@@ -126,7 +127,7 @@ def test_arithmetic_facts_are_correct_in_every_form():
 
 def test_synthetic_text_has_every_multiplication_form():
     forms = {"*": 0, "x": 0, "×": 0, "times": 0}
-    for doc in P.synthetic_math_text(500, seed=0):
+    for doc in synthetic.synthetic_math_text(500, seed=0):
         for m in common.MUL_RE.finditer(doc):
             a, b, c = map(int, m.groups())
             if 1 <= a <= 12 and 1 <= b <= 12 and a * b == c:
@@ -156,7 +157,7 @@ def test_synthetic_byte_end_to_end_and_rerun_skips(tmp_path):
 
     # decoding the shards gives back the generated text, each document followed by end-of-text
     cfg = common.load_config(P.Config, SYNTH)
-    docs = P.synthetic_math_text(400, seed=5, **P.synth_knobs(cfg))
+    docs = synthetic.synthetic_math_text(400, seed=5, **synthetic.synth_knobs(cfg))
     tokens = all_tokens(out, meta)
     assert tokens[-1] == 256 and int((tokens == 256).sum()) == 400
     tok = common.Tokenizer.from_spec(meta["tokenizer"])
@@ -353,7 +354,7 @@ def test_mul_tokens_synthetic_counts_match_text_and_shards(tmp_path):
     cfg = common.load_config(P.Config, args)
     # count the correct in-range products in the text itself
     expected = {}
-    for doc in P.synthetic_math_text(300, seed=2, **P.synth_knobs(cfg)):
+    for doc in synthetic.synthetic_math_text(300, seed=2, **synthetic.synth_knobs(cfg)):
         for m in common.MUL_RE.finditer(doc):
             a, b, c = map(int, m.groups())
             if 1 <= a <= 12 and 1 <= b <= 12 and a * b == c:

@@ -254,8 +254,8 @@ def test_two_process_ddp_matches_one_process(data_dir, tmp_path):
     # same global batch of 4 sequences: 2 ranks x 1 sequence x 2 accumulation steps (DDP's no_sync on
     # the first), or one process x 1 sequence x 4 accumulation steps
     args = dict(micro_batch_size=1, total_batch_size=128, max_steps=4, val_interval=2, val_steps=2)
-    # val_steps counts batches per rank: 2 ranks x 2 batches cover the same tokens as 1 x 4
-    train_gpt.main(tiny_args(data_dir, one, **dict(args, val_steps=4)))
+    # the validation set is fixed whatever the world size: 2 ranks score the same rows as 1
+    train_gpt.main(tiny_args(data_dir, one, **args))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            SCRIPT] + tiny_args(data_dir, two, **args),
@@ -268,6 +268,7 @@ def test_two_process_ddp_matches_one_process(data_dir, tmp_path):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
     for ra, rb in zip(records(one, "val"), records(two, "val")):
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], abs=1e-5)
+        assert ra["val_bpb"] == pytest.approx(rb["val_bpb"], abs=1e-5)
     wa, wb = common.load_checkpoint(one)["model"], common.load_checkpoint(two)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
@@ -365,3 +366,34 @@ def test_sbatch_script_parses_and_resumes_latest():
     for needed in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "resume=latest", "--rdzv_backend=c10d",
                    "scontrol requeue", "scancel --signal=USR1"):
         assert needed in text, needed
+
+
+def test_corrupt_val_shard_stops_the_run_before_the_first_step(tmp_path):
+    data = write_arithmetic_data(str(tmp_path / "data"))
+    path = os.path.join(data, "val_000000.bin")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    out = str(tmp_path / "run")
+    with pytest.raises(common.ShardError, match="val_000000.bin: header promises"):
+        train_gpt.main(tiny_args(data, out, max_steps=4, val_interval=0))
+    assert not os.path.exists(os.path.join(out, "log.jsonl")) and common.list_checkpoints(out) == []
+
+
+def test_val_bits_per_byte_of_byte_tokens_is_the_loss_in_bits(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train_gpt.main(tiny_args(data_dir, out, max_steps=2, val_interval=2))
+    rec = records(out, "val")[-1]
+    # byte tokens are one byte each and this corpus has no end-of-text token: bpb = nats / ln 2
+    assert rec["val_bpb"] == pytest.approx(rec["val_loss"] / np.log(2), rel=1e-6)
+    assert json.load(open(os.path.join(out, "results.json")))["final_val_bpb"] == rec["val_bpb"]
+
+
+def test_resume_refuses_a_config_that_contradicts_the_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train_gpt.main(tiny_args(data_dir, out, max_steps=4, stop_after_step=1, val_interval=0))
+    with pytest.raises(common.ConfigError, match="model='tiny' in the checkpoint but 'small' now"):
+        train_gpt.main(tiny_args(data_dir, out, max_steps=4, val_interval=0, model="small", resume="latest"))
+    with pytest.raises(common.ConfigError, match="block_size=32 in the checkpoint but 64 now"):
+        train_gpt.main(tiny_args(data_dir, out, max_steps=4, val_interval=0, block_size=64, resume="latest"))
+    train_gpt.main(tiny_args(data_dir, out, max_steps=4, val_interval=0, max_lr=1e-3, resume="latest"))  # allowed
+    assert common.load_checkpoint(out)["step"] == 3

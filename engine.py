@@ -1,0 +1,388 @@
+"""
+Generation for every model the repository makes or loads, behind one interface: a native checkpoint (file,
+run folder, RUN/latest) runs as model.GPT with its own KV cache (no conversion), a folder written by
+export_hf.py / sft.py or any HF causal LM runs with transformers' cache.
+
+    lm = load_model("out/run/latest", tokenizer_file, device="cpu", dtype=torch.float32)
+    engine = Engine(lm, batch_size=64)
+    outs = engine.generate([lm.tok.encode_prompt("Q: 7*8?\nA:")], max_new_tokens=32, temperature=1.0,
+                           top_p=0.95, stop=["\n\n"], num_samples=8, seed=0, logprobs=True)
+    outs[0][3].ids, outs[0][3].logprobs, outs[0][3].finish_reason, outs[0][3].text   # prompt 0, sample 3
+
+Engine.generate batches prompts with left padding (positions count real tokens only, as without padding),
+prefills each prompt once and samples num_samples continuations from that shared prefix (the KV cache rows
+are copied after the prefill: what GRPO's groups need), drops finished rows from the batch, and ends a row on
+an EOS id ('eos'), a stop string ('stop') or max_new_tokens ('length'). Greedy is temperature=0.
+
+Log-probs (logprobs=True): for each sampled token, log_softmax of the model's raw logits at temperature 1, in
+fp32, before temperature, top-k and top-p reshape the distribution that was sampled from, and over the model's
+whole output (for a native model its padded vocabulary too, exactly what its training forward pass computes).
+That is the policy's log-probability GRPO needs for its ratio. Sampling itself never picks an id beyond the
+tokenizer's vocabulary.
+
+VLLMEngine gives the same interface through vLLM on CUDA (imported only there), with load_weights() to push
+new policy weights into a running engine (GRPO).
+"""
+import dataclasses
+import inspect
+import json
+import os
+from typing import List, Optional
+
+import torch
+
+import common
+import model as model_lib
+from tasks.base import cut_at_stop
+
+
+# -----------------------------------------------------------------------------
+# models and tokenizers: one interface for native checkpoints and HF models
+
+
+class NativeTokenizer:
+    """common.Tokenizer behind the interface the tasks use (ids exactly as in training)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_ids = {tok.eot_id}
+        self.pad_id = tok.eot_id
+        self.vocab_size = tok.vocab_size
+
+    def encode(self, text):
+        return self.tok.encode(text)
+
+    def encode_prompt(self, text):
+        return self.tok.encode(text)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+class HFTokenizer:
+    def __init__(self, tok, generation_config=None):
+        self.tok = tok
+        eos = set()
+        for e in (getattr(generation_config, "eos_token_id", None), tok.eos_token_id):
+            if isinstance(e, int):
+                eos.add(e)
+            elif e:
+                eos.update(e)
+        self.eos_ids = eos
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
+        self.vocab_size = len(tok)
+
+    def encode(self, text):  # continuation pieces (HellaSwag endings): no BOS
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def encode_prompt(self, text):  # a whole prompt: BOS where the model wants one
+        return self.tok(text, add_special_tokens=True, verbose=False)["input_ids"]
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module       # model.GPT (native) or a transformers causal LM (hf)
+    tok: object                  # NativeTokenizer | HFTokenizer
+    name: str                    # what the user passed
+    kind: str                    # native | hf
+    max_positions: Optional[int]
+    info: dict                   # checkpoint path, step, val_loss
+    hf_dir: Optional[str] = None  # a folder vLLM can load (None for native)
+    native_checkpoint: Optional[str] = None
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def logits(self, idx):
+        """(B, T) ids -> (B, T, V) logits; a native model's are cut to the tokenizer's vocabulary (the padded
+        rows are dropped, as in its HF export)."""
+        if self.kind == "native":
+            return self.model(idx)[0][..., :self.tok.vocab_size]
+        return self.model(input_ids=idx).logits
+
+
+def is_native(path):
+    if os.path.isfile(path):
+        return path.endswith(".pt")
+    if os.path.basename(path) == "latest":
+        return True
+    return os.path.isdir(path) and bool(common.list_checkpoints(path))
+
+
+def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
+    """A native checkpoint / run folder / RUN/latest, an HF folder or an HF hub id, in eval mode."""
+    if not name:
+        raise common.ConfigError("model= is required (a checkpoint, run folder, RUN/latest, HF folder or hub id)")
+    if is_native(name):
+        gpt, tok, ckpt = model_lib.from_checkpoint(name, tokenizer_file or None)
+        gpt.to(device=device, dtype=dtype)
+        info = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
+                "tokenizer": tok.spec}
+        return LoadedModel(gpt, NativeTokenizer(tok), name, "native", gpt.config.block_size, info,
+                           native_checkpoint=ckpt["path"])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(name)
+    c = hf.config
+    max_pos = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+    info = {}
+    if os.path.isfile(os.path.join(name, "export_info.json")):
+        with open(os.path.join(name, "export_info.json")) as f:
+            e = json.load(f)
+        info = {"checkpoint": e.get("source_checkpoint"), "step": e.get("step"), "val_loss": e.get("val_loss")}
+    return LoadedModel(hf, HFTokenizer(tok, hf.generation_config), name, "hf", max_pos, info, hf_dir=name)
+
+
+# -----------------------------------------------------------------------------
+# decoders: prefill a left-padded batch, then one token per row at a time, dropping or copying rows
+
+
+class NativeDecoder:
+    """model.GPT through model.KVCache."""
+
+    def __init__(self, gpt):
+        self.gpt, self.cache = gpt, None
+
+    def prefill(self, idx, real, pos, max_len):
+        self.cache = model_lib.KVCache(self.gpt.config.n_layer, max_len)
+        return self.gpt(idx, position_ids=pos, kv_cache=self.cache, padding_mask=real)[0][:, -1].float()
+
+    def step(self, tokens, pos):
+        return self.gpt(tokens[:, None], position_ids=pos, kv_cache=self.cache)[0][:, -1].float()
+
+    def keep(self, rows):
+        self.cache.keep(rows)
+
+
+class HFDecoder:
+    """A transformers causal LM through its own cache (DynamicCache: rows selected with batch_select_indices)."""
+
+    def __init__(self, hf):
+        self.hf, self.past, self.mask = hf, None, None
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+
+    def prefill(self, idx, real, pos, max_len):
+        self.mask = real.long()
+        out = self.hf(input_ids=idx, attention_mask=self.mask, position_ids=pos, use_cache=True, **self.keep_last)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def step(self, tokens, pos):
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        out = self.hf(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=pos,
+                      past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def keep(self, rows):
+        self.past.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """logits (B, V) fp32 -> token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 switch those off.
+    top-p keeps the smallest set of most likely tokens whose mass reaches top_p (the first always stays)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the tokens before it already hold top_p of the mass
+        logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@dataclasses.dataclass
+class Completion:
+    ids: List[int] = dataclasses.field(default_factory=list)         # every sampled token, the EOS included
+    logprobs: List[float] = dataclasses.field(default_factory=list)  # per id (logprobs=True): see the module notes
+    finish_reason: str = "length"                                    # eos | stop | length
+    text: str = ""                                                   # decoded without the EOS, cut at the stop string
+
+    @property
+    def content_ids(self):
+        """The ids without the final EOS."""
+        return self.ids[:-1] if self.finish_reason == "eos" else self.ids
+
+
+def check_sampling(temperature, top_p, top_k, num_samples):
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1; got "
+                         f"{temperature}, {top_p}, {top_k}, {num_samples}")
+
+
+class Engine:
+    """Batched generation in plain PyTorch for a LoadedModel (native or HF). batch_size counts rows, so a
+    batch holds batch_size // num_samples prompts."""
+    name = "hf"
+
+    def __init__(self, lm, batch_size=32):
+        self.lm, self.batch_size = lm, batch_size
+
+    def decoder(self):
+        return NativeDecoder(self.lm.model) if self.lm.kind == "native" else HFDecoder(self.lm.model)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=(), num_samples=1,
+                 seed=None, logprobs=False):
+        """prompts: lists of token ids -> per prompt, a list of num_samples Completions."""
+        check_sampling(temperature, top_p, top_k, num_samples)
+        if not prompts:
+            return []
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("an empty prompt: give at least one token (a BOS or end-of-text id)")
+        longest = max(len(p) for p in prompts)
+        if self.lm.max_positions and longest + max_new_tokens > self.lm.max_positions:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                             f"{self.lm.max_positions} positions")
+        generator = torch.Generator(device=self.lm.device)
+        if seed is None:
+            generator.seed()  # a fresh, unrepeatable stream
+        else:
+            generator.manual_seed(seed)
+        per_batch = max(1, self.batch_size // num_samples)
+        sampling = (max_new_tokens, temperature, top_p, top_k, list(stop), num_samples, generator, logprobs)
+        out = []
+        for start in range(0, len(prompts), per_batch):
+            out += self.generate_batch(prompts[start:start + per_batch], *sampling)
+        return out
+
+    def generate_batch(self, prompts, max_new_tokens, temperature, top_p, top_k, stop, num_samples, generator,
+                       logprobs):
+        tok, device = self.lm.tok, self.lm.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        idx = torch.full((B, L), tok.pad_id, dtype=torch.long)
+        real = torch.zeros((B, L), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            real[i, L - len(p):] = True
+        idx, real = idx.to(device), real.to(device)
+        pos = (real.long().cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as without padding
+        decoder = self.decoder()
+        logits = decoder.prefill(idx, real, pos, L + max_new_tokens)
+        rows = torch.arange(B, device=device).repeat_interleave(num_samples)  # one prefill, num_samples rows
+        if num_samples > 1:
+            decoder.keep(rows)
+        logits, last_pos = logits[rows], pos[rows, -1:]
+        outs = [[Completion() for _ in range(num_samples)] for _ in range(B)]
+        running = [outs[i][s] for i in range(B) for s in range(num_samples)]  # the Completion of each batch row
+        for step in range(max_new_tokens):
+            allowed = logits[:, :tok.vocab_size]  # never sample the padded rows of a native vocabulary
+            nxt = sample_next(allowed, temperature, top_k, top_p, generator)
+            lps = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0].tolist() if logprobs else None
+            keep = []
+            for j, t in enumerate(nxt.tolist()):
+                c = running[j]
+                c.ids.append(t)
+                if lps is not None:
+                    c.logprobs.append(lps[j])
+                if t in tok.eos_ids:
+                    c.finish_reason = "eos"
+                elif stop and any(s in tok.decode(c.ids[-(len(s) + 8):]) for s in stop):  # only the tail is new
+                    c.finish_reason = "stop"
+                else:
+                    keep.append(j)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(running):
+                sel = torch.tensor(keep, device=device)
+                decoder.keep(sel)
+                nxt, last_pos = nxt[sel], last_pos[sel]
+                running = [running[j] for j in keep]
+            last_pos = last_pos + 1
+            logits = decoder.step(nxt, last_pos)
+        for c in (c for row in outs for c in row):
+            c.text = cut_at_stop(tok.decode(c.content_ids), stop)
+        return outs
+
+    def close(self):
+        pass
+
+
+
+
+# -----------------------------------------------------------------------------
+# vLLM on CUDA
+
+
+class VLLMEngine:
+    """vllm.LLM behind Engine's interface, on an HF folder (a native checkpoint is written to a temporary
+    folder with model.save_hf_folder first). Prompts go in as token ids from our tokenizer, so multiplication
+    tokens are exactly the training ones.
+
+    Log-probs are vLLM's sampled-token log-probs; vLLM V1 reports them from the raw model output by default
+    (logprobs_mode 'raw_logprobs': temperature 1, before top-k/top-p), the same convention as Engine's.
+    Memory: vLLM does not give back all GPU memory when an LLM object is deleted (close() frees what it can),
+    so a sweep that builds a new VLLMEngine per checkpoint grows; for many checkpoints keep one engine and
+    call load_weights() with each checkpoint's model instead."""
+    name = "vllm"
+
+    def __init__(self, lm, dtype, batch_size=512, gpu_memory_utilization=0.85):
+        from vllm import LLM
+        self.lm, self.batch_size = lm, batch_size  # vLLM schedules its own batches; chunks only feed a progress bar
+        # vLLM takes the GPU: the PyTorch copy moves out of its way (loss-based tasks run before this)
+        lm.model.to("cpu")
+        model_dir = lm.hf_dir
+        if lm.kind == "native":
+            import tempfile
+            self._tmp = tempfile.TemporaryDirectory(prefix="engine_hf_")
+            model_dir = os.path.join(self._tmp.name, "hf")
+            model_lib.save_hf_folder(lm.model, lm.tok.tok, model_dir, {"source_checkpoint": lm.native_checkpoint})
+        torch.cuda.empty_cache()
+        self.llm = LLM(model=model_dir, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"),
+                       seed=0, max_model_len=lm.max_positions, gpu_memory_utilization=gpu_memory_utilization)
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=(), num_samples=1,
+                 seed=None, logprobs=False):
+        from vllm import SamplingParams
+        check_sampling(temperature, top_p, top_k, num_samples)
+        eos = self.lm.tok.eos_ids
+        params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, top_k=top_k or -1, seed=seed,
+                                max_tokens=max_new_tokens, stop=list(stop) or None, stop_token_ids=sorted(eos),
+                                logprobs=0 if logprobs else None, skip_special_tokens=True)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[self.completion(o, eos, logprobs) for o in out.outputs] for out in outs]
+
+    @staticmethod
+    def completion(o, eos, logprobs):
+        ids = list(o.token_ids)
+        reason = "length" if o.finish_reason == "length" else "stop" if isinstance(o.stop_reason, str) else "eos"
+        lps = [d[t].logprob for t, d in zip(ids, o.logprobs)] if logprobs else []
+        return Completion(ids, lps, reason, o.text)
+
+    def load_weights(self, model):
+        """Push a policy's current weights (model.GPT or an HF model of the same architecture) into the running
+        engine, e.g. after each GRPO step. Reaches the in-process model runner (vLLM with
+        VLLM_ENABLE_V1_MULTIPROCESSING=0, as TRL's colocated mode does)."""
+        if isinstance(model, model_lib.GPT):
+            weights = model.hf_state_dict(vocab_size=self.lm.tok.vocab_size).items()
+        else:
+            weights = model.state_dict().items()
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.model.load_weights(weights)
+        self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
+
+    def close(self):
+        """Free the GPU for the next checkpoint of a sweep (see the class notes on what vLLM keeps)."""
+        import gc
+        del self.llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()

@@ -1,0 +1,24 @@
+"""
+The data the stages share, one file per task family (see tasks/base.py for the interface):
+
+    gsm8k.py      GSM8K and SVAMP: loading, few-shot and chat prompts, answer extraction, scoring, reward
+    synthetic.py  the synthetic math generator (pretraining text) and SyntheticMath, a GSM8K-style task
+    probes.py     the arithmetic probe suites
+    hellaswag.py  HellaSwag loading and loss-based scoring (not a generative Task: no prompt or reward)
+
+sft.py's dataset registry (the SFT sets and their formats) joins here as its own file, e.g. tasks/sft_sets.py.
+"""
+from tasks.base import Task, cut_at_stop
+from tasks.gsm8k import GSM8K, SVAMP
+from tasks.probes import Probes
+from tasks.synthetic import SyntheticMath
+
+__all__ = ["Task", "cut_at_stop", "GSM8K", "SVAMP", "SyntheticMath", "Probes", "TASKS", "get_task"]
+TASKS = {"gsm8k": GSM8K, "svamp": SVAMP, "synthetic": SyntheticMath, "probes": Probes}
+
+
+def get_task(name, **kwargs):
+    """A task by name, e.g. get_task("gsm8k", test_path="../shared/data/gsm8k/test.jsonl")."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name](**kwargs)
