@@ -63,6 +63,7 @@ class Config:
     inject_mul_tokens: bool = False   # encode assistant replies with the multiplication tokens (mul_tokens condition)
     max_length: int = 1024            # tokens per example (and per packed row)
     packing: bool = False
+    pad_to_max_length: bool = False   # unpacked rows padded to max_length, not to the batch's longest (fixed shapes)
     # optimisation: one step = batch_size rows x grad_accum_steps x world size
     epochs: float = 1.0
     max_steps: int = 0                # 0 = as many as `epochs` passes give
@@ -280,10 +281,10 @@ def build_rows(examples, max_length, packing):
     return rows
 
 
-def collate(rows, examples, pad_id, packing):
-    """Rows -> x, y, position ids and (packing) doc ids, padded on the right to the longest row. Padding has
-    its own doc id and ignored targets; with causal attention right padding never reaches a real token."""
-    T = max(sum(len(examples[i][0]) for i in row) for row in rows)
+def collate(rows, examples, pad_id, packing, length=0):
+    """Rows -> x, y, position ids and (packing) doc ids, padded on the right to the longest row (or to `length`).
+    Padding has its own doc id and ignored targets; with causal attention right padding never reaches a real token."""
+    T = max([length] + [sum(len(examples[i][0]) for i in row) for row in rows])
     B = len(rows)
     x = torch.full((B, T), pad_id, dtype=torch.long)
     y = torch.full((B, T), -100, dtype=torch.long)
@@ -597,6 +598,10 @@ def train(cfg, d, stop):
     if cfg.inject_mul_tokens and not has_mul_tokens(tok):
         raise common.ConfigError(f"inject_mul_tokens=true needs a tokenizer with multiplication tokens; {cfg.model}'s "
                                  f"has none (pretrain on mul_tokens data, or set inject_mul_tokens=false)")
+    positions = (model.config.block_size if kind == "native" else getattr(model.config, "n_positions", None)
+                 or getattr(model.config, "max_position_embeddings", None))
+    if positions and cfg.max_length > positions:
+        raise common.ConfigError(f"max_length {cfg.max_length} exceeds the {positions} positions of {cfg.model}")
     lora_targets = None
     if cfg.lora:
         model, lora_targets = add_lora(cfg, model)
@@ -683,8 +688,8 @@ def train(cfg, d, stop):
 
     def train_step(step):
         """One optimizer step; returns (summed loss / completion tokens, grad norm, lr, completion tokens)."""
-        micro_batches = [collate(step_rows(rows, step, m, cfg, d), examples, tok.pad_id, cfg.packing)
-                         for m in range(cfg.grad_accum_steps)]
+        micro_batches = [collate(step_rows(rows, step, m, cfg, d), examples, tok.pad_id, cfg.packing,
+                                 cfg.max_length - 1 if cfg.pad_to_max_length else 0) for m in range(cfg.grad_accum_steps)]
         n_tokens = torch.tensor(float(sum((b[1] != -100).sum() for b in micro_batches)), device=d.device)
         n_global = common.all_reduce(n_tokens.clone(), "sum", d).clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
