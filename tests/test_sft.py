@@ -156,6 +156,19 @@ def test_packed_loss_equals_unpacked_loss(arch):
     assert math.isclose(totals[True][0], totals[False][0], rel_tol=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    examples = random_examples(4, 250)
+    x, y, pos, doc = sft.collate(sft.build_rows(examples, 96, True), examples, 0, True)
+    grads = []
+    for checkpointing in (False, True):
+        m = tiny_native()
+        if checkpointing:
+            sft.enable_gradient_checkpointing(m, "native")
+        sft.summed_loss(m, "native", x, y, pos, doc, "sdpa").backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
 # -----------------------------------------------------------------------------
 # mixtures
 
