@@ -26,6 +26,10 @@ try:  # the CUDA fast path; imported only where it is installed
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except Exception:  # ImportError, or a broken CUDA build on a CPU machine
     flash_attn_func = flash_attn_varlen_func = None
+try:  # FlexAttention: block-sparse masks (BD3-LM) on CUDA; a dense boolean mask through SDPA elsewhere
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except Exception:
+    BlockMask = create_block_mask = flex_attention = None
 
 
 @dataclass
@@ -37,6 +41,11 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # sigma-GPT's double position encoding: the left half of each wpe row encodes a token's own position,
+    # the right half the position of the token it predicts next (forward's target_position_ids)
+    double_position: bool = False
+    tie_embeddings: bool = True  # GPT-2 ties wte and lm_head; BD3-LM keeps them apart (its input has [MASK])
+    exec_layers: int = 0  # hierarchical BD3-LM: the top exec_layers get a second copy for execution positions
 
 
 # the GPT-2 family and a few tiny sizes for tests and the CPU demo
@@ -95,6 +104,9 @@ def attention(q, k, v, attn_mask=None, doc_ids=None, dropout_p=0.0):
     doc_ids: (B, T) document id per position of packed rows; causal within a document, never across."""
     if attn_mask is not None and doc_ids is not None:
         raise ValueError("give attn_mask or doc_ids, not both")
+    if BlockMask is not None and isinstance(attn_mask, BlockMask):  # CUDA: the compiled block-sparse kernel
+        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=attn_mask)
+        return y.transpose(1, 2)
     if attn_mask is None and use_flash(q):
         if doc_ids is None and flash_attn_func is not None:
             return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
@@ -109,6 +121,38 @@ def attention(q, k, v, attn_mask=None, doc_ids=None, dropout_p=0.0):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=attn_mask is None)
     return y.transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# BD3-LM (block diffusion): the model reads [x_t | x_0], the noised sequence and its clean copy, in one pass,
+# both at positions 0..L-1. Every position belongs to a block (block_ids: (L,) non-decreasing; i // block_size
+# for the flat model, restarting at segment boundaries for the hierarchical one). A noisy token sees its own
+# noisy block and the clean copy of strictly earlier blocks; a clean token sees clean tokens of its own and
+# earlier blocks.
+
+
+def _block_diffusion_allowed(q, k, block_ids, L):
+    """True where query position q may attend to key position k of the 2L input (both index tensors)."""
+    q_clean, k_clean = q >= L, k >= L
+    bq, bk = block_ids[q % L], block_ids[k % L]
+    noisy_to_noisy = ~q_clean & ~k_clean & (bq == bk)  # block-diagonal within x_t
+    noisy_to_clean = ~q_clean & k_clean & (bk < bq)  # x_t -> strictly earlier blocks of x_0
+    clean_to_clean = q_clean & k_clean & (bk <= bq)  # block-causal within x_0
+    return noisy_to_noisy | noisy_to_clean | clean_to_clean
+
+
+def block_diffusion_mask(block_ids):
+    """Dense (2L, 2L) boolean mask for SDPA, True = may attend."""
+    L = block_ids.numel()
+    idx = torch.arange(2 * L, device=block_ids.device)
+    return _block_diffusion_allowed(idx[:, None], idx[None, :], block_ids, L)
+
+
+def flex_block_diffusion_mask(block_ids):
+    """The same mask as a FlexAttention BlockMask (CUDA only), which skips the all-False tiles."""
+    L = block_ids.numel()
+    return create_block_mask(lambda b, h, q, k: _block_diffusion_allowed(q, k, block_ids, L),
+                             B=None, H=None, Q_LEN=2 * L, KV_LEN=2 * L, device=block_ids.device)
 
 
 class KVCache:
@@ -205,6 +249,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.double_position and config.n_embd % 2:
+            raise ValueError(f"double_position splits the position code in halves: n_embd {config.n_embd} must be even")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -213,8 +259,12 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if config.exec_layers:  # KV-cache slots after the shared ones
+            self.transformer["h_exec"] = nn.ModuleList([Block(config, config.n_layer + i)
+                                                        for i in range(config.exec_layers)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -233,16 +283,21 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None, position_ids=None, attn_mask=None, doc_ids=None, kv_cache=None,
-                padding_mask=None, loss_reduction="mean", ignore_index=-100):
+                padding_mask=None, loss_reduction="mean", ignore_index=-100, target_position_ids=None,
+                logits_len=None, exec_positions=None):
         """idx (B, T) -> logits (B, T, V) and the cross-entropy against targets (or None): 'mean' over the
         targets that are not ignore_index, or their 'sum' (callers count tokens as (targets != -100).sum(), so
         gradient accumulation and packed rows normalise over the right tokens).
         position_ids (B, T) or (T,) default to 0..T-1 (after the cached tokens with a kv_cache). Attention is
         causal unless given attn_mask (bool (B|1, 1|H, T, T), True = may attend) or doc_ids (packed rows, see
         attention()). With kv_cache the tokens are appended to the cache and attend to it; padding_mask (B, T),
-        True = real token, marks left padding (default: all real)."""
+        True = real token, marks left padding (default: all real). With config.double_position,
+        target_position_ids (the position each token predicts; default position_ids + 1) feed the second half
+        of the position code. logits_len runs the head on the first logits_len positions only (BD3-LM scores
+        the noisy half of its [x_t | x_0] input). exec_positions (B|1, T) bool sends those positions through the
+        execution copy of the top layers (config.exec_layers)."""
         B, T = idx.size()
-        if T > self.config.block_size:
+        if T > self.config.block_size and position_ids is None:  # BD3-LM's two copies share their positions
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -254,17 +309,36 @@ class GPT(nn.Module):
             attn_mask = kv_cache.open(padding_mask)
         if position_ids is None:
             position_ids = torch.arange(T, device=idx.device) + (kv_cache.pos if kv_cache is not None else 0)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
-        for block in self.transformer.h:
-            x = block(x, attn_mask, doc_ids, kv_cache)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.position_code(position_ids, target_position_ids))
+        first_exec = self.config.n_layer - self.config.exec_layers
+        for i, block in enumerate(self.transformer.h):
+            if i >= first_exec and exec_positions is not None:  # each position's output from its own module
+                exec_out = self.transformer.h_exec[i - first_exec](x, attn_mask, doc_ids, kv_cache)
+                x = torch.where(exec_positions[..., None], exec_out, block(x, attn_mask, doc_ids, kv_cache))
+            else:
+                x = block(x, attn_mask, doc_ids, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if logits_len is not None:
+            x = x[:, :logits_len]
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=ignore_index, reduction=loss_reduction)
         return logits, loss
+
+    def position_code(self, position_ids, target_position_ids=None):
+        """wpe at the token's position; under double_position, the row's left half at the token's own
+        position concatenated with the right half at the position it predicts (sigma-GPT, arXiv 2404.09562)."""
+        wpe = self.transformer.wpe
+        if not self.config.double_position:
+            return wpe(position_ids)
+        if target_position_ids is None:
+            target_position_ids = position_ids + 1  # left to right; the last row's target may run off the table
+            target_position_ids = target_position_ids.clamp(max=self.config.block_size - 1)
+        half = self.config.n_embd // 2
+        return torch.cat([wpe.weight[position_ids, :half], wpe.weight[target_position_ids, half:]], dim=-1)
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with decay on 2D weights only (matmuls, embeddings); fused kernel on CUDA."""
@@ -305,6 +379,17 @@ class GPT(nn.Module):
                 v = v[:vocab_size]
             out[k] = v.contiguous()
         return out
+
+
+def double_position_table(wpe):
+    """A plain GPT's (block_size, n_embd) position table -> the sigma-GPT table, by the rule: the left half
+    (own position) is copied row for row; the right half (next position) is shifted down one row, row q
+    holding row q-1's right half (row 0 keeps its own). In left-to-right order (next = own + 1) every token
+    then gets exactly the plain model's position vector, so the converted model starts as the AR model."""
+    half = wpe.shape[1] // 2
+    out = wpe.clone()
+    out[1:, half:] = wpe[:-1, half:]
+    return out
 
 
 def build_model(model_config_dict):

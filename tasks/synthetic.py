@@ -13,6 +13,7 @@ import itertools
 import math
 import operator
 import random
+import re
 from fractions import Fraction
 
 from tasks.gsm8k import GSM8K, final_answer, format_qa
@@ -609,3 +610,43 @@ class SyntheticMath(GSM8K):
         problems = synthetic_math_problems(self.n, seed=f"{split}:{self.seed}", **self.knobs)
         return [{"id": i, "question": p["question"], "answer": p["answer"], "gold": final_answer(p["answer"]),
                  "template": p["template"]} for i, p in enumerate(problems)]
+
+
+# -----------------------------------------------------------------------------
+# plans: the same problems as gen_plans.py's JSON ({id, question, plan, execution, answer_numerical}), offline.
+# The plan names each step's operation and what it finds, without a number; the execution is the worked
+# solution with every number (calculator notes dropped, as gen_plans.py's executions are written).
+
+STEP_WORDS = {"+": "add the amounts together", "-": "subtract the amount taken away",
+              "*": "multiply the quantity by the rate", "/": "divide the total into equal parts"}
+ORDER_WORDS = ["First", "Then", "Next", "After that"]
+NUMBER_RE = re.compile(r"\$?\d[\d,]*(?:\.\d+)?")
+CALC_RE = re.compile(r"[\d$][\d\s.,$+\-*x/()]*=\s*\$?<<[^>]*>>\S*?\d+")
+
+
+def abstract_step(line):
+    """'Janet has 16 - 3 - 4 = <<16-3-4=9>>9 eggs left every day.' -> 'subtract the amount taken away to find how
+    many: Janet has eggs left every day' (the operation of the calculator note, the line's words, no numbers)."""
+    note = re.search(r"<<([^=>]*)=", line).group(1)
+    ops = [op for op in "+-*/" if op in note]
+    what = NUMBER_RE.sub("", CALC_RE.sub("", line)).replace(" ,", ",")
+    what = re.sub(r"\s+", " ", what).strip(" .")
+    return f"{' and '.join(STEP_WORDS[op] for op in ops)} to find the result ({what})"
+
+
+def synthetic_plan(problem, index=0):
+    """One problem of synthetic_math_problems as a gen_plans.py record: an abstract plan and a concrete execution."""
+    steps = [abstract_step(line) for line in problem["answer"].split("\n") if "<<" in line]
+    if len(steps) == 1:
+        plan = steps[0][0].upper() + steps[0][1:] + "."
+    else:
+        words = ORDER_WORDS[:min(len(steps) - 1, 4)] + ["Then"] * max(0, len(steps) - 5) + ["Finally"]
+        plan = " ".join(f"{w}, {step}." for w, step in zip(words, steps))
+    execution = re.sub(r"<<[^>]*>>", "", problem["answer"])
+    return {"id": f"synthetic_{index}", "question": problem["question"], "plan": plan, "execution": execution,
+            "answer_numerical": int(final_answer(problem["answer"])), "valid": True}
+
+
+def synthetic_plans(n, seed=0, **knobs):
+    """n records in gen_plans.py's JSON layout (see synthetic_plan); the same knobs as synthetic_math_problems."""
+    return [synthetic_plan(p, i) for i, p in enumerate(synthetic_math_problems(n, seed, **knobs))]

@@ -104,3 +104,31 @@ def test_vllm_matches_the_plain_engine_and_loads_new_weights(tmp_path):
         assert [o[0].ids for o in engine.generate(prompts, 12)] == [o[0].ids for o in want]
     finally:
         engine.close()
+
+
+@cuda
+@pytest.mark.skipif(model_lib.flex_attention is None, reason="this torch has no FlexAttention")
+def test_flex_block_diffusion_mask_matches_the_dense_sdpa_mask():
+    import train_bd3lm as bd
+    torch.manual_seed(0)
+    m = model_lib.GPT(model_lib.GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=128,
+                                          tie_embeddings=False)).cuda().eval()
+    for segments, block_size in (([256], 16), ([96, 64, 96], 16), ([256], 4)):
+        ids = bd.make_block_ids(segments, block_size).cuda()
+        x = torch.randint(0, 512, (2, 512), device="cuda")
+        pos = torch.cat([torch.arange(256), torch.arange(256)]).cuda()
+        with torch.no_grad():
+            dense, _ = m(x, position_ids=pos, attn_mask=model_lib.block_diffusion_mask(ids))
+            flex, _ = m(x, position_ids=pos, attn_mask=model_lib.flex_block_diffusion_mask(ids))
+        assert (dense - flex).abs().max().item() < 1e-3
+
+
+@cuda
+def test_bd3lm_compiled_bf16_training_learns(tmp_path):
+    import train_bd3lm as bd
+    from test_bd3lm import plans_args
+    out = str(tmp_path / "run")
+    bd.main(plans_args(out, device="cuda", dtype="bf16", compile="true", max_steps=30, val_interval=0,
+                       ckpt_interval=0, max_lr=1e-2))
+    losses = [r["loss"] for r in common.read_jsonl(os.path.join(out, "log.jsonl")) if r["type"] == "train"]
+    assert losses[-1] < 0.8 * losses[0]

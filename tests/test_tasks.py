@@ -90,6 +90,6 @@ def test_probe_task_and_lookup():
     answer = cut_at_stop(f" {a}*{b}={int(a) * int(b)}\nQ: 1 * 1", task.stop())
     assert task.evaluate(item, answer) == {"suite": "mul_2d_1d", "extracted": str(int(a) * int(b)), "correct": True}
     assert task.reward(item, answer) == 1.0 and task.reward(item, f" {a}*{b}={int(a) * int(b) + 10}") == 0.0
-    assert set(tasks.TASKS) == {"gsm8k", "svamp", "synthetic", "probes"}
+    assert set(tasks.TASKS) == {"gsm8k", "svamp", "synthetic", "probes", "arithmetic"}
     with pytest.raises(ValueError, match="unknown task"):
         tasks.get_task("mmlu")

@@ -1,0 +1,356 @@
+"""train_bd3lm.py on CPU with tiny models: the block-diffusion mask against its definition, the objective
+against autoregression, clean-copy independence, cached vs uncached sampling, learning on GSM8K text,
+deterministic ppl_eval, the hierarchical layout, resume exactness and the bad inputs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import train_bd3lm as bd
+from conftest import shared_path
+from model import GPT, GPTConfig, block_diffusion_mask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLANS = os.path.join(ROOT, "tests", "fixtures", "plans_small.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_files(tmp_path_factory):
+    """The first GSM8K rows from ../shared/data (train 300, test 40): enough text, quick to tokenize."""
+    folder = tmp_path_factory.mktemp("gsm8k")
+    paths = []
+    for split, n in (("train", 300), ("test", 40)):
+        rows = common.read_jsonl(shared_path("gsm8k", f"{split}.jsonl"))[:n]
+        path = str(folder / f"{split}.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        paths.append(path)
+    return paths
+
+
+def gsm8k_args(files, out_dir, **overrides):
+    """A tiny byte-level flat run: 2 layers, 32 wide, rows of 64 tokens in blocks of 8."""
+    args = dict(data="gsm8k", data_path=files[0], val_data_path=files[1], wrap="true", tokenizer="byte",
+                seq_len=64, block_size=8, model="tiny", n_embd=32, batch_size=16, micro_batch_size=8, max_steps=6,
+                warmup_steps=2, max_lr=3e-3, log_interval=1, val_interval=0, val_batches=2, ckpt_interval=0,
+                device="cpu", dtype="fp32", ema=0.9, seed=3, out_dir=out_dir)
+    args.update(overrides)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def plans_args(out_dir, **overrides):
+    """A tiny hierarchical run on the fixture plans: segments 48 | 48 | 32 bytes, blocks of 16."""
+    args = dict(data="hierarchical", plans_path=PLANS, val_plans_path=PLANS, tokenizer="byte", seq_len=128,
+                question_len=48, plan_len=48, exec_len=32, block_size=16, model="tiny", n_embd=32, batch_size=4,
+                micro_batch_size=2, max_steps=6, warmup_steps=1, max_lr=3e-3, log_interval=1, val_interval=3,
+                val_batches=1, ckpt_interval=3, device="cpu", dtype="fp32", ema=0.9, seed=5, out_dir=out_dir)
+    args.update(overrides)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def records(out_dir, kind):
+    return [r for r in common.read_jsonl(os.path.join(out_dir, "log.jsonl")) if r["type"] == kind]
+
+
+def tiny_model(vocab=40, positions=64, tie=False):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=positions, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32,
+                         tie_embeddings=tie)).eval()
+
+
+# ---------------------------------------------------------------------------- the mask
+
+
+def brute_force_mask(L, block_size):
+    """The BD3-LM attention mask written from its definition, one (query, key) pair at a time."""
+    mask = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            q_clean, k_clean = q >= L, k >= L
+            bq, bk = (q % L) // block_size, (k % L) // block_size
+            if not q_clean and not k_clean:
+                mask[q, k] = bq == bk  # a noisy block sees itself
+            elif not q_clean and k_clean:
+                mask[q, k] = bk < bq  # and the clean copy of earlier blocks only
+            elif q_clean and k_clean:
+                mask[q, k] = bk <= bq  # the clean copy is block-causal
+    return mask
+
+
+@pytest.mark.parametrize("L,block_size", [(8, 1), (8, 2), (12, 4), (16, 16), (24, 8)])
+def test_mask_equals_brute_force_construction(L, block_size):
+    ids = bd.make_block_ids([L], block_size)
+    assert torch.equal(block_diffusion_mask(ids), brute_force_mask(L, block_size))
+
+
+def test_hierarchical_blocks_restart_at_segments_and_segments_are_causal():
+    ids = bd.make_block_ids([6, 4, 6], 4)  # question 6 | plan 4 | execution 6, blocks of 4 inside each
+    assert ids.tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4]
+    m, L = block_diffusion_mask(ids), 16
+    plan_q = 6  # the first noisy plan token
+    assert m[plan_q, L:L + 6].all() and not m[plan_q, L + 6:].any()  # all clean question, no clean plan/exec
+    assert m[plan_q, 6:10].all() and not m[plan_q, 10:L].any()  # its own noisy block only
+    exec_q = 14  # the second execution block
+    assert m[exec_q, L:L + 14].all() and not m[exec_q, L + 14:].any()
+    assert not m[L:, :L].any()  # the clean copy never reads noisy tokens
+
+
+# ---------------------------------------------------------------------------- the objective
+
+
+def test_block_size_one_at_t_one_is_the_autoregressive_cross_entropy():
+    """Every token masked, blocks of one: token i is predicted from clean tokens < i and a [MASK] at i,
+    which is what a causal pass over (x_0[:i], [MASK]) computes."""
+    model, L, n_vocab, mask_id = tiny_model(), 10, 38, 38
+    x0 = torch.randint(0, n_vocab, (3, L), generator=torch.Generator().manual_seed(1))
+    ids = bd.make_block_ids([L], 1)
+    with torch.no_grad():
+        terms = bd.nelbo_terms(model, x0, ids, block_diffusion_mask(ids), mask_id, n_vocab, 1.0, 1.0, True)
+        ar = []
+        for i in range(L):
+            inp = torch.cat([x0[:, :i], torch.full((3, 1), mask_id)], dim=1)
+            logits, _ = model(inp)  # plain causal attention
+            ar.append(torch.nn.functional.cross_entropy(logits[:, -1, :n_vocab], x0[:, i], reduction="none"))
+    assert torch.allclose(terms, torch.stack(ar, dim=1), atol=1e-5)
+
+
+def test_clean_copy_never_depends_on_the_noisy_half():
+    model, L = tiny_model(), 16
+    ids = bd.make_block_ids([L], 4)
+    mask = block_diffusion_mask(ids)
+    g = torch.Generator().manual_seed(2)
+    x0, xt1, xt2 = (torch.randint(0, 39, (2, L), generator=g) for _ in range(3))
+    pos = torch.cat([torch.arange(L), torch.arange(L)])
+    with torch.no_grad():
+        a, _ = model(torch.cat([xt1, x0], 1), position_ids=pos, attn_mask=mask)
+        b, _ = model(torch.cat([xt2, x0], 1), position_ids=pos, attn_mask=mask)
+    assert torch.equal(a[:, L:], b[:, L:])
+    assert not torch.allclose(a[:, :L], b[:, :L])  # the noisy half does read x_t
+
+
+def test_two_pass_reference_gives_the_same_loss_as_the_vectorized_pass():
+    model, L = tiny_model(), 24
+    ids = bd.make_block_ids([L], 8)
+    x0 = torch.randint(0, 38, (2, L), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        one = bd.nelbo_terms(model, x0, ids, block_diffusion_mask(ids), 38, 38, 0.1, 0.9, True,
+                             torch.Generator().manual_seed(9))
+        two = bd.nelbo_terms(model, x0, ids, None, 38, 38, 0.1, 0.9, True, torch.Generator().manual_seed(9),
+                             two_pass=True)
+    assert one.sum() > 0 and torch.allclose(one, two, atol=1e-5)
+
+
+def test_mask_rates_are_stratified_and_clipped():
+    rates = bd.sample_mask_rates(8, 4, 0.3, 0.8, True, "cpu", torch.Generator().manual_seed(0))
+    u = ((rates.flatten() - 0.3) / 0.5).sort().values
+    assert (rates >= 0.3).all() and (rates <= 0.8).all()
+    assert torch.equal((u * 32).floor().long(), torch.arange(32))  # one draw in each of the 32 slices
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("sampler", ["first_hitting", "ancestral"])
+@pytest.mark.parametrize("segments", [[32], [12, 8, 12]])
+def test_kv_cached_sampling_gives_the_same_tokens(sampler, segments):
+    model, L = tiny_model(), sum(segments)
+    cfg = bd.Config(sampler=sampler, sample_steps=4, top_p=0.95)
+    ids = bd.make_block_ids(segments, 4)
+    ends = [sum(segments[:i + 1]) for i in range(len(segments))]
+    prompt = torch.randint(0, 38, (3, L), generator=torch.Generator().manual_seed(5))
+    fixed = torch.zeros(3, L, dtype=torch.bool)
+    fixed[0, :5], fixed[1, :9] = True, True  # prompts of different lengths, not on block boundaries
+    out = {}
+    for cache in (True, False):
+        out[cache] = bd.generate(model, prompt, fixed.clone(), ids, ends, 38, 38, 37, cfg,
+                                 torch.Generator().manual_seed(11), cache)
+    (a, nfe_a), (b, nfe_b) = out[True], out[False]
+    assert torch.equal(a, b) and nfe_a == nfe_b > 0
+    assert torch.equal(a[fixed], prompt[fixed]) and not (a == 38).any()  # prompt kept, nothing left masked
+    if sampler == "first_hitting":
+        assert nfe_a <= L  # one network call per revealed token at most
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert torch.allclose(bd.top_p_filter(probs, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.equal(bd.top_p_filter(probs, 1.0), probs)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_loss_falls_on_gsm8k_and_ppl_eval_is_deterministic(gsm8k_files, tmp_path):
+    out = str(tmp_path / "run")
+    res = bd.main(gsm8k_args(gsm8k_files, out, max_steps=25, log_interval=5, val_interval=25))
+    losses = [r["loss"] for r in records(out, "train")]
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert res["final_val_loss"] is not None and os.path.isfile(os.path.join(out, "loss.png"))
+    ckpt = common.load_checkpoint(out, expected_kind="bd3lm")
+    assert ckpt["ema"] is not None and ckpt["bd3lm"]["mask_id"] == 257
+    ev = dict(mode="ppl_eval", checkpoint=f"{out}/latest", eval_batch_size=8, eval_batches=2)
+    first = bd.main(gsm8k_args(gsm8k_files, f"{out}/ppl", **ev))
+    again = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e2"), **ev))
+    other = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e3"), **{**ev, "seed": 4}))
+    assert first["nelbo"] == again["nelbo"] and first["nelbo"] != other["nelbo"]
+    assert first["ppl_bound"] < 257  # better than uniform over the bytes
+    # generation: GSM8K questions as prompts, eval_gsm8k.py's layout
+    g = bd.main(gsm8k_args(gsm8k_files, f"{out}/gsm8k", mode="gsm8k_eval", checkpoint=out, limit=3,
+                           eval_batch_size=3))
+    preds = common.read_jsonl(f"{out}/gsm8k/predictions.jsonl")
+    assert g["n"] == 3 and "gsm8k_strict" in g["metrics"] and len(preds) == 3 and g["counts"]["nfe"] > 0
+    assert all({"question", "gold", "completion", "correct", "extracted"} <= set(p) for p in preds)
+    # the compare report: this run against an autoregressive one (block size 1) of 3 steps
+    ar = str(tmp_path / "ar")
+    bd.main(gsm8k_args(gsm8k_files, ar, block_size=1, max_steps=3, val_interval=3))
+    table = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "cmp"), mode="compare", runs=f"[{out},{ar}]",
+                               labels="[bd3lm,ar]"))
+    assert table["bd3lm"]["nelbo"] == first["nelbo"] and table["ar"]["block_size"] == 1
+    assert table["bd3lm"]["gsm8k_strict"] == g["metrics"]["gsm8k_strict"] and table["ar"]["gsm8k_strict"] is None
+    assert os.path.isfile(str(tmp_path / "cmp" / "comparison.png"))
+
+
+def test_hierarchical_training_logs_segment_losses_and_resumes_exactly(tmp_path):
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    bd.main(plans_args(full))
+    bd.main(plans_args(split, stop_after_step=2))
+    bd.main(plans_args(split, resume="latest"))
+    a, b = records(full, "train"), records(split, "train")
+    assert a[-1]["step"] == b[-1]["step"] == 5 and a[-1]["loss"] == b[-1]["loss"]
+    assert {"loss_question", "loss_plan", "loss_execution"} <= set(a[-1])
+    assert [r["val_loss"] for r in records(full, "val")] == [r["val_loss"] for r in records(split, "val")]
+    with pytest.raises(common.ConfigError, match="block_size=16 in the checkpoint but 8 now"):
+        bd.main(plans_args(split, resume="latest", block_size=8, max_steps=9))
+    s = bd.main(plans_args(str(tmp_path / "s"), mode="sample", checkpoint=full, num_samples=2))
+    sample = common.read_jsonl(str(tmp_path / "s" / "samples.jsonl"))[0]
+    assert set(sample["segments"]) == {"question", "plan", "execution"} and s["nfe"] > 0
+
+
+def test_init_from_a_train_gpt_checkpoint(gsm8k_files, tmp_path):
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=320, n_layer=2, n_head=2, n_embd=32))
+    common.save_checkpoint(str(tmp_path / "gpt" / "ckpt_000001.pt"), {
+        "kind": "gpt", "model": gpt.state_dict(), "model_config": vars(gpt.config), "step": 1})
+    out = str(tmp_path / "run")
+    bd.main(gsm8k_args(gsm8k_files, out, init_from=str(tmp_path / "gpt"), max_steps=1))
+    ckpt = common.load_checkpoint(out)
+    assert ckpt["model_config"]["tie_embeddings"] is False
+    # the untied input embedding starts as GPT-2's tied matrix (and moved one step from it)
+    start = gpt.transformer.wte.weight
+    assert (ckpt["model"]["transformer.wte.weight"] - start).abs().max() < 0.01
+    # a GPT checkpoint is not a BD3-LM for evaluation
+    with pytest.raises(common.ConfigError, match="holds a 'gpt' model"):
+        bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e"), mode="ppl_eval", checkpoint=str(tmp_path / "gpt")))
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_are_refused_with_the_setting_named(gsm8k_files, tmp_path):
+    with pytest.raises(common.ConfigError, match="seq_len 60 is not divisible by block_size 8"):
+        bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "a"), seq_len=60))
+    with pytest.raises(common.ConfigError, match="do not sum to seq_len 128"):
+        bd.main(plans_args(str(tmp_path / "b"), exec_len=40))
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{"id": "x", "question": "q?", "execution": "1 + 1 = 2"}]))
+    with pytest.raises(common.ConfigError, match="record 0 lacks the field"):
+        bd.main(plans_args(str(tmp_path / "c"), plans_path=str(broken)))
+    with pytest.raises(common.ConfigError, match="needs checkpoint="):
+        bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "d"), mode="sample"))
+
+
+def test_entry_point_prints_one_line_errors(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_bd3lm.py"), "data=hierarchical",
+                        f"plans_path={PLANS}", "seq_len=512", "question_len=128", "plan_len=128", "exec_len=128",
+                        f"out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: segment lengths") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_shipped_configs_load():
+    for name in ("gsm8k_bd3lm", "gsm8k_hierarchical", "gsm8k_flat", "owt_bd3lm_small", "bd3lm_demo", "svamp_transfer"):
+        cfg = common.load_config(bd.Config, [os.path.join(ROOT, "configs", f"{name}.yaml")])
+        bd.check_config(cfg)
+    big = common.load_config(bd.Config, [os.path.join(ROOT, "configs", "gsm8k_bd3lm.yaml"), "block_size=4"])
+    assert (big.seq_len, big.batch_size, big.micro_batch_size, big.max_steps, big.max_lr) == (512, 128, 32, 50000, 3e-4)
+
+
+def test_clip_search_picks_the_lowest_variance_range_and_resumes_with_it(tmp_path):
+    assert bd.clip_candidates([0.5, 1.0]) == [(0.0, 0.5), (0.0, 1.0), (0.1, 0.6), (0.2, 0.7), (0.3, 0.8),
+                                              (0.4, 0.9), (0.5, 1.0)]
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    args = dict(clip_search_interval=2, clip_search_widths="[0.3,1.0]", clip_search_batches=1, val_interval=0)
+    bd.main(plans_args(full, **args))
+    searches = records(full, "clip_search")
+    assert [r["step"] for r in searches] == [1, 3, 5] and all(r["candidates"] == 9 for r in searches)
+    assert all(r["omega"] - r["beta"] in (pytest.approx(0.3), pytest.approx(1.0)) for r in searches)
+    bd.main(plans_args(split, stop_after_step=3, **args))
+    bd.main(plans_args(split, resume="latest", **args))
+    assert records(full, "train")[-1]["loss"] == records(split, "train")[-1]["loss"]
+
+
+def test_transfer_execution_module_starts_as_a_copy_and_freeze_plan_trains_only_it(tmp_path):
+    base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
+    bd.main(plans_args(base, max_steps=2, val_interval=0, ckpt_interval=0))
+    # a new execution module is a copy of the top layer: the same network function as the base model
+    cfg = common.load_config(bd.Config, plans_args(str(tmp_path / "x"), init_from=base, exec_layers=1))
+    split = bd.build_model(cfg, 320, common.Dist(False, 0, 0, 1, "cpu")).eval()
+    plain = common.load_checkpoint(base)
+    one = GPT(GPTConfig(**plain["model_config"])).eval()
+    one.load_state_dict(plain["ema"])
+    lens = bd.segment_lengths(cfg)
+    ids, ex = bd.make_block_ids(lens, 16), bd.exec_positions_of(lens, 1)
+    x0 = torch.randint(0, 257, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = bd.nelbo_terms(one, x0, ids, block_diffusion_mask(ids), 257, 257, 0.2, 0.9, True,
+                           torch.Generator().manual_seed(1))
+        b = bd.nelbo_terms(split, x0, ids, block_diffusion_mask(ids), 257, 257, 0.2, 0.9, True,
+                           torch.Generator().manual_seed(1), exec_positions=ex)
+    assert torch.allclose(a, b, atol=1e-5)
+    # freeze=plan: every weight outside the execution module stays where it was
+    bd.main(plans_args(tuned, init_from=base, exec_layers=1, freeze="plan", max_steps=3, val_interval=0,
+                       ckpt_interval=0, max_lr=1e-2))
+    after = common.load_checkpoint(tuned)["model"]
+    start = split.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], start[k])}
+    assert moved and all(k.startswith("transformer.h_exec.") for k in moved)
+    # sampling through the execution module: cached and uncached agree
+    model = GPT(GPTConfig(**common.load_checkpoint(tuned)["model_config"])).eval()
+    model.load_state_dict(after)
+    fixed = torch.zeros(2, 128, dtype=torch.bool)
+    fixed[:, :48] = True
+    outs = [bd.generate(model, x0, fixed.clone(), ids, [48, 96, 128], 257, 257, 256, bd.Config(),
+                        torch.Generator().manual_seed(3), cache, ex)[0] for cache in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_synthetic_plans_have_no_numbers_in_the_plan_and_all_of_them_in_the_execution(tmp_path):
+    import re
+    from tasks.synthetic import synthetic_math_problems, synthetic_plans
+    problems, plans = synthetic_math_problems(200, seed=3, max_steps=6), synthetic_plans(200, seed=3, max_steps=6)
+    for problem, rec in zip(problems, plans):
+        assert set(bd.PLAN_FIELDS) <= set(rec) and rec["question"] == problem["question"]
+        assert not re.search(r"\d", rec["plan"]), rec["plan"]
+        numbers = re.findall(r"\d+", " ".join(re.findall(r"<<([^>]*)>>", problem["answer"])))
+        found = set(re.findall(r"\d+", rec["execution"]))
+        assert numbers and set(numbers) <= found  # every operand and result of every calculation
+        assert rec["execution"].rstrip().endswith(f"#### {rec['answer_numerical']}")
+    # and the hierarchical model trains on them offline, with no plans file
+    out = bd.main(plans_args(str(tmp_path / "run"), synthetic_plans=40, plans_path="", val_plans_path="", max_steps=1,
+                             val_interval=1, ckpt_interval=0, bench=True, bench_steps=1, bench_warmup=0))
+    assert out["bench"] and math_finite(out["final_train_loss"])
+
+
+def math_finite(x):
+    return x == x and abs(x) != float("inf")

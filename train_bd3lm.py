@@ -1,0 +1,1210 @@
+"""
+Block diffusion language models (BD3-LM; Arriola et al., "Block Diffusion", ICLR 2025) in one file.
+
+    python train_bd3lm.py configs/bd3lm_demo.yaml                              # tiny, CPU, synthetic plans
+    python train_bd3lm.py configs/gsm8k_bd3lm.yaml block_size=4                # GSM8K, flat
+    torchrun --nproc_per_node=4 train_bd3lm.py configs/gsm8k_hierarchical.yaml # [question | plan | execution]
+    python train_bd3lm.py configs/gsm8k_bd3lm.yaml mode=ppl_eval checkpoint=out/gsm8k_bd3lm/latest
+    python train_bd3lm.py configs/gsm8k_bd3lm.yaml mode=sample checkpoint=out/gsm8k_bd3lm/latest num_samples=8
+    python train_bd3lm.py configs/gsm8k_bd3lm.yaml mode=gsm8k_eval checkpoint=out/gsm8k_bd3lm/latest limit=200
+
+The idea. A sequence of L tokens is cut into blocks. Across blocks the model is autoregressive; inside a
+block it is a masked diffusion model: each token of a block is replaced by [MASK] with probability t (one t
+per block), and the network, which sees the clean copy of all earlier blocks, predicts the masked tokens.
+The training loss is the negative ELBO: for the log-linear schedule (alpha_t = 1 - t) each masked token
+costs (1/t) x its cross-entropy, unmasked tokens cost nothing (SUBS: they are carried over, and [MASK] is
+never predicted). Block size 1 with t = 1 is exactly autoregression; block size L is a plain masked
+diffusion model.
+
+Vectorized training: the network reads [x_t | x_0] (2L tokens, positions 0..L-1 twice) in one pass under
+model.block_diffusion_mask: noisy tokens see their own noisy block and the clean copy of earlier blocks,
+clean tokens see clean tokens of their own and earlier blocks. Only the noisy half goes through the head.
+
+Sampling generates block by block: a block starts all [MASK] and is denoised (first-hitting: one token per
+network call; or T ancestral steps), then its clean tokens are pushed once through the network into a
+KV cache that every later block reads.
+
+Hierarchical data (data=hierarchical) lays a problem out as [question | plan | execution] segments of fixed
+lengths; blocks restart at every segment boundary, so the segments are causal by segment with block
+diffusion inside, and the loss of each segment is logged apart.
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import common
+from tasks import gsm8k as gsm8k_task, synthetic
+from model import GPT, GPTConfig, MODEL_SIZES, block_diffusion_mask, flex_block_diffusion_mask, model_config
+
+KIND = "bd3lm"
+SEGMENTS = ("question", "plan", "execution")
+PLAN_FIELDS = ("question", "plan", "execution")
+
+
+@dataclass
+class Config:
+    mode: str = "train"  # train | ppl_eval | sample | gsm8k_eval | compare
+    # data: gsm8k (flat Question/Answer rows) | hierarchical (plans JSON) | shards (prepare_data.py)
+    data: str = "gsm8k"
+    data_path: str = ""  # GSM8K train jsonl (empty: the HF hub)
+    val_data_path: str = ""  # GSM8K test jsonl, for validation, ppl_eval and gsm8k_eval
+    plans_path: str = ""  # hierarchical: gen_plans.py JSON (train)
+    val_plans_path: str = ""  # hierarchical: JSON for validation / evaluation
+    data_dir: str = ""  # shards: prepare_data.py output folder
+    wrap: bool = False  # gsm8k: wrap the Q/A text into seq_len rows instead of one padded problem per row
+    tokenizer: str = "gpt2"  # gpt2 | byte (shards: taken from meta.json)
+    tokenizer_file: Optional[str] = None  # GPT-2 ranks for offline use
+    seq_len: int = 512  # L, tokens per row
+    block_size: int = 16  # diffusion block size; 1 = autoregressive, seq_len = one diffusion block
+    question_len: int = 128  # hierarchical segment lengths; they must sum to seq_len
+    plan_len: int = 128
+    exec_len: int = 256
+    flat_plans: bool = False  # hierarchical JSON laid out flat as [question | execution] (the flat baseline)
+    synthetic_plans: int = 0  # hierarchical offline: N synthetic problems with abstract plans (tasks/synthetic.py)
+    synthetic_max_steps: int = 4  # their most solution steps (1..synthetic_max_steps)
+    # model
+    model: str = "gpt2"
+    n_layer: int = 0
+    n_head: int = 0
+    n_embd: int = 0
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    init_from: str = "scratch"  # scratch | a train_gpt.py or train_bd3lm.py checkpoint (file, run folder, RUN/latest)
+    # transfer (hierarchical): the top exec_layers get a second copy, the execution module, which computes the
+    # execution positions; the shared lower layers and the first copy are the plan module (question and plan)
+    exec_layers: int = 0
+    freeze: str = "none"  # none | plan: train only the execution module (fine-tuning on a new task)
+    # noise schedule: log-linear; a mask rate per block, stratified over batch x blocks, clipped to [beta, omega]
+    noise_beta: float = 1e-3
+    noise_omega: float = 1.0
+    antithetic: bool = True
+    # clipped-schedule search: every clip_search_interval steps, the [beta, omega] of lowest NELBO variance on
+    # validation batches among ranges of these widths (the paper's data-driven schedule); 0 = fixed by config
+    clip_search_interval: int = 0
+    clip_search_widths: List[float] = field(default_factory=lambda: [0.5, 0.7, 1.0])
+    clip_search_batches: int = 4
+    # optimisation
+    batch_size: int = 128  # sequences per optimizer step over all ranks
+    micro_batch_size: int = 32  # sequences per forward pass per rank
+    max_steps: int = 50000
+    warmup_steps: int = 2500
+    max_lr: float = 3e-4
+    lr_schedule: str = "constant"  # constant | cosine (to max_lr * min_lr_ratio)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    ema: float = 0.9999  # EMA decay of the weights used for evaluation and sampling (0 = off)
+    seed: int = 1337
+    # system
+    device: str = "auto"
+    dtype: str = "auto"  # auto (bf16 on cuda, else fp32) | float32 | bfloat16 | float16 (or fp32 | bf16 | fp16)
+    compile: bool = True  # torch.compile on cuda
+    flex_attention: bool = True  # FlexAttention block mask on cuda; the dense SDPA mask elsewhere
+    # output
+    out_dir: str = "out/bd3lm"
+    log_interval: int = 10
+    val_interval: int = 500
+    val_batches: int = 8
+    ckpt_interval: int = 2000
+    keep_last_k: int = 0
+    resume: Optional[str] = None  # latest | a checkpoint path
+    stop_after_step: int = -1
+    # evaluation and sampling (modes ppl_eval, sample, gsm8k_eval)
+    checkpoint: str = ""
+    runs: List[str] = field(default_factory=list)  # compare: run folders (hierarchical, flat, AR ...), each with
+    labels: List[str] = field(default_factory=list)  # its results.json and optional ppl/ and gsm8k/ subfolders
+    use_ema: bool = True
+    eval_batch_size: int = 16
+    eval_batches: int = 0  # ppl_eval: 0 = the whole evaluation set
+    eval_noise_beta: float = 1e-3  # ppl_eval draws t ~ U[eval_noise_beta, 1]
+    sampler: str = "first_hitting"  # first_hitting | ancestral
+    sample_steps: int = 16  # ancestral: T steps per block
+    top_p: float = 0.9
+    kv_cache: bool = True
+    num_samples: int = 4
+    limit: int = 0  # gsm8k_eval: first `limit` test problems (0 = all)
+    # benchmark: time bench_steps steps, write results.json, exit
+    bench: bool = False
+    bench_steps: int = 10
+    bench_warmup: int = 3
+    two_pass: bool = False  # bench: noisy and clean halves in two passes (what the vectorized pass replaces)
+
+
+MODES = ("train", "ppl_eval", "sample", "gsm8k_eval", "compare")
+
+
+def check_config(cfg):
+    """Mistakes that need no data or devices: refuse them before anything starts."""
+    choices = {"mode": MODES, "data": ("gsm8k", "hierarchical", "shards"), "tokenizer": ("gpt2", "byte"),
+               "model": tuple(MODEL_SIZES),
+               "lr_schedule": ("constant", "cosine"), "sampler": ("first_hitting", "ancestral")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise common.ConfigError(f"{key} '{getattr(cfg, key)}' is not one of {', '.join(allowed)}")
+    common.resolve_dtype(cfg.dtype, "cpu")  # an unknown dtype name stops here
+    for key in ("seq_len", "block_size", "batch_size", "micro_batch_size", "max_steps", "log_interval"):
+        if getattr(cfg, key) <= 0:
+            raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
+    if cfg.data == "hierarchical":
+        lens = segment_lengths(cfg)
+        if sum(lens) != cfg.seq_len:
+            names = "exec_len" if cfg.flat_plans else "plan_len + exec_len"
+            raise common.ConfigError(f"segment lengths question_len + {names} = {' + '.join(map(str, lens))} = "
+                                     f"{sum(lens)} do not sum to seq_len {cfg.seq_len}")
+    elif cfg.seq_len % cfg.block_size:
+        raise common.ConfigError(f"seq_len {cfg.seq_len} is not divisible by block_size {cfg.block_size}")
+    if not 0.0 <= cfg.noise_beta <= cfg.noise_omega <= 1.0 or cfg.noise_omega <= 0:
+        raise common.ConfigError(f"noise clip range [{cfg.noise_beta}, {cfg.noise_omega}] must satisfy "
+                                 "0 <= beta <= omega <= 1, omega > 0")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise common.ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.freeze not in ("none", "plan"):
+        raise common.ConfigError(f"freeze '{cfg.freeze}' is not one of none, plan")
+    if (cfg.exec_layers or cfg.freeze == "plan") and (cfg.data != "hierarchical" or cfg.flat_plans):
+        raise common.ConfigError("exec_layers and freeze=plan need data=hierarchical with a plan segment")
+    if cfg.freeze == "plan" and not cfg.exec_layers:
+        raise common.ConfigError("freeze=plan needs exec_layers > 0 (the execution module that stays trainable)")
+    if cfg.mode == "compare" and len(cfg.runs) < 2:
+        raise common.ConfigError("mode=compare needs runs=[run_dir,run_dir,...] (two or more run folders)")
+    if cfg.mode not in ("train", "compare") and not cfg.checkpoint:
+        raise common.ConfigError(f"mode={cfg.mode} needs checkpoint=PATH (a file, run folder or RUN/latest)")
+
+
+# what the weights and their data layout are: a resumed run cannot change these (max_steps, the lr etc. it may)
+SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "tie_embeddings", "exec_layers", "init_from", "data", "seq_len",
+              "block_size", "question_len", "plan_len", "exec_len", "flat_plans", "synthetic_plans", "tokenizer",
+              "data_dir")
+
+
+def check_resume_config(cfg, ckpt):
+    saved = ckpt.get("config") or {}
+    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in SHAPE_KEYS
+              if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
+                                 f"model or data layout: {'; '.join(differ)}. Use that run's settings, or another "
+                                 "out_dir")
+
+
+def segment_lengths(cfg):
+    if cfg.data != "hierarchical":
+        return [cfg.seq_len]
+    if cfg.flat_plans:
+        return [cfg.question_len, cfg.exec_len]
+    return [cfg.question_len, cfg.plan_len, cfg.exec_len]
+
+
+def segment_names(cfg):
+    return ["question", "execution"] if cfg.flat_plans else list(SEGMENTS)
+
+
+def exec_positions_of(segment_lens, exec_layers):
+    """(L,) bool: the execution segment (the last), for a model with an execution module; else None."""
+    if not exec_layers or len(segment_lens) < 3:
+        return None
+    return torch.arange(sum(segment_lens)) >= sum(segment_lens[:-1])
+
+
+def make_block_ids(segment_lens, block_size):
+    """(L,) block index of every position: blocks of block_size that restart at each segment boundary
+    (the last block of a segment may be shorter)."""
+    ids, next_id = [], 0
+    for n in segment_lens:
+        n_blocks = math.ceil(n / block_size)
+        ids += [next_id + i // block_size for i in range(n)]
+        next_id += n_blocks
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# data: every source becomes rows of L token ids, a `valid` mask (tokens that count in the loss) and a
+# segment id per position; the rows are shuffled per epoch with a seeded RNG, so the position is a checkpoint
+
+
+def load_tokenizer(cfg, spec=None):
+    if spec is not None:
+        return common.Tokenizer.from_spec(spec, cfg.tokenizer_file)
+    return common.Tokenizer(cfg.tokenizer, tokenizer_file=cfg.tokenizer_file)
+
+
+def pad_to(ids, n, pad_id):
+    """ids cut or padded to n tokens; returns (row, number of real tokens, truncated?)."""
+    kept = ids[:n]
+    return kept + [pad_id] * (n - len(kept)), len(kept), len(ids) > n
+
+
+def gsm8k_rows(rows, tok, L, wrap):
+    """Flat GSM8K: `Question: ...\\nAnswer: ...` + end of text, one padded problem per row, or wrapped."""
+    docs = [tok.encode(gsm8k_task.format_qa(r["question"], r["answer"])) + [tok.eot_id] for r in rows]
+    if wrap:
+        stream = [t for d in docs for t in d]
+        n = len(stream) // L
+        if n == 0:
+            raise common.ConfigError(f"the GSM8K text holds {len(stream)} tokens, less than one row of {L}")
+        x = torch.tensor(stream[:n * L]).view(n, L)
+        return x, torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x), 0
+    x, valid, truncated = [], [], 0
+    for d in docs:
+        row, n_real, cut = pad_to(d, L, tok.eot_id)
+        x.append(row)
+        valid.append([i < n_real for i in range(L)])
+        truncated += cut
+    x = torch.tensor(x)
+    return x, torch.tensor(valid), torch.zeros_like(x), truncated
+
+
+def load_plans(path):
+    """gen_plans.py's JSON: a list of {id, question, plan, execution, answer_numerical}; fields checked."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"plans file not found: {path}")
+    with open(path) as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise common.ConfigError(f"{path} is not valid JSON: {e}") from e
+    if isinstance(items, dict):  # {"examples": [...]} as well as a bare list
+        items = items.get("examples", items.get("data", []))
+    if not isinstance(items, list) or not items:
+        raise common.ConfigError(f"{path} holds no list of plan records")
+    for i, item in enumerate(items):
+        missing = [k for k in PLAN_FIELDS if not isinstance(item, dict) or not isinstance(item.get(k), str)]
+        if missing:
+            raise common.ConfigError(f"{path}: record {i} lacks the field(s) {', '.join(missing)}")
+    return [it for it in items if it.get("valid", True)]
+
+
+def segment_texts(item, flat):
+    """The text of each segment; every segment ends with end-of-text, which is also its padding."""
+    question = f"Question: {item['question']}\n"
+    if flat:
+        return [question, f"Answer: {item['execution']}"]
+    return [question, f"Plan: {item['plan']}\n", f"Answer: {item['execution']}"]
+
+
+def hierarchical_rows(items, tok, lens, flat):
+    x, valid, seg, truncated = [], [], [], {name: 0 for name in range(len(lens))}
+    for item in items:
+        row, ok, sid = [], [], []
+        for s, (text, n) in enumerate(zip(segment_texts(item, flat), lens)):
+            ids, n_real, cut = pad_to(tok.encode(text) + [tok.eot_id], n, tok.eot_id)
+            row += ids
+            ok += [i < n_real for i in range(n)]
+            sid += [s] * n
+            truncated[s] += cut
+        x.append(row)
+        valid.append(ok)
+        seg.append(sid)
+    return torch.tensor(x), torch.tensor(valid), torch.tensor(seg), truncated
+
+
+class RowLoader:
+    """Batches of rows, reshuffled every epoch with a seeded generator; rank r takes the r-th slice of
+    each global batch. state() / set_state() make the position part of a checkpoint."""
+
+    def __init__(self, x, valid, seg, batch, rank=0, world_size=1, seed=0, shuffle=True):
+        self.x, self.valid, self.seg = x, valid, seg
+        self.batch, self.rank, self.world_size, self.seed, self.shuffle = batch, rank, world_size, seed, shuffle
+        if len(x) < batch * world_size:
+            raise common.ConfigError(f"{len(x)} rows are fewer than one global batch of {batch * world_size}")
+        self.reset()
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def reset(self):
+        self.set_state({"epoch": 0, "pos": 0})
+
+    def set_state(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.order = torch.randperm(len(self.x), generator=g) if self.shuffle else torch.arange(len(self.x))
+
+    def next_batch(self):
+        start = self.pos + self.rank * self.batch
+        idx = self.order[start:start + self.batch]
+        self.pos += self.batch * self.world_size
+        if self.pos + self.batch * self.world_size > len(self.x):
+            self.set_state({"epoch": self.epoch + 1, "pos": 0})
+        return self.x[idx], self.valid[idx], self.seg[idx]
+
+
+class ShardRows:
+    """prepare_data.py shards as rows of L tokens (every token counts)."""
+
+    def __init__(self, data_dir, split, batch, L, rank, world_size):
+        self.loader = common.ShardLoader(data_dir, split, batch, L, rank, world_size)
+
+    def state(self):
+        return self.loader.state()
+
+    def reset(self):
+        self.loader.reset()
+
+    def set_state(self, state):
+        self.loader.set_state(state)
+
+    def next_batch(self):
+        x, _ = self.loader.next_batch()
+        return x, torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x)
+
+
+def build_rows(cfg, tok, split):
+    """(x, valid, seg, truncated) for gsm8k / hierarchical data of a split ('train' or 'val')."""
+    if cfg.data == "gsm8k":
+        path = cfg.data_path if split == "train" else cfg.val_data_path
+        rows = gsm8k_task.read_gsm8k("train" if split == "train" else "test", path)
+        return gsm8k_rows(rows, tok, cfg.seq_len, cfg.wrap and split == "train")
+    return hierarchical_rows(plan_items(cfg, split), tok, segment_lengths(cfg), cfg.flat_plans)
+
+
+def plan_items(cfg, split):
+    """Plan records of a split: gen_plans.py's JSON, or the synthetic stand-in (synthetic_plans=N, offline)."""
+    if cfg.synthetic_plans:
+        n = cfg.synthetic_plans if split == "train" else max(cfg.synthetic_plans // 10, 1)
+        return synthetic.synthetic_plans(n, seed=f"{split}:{cfg.seed}", max_steps=cfg.synthetic_max_steps)
+    path = cfg.plans_path if split == "train" else (cfg.val_plans_path or cfg.plans_path)
+    if not path:
+        raise common.ConfigError("data=hierarchical needs plans_path=FILE.json (gen_plans.py output) or "
+                                 "synthetic_plans=N")
+    return load_plans(path)
+
+
+def make_loader(cfg, tok, split, batch, d, shuffle=True):
+    if cfg.data == "shards":
+        return ShardRows(cfg.data_dir, split, batch, cfg.seq_len, d.rank, d.world_size), None
+    x, valid, seg, truncated = build_rows(cfg, tok, split)
+    return RowLoader(x, valid, seg, batch, d.rank, d.world_size, cfg.seed, shuffle), truncated
+
+
+# -----------------------------------------------------------------------------
+# the objective
+
+
+def sample_mask_rates(batch, n_blocks, beta, omega, antithetic, device, generator=None):
+    """One mask rate per (row, block). Antithetic: the batch x blocks draws are stratified, one in each of
+    batch*n_blocks equal slices of [0, 1] (in random order), which lowers the loss variance; then the rates
+    are mapped linearly into the clip range [beta, omega]."""
+    n = batch * n_blocks
+    u = torch.rand(n, device=device, generator=generator)
+    if antithetic:
+        slices = torch.randperm(n, device=device, generator=generator)
+        u = (slices + u) / n
+    return (beta + (omega - beta) * u).view(batch, n_blocks)
+
+
+def nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, antithetic, generator=None,
+                two_pass=False, exec_positions=None):
+    """Per-token NELBO terms (B, L): (1/t) x cross-entropy at masked tokens, 0 elsewhere (SUBS)."""
+    B, L = x0.shape
+    rates = sample_mask_rates(B, int(block_ids[-1]) + 1, beta, omega, antithetic, x0.device, generator)
+    t = rates[:, block_ids]  # (B, L): every token carries its block's rate
+    masked = torch.rand(B, L, device=x0.device, generator=generator) < t
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    positions = torch.arange(L, device=x0.device)
+    if two_pass:  # what the vectorized pass replaces: clean keys/values first, then the noisy half reads them
+        logits = two_pass_logits(model, xt, x0, positions, block_ids)
+    else:
+        both = None if exec_positions is None else torch.cat([exec_positions, exec_positions])[None]
+        logits, _ = model(torch.cat([xt, x0], dim=1), position_ids=torch.cat([positions, positions]),
+                          attn_mask=attn_mask, logits_len=L, exec_positions=both)
+    # SUBS: only real tokens can be predicted ([MASK] and the vocabulary padding are cut from the softmax)
+    ce = F.cross_entropy(logits[..., :n_vocab].float().transpose(1, 2), x0, reduction="none")
+    return torch.where(masked, ce / t, torch.zeros_like(ce))
+
+
+def two_pass_logits(model, xt, x0, positions, block_ids):
+    """The two-pass reference: a block-causal pass caches the clean keys/values, then the noisy tokens
+    attend to them. Used for the benchmark, which shows what the one 2L pass saves."""
+    L = x0.size(1)
+    cache = BlockKVCache(store=True)
+    cache.mask = block_ids[None, :] <= block_ids[:, None]  # block-causal over the clean copy
+    model(x0, position_ids=positions, kv_cache=cache, logits_len=0)
+    cache.store = False
+    full = block_diffusion_mask(block_ids)[:L]  # the noisy rows: [x_t keys | x_0 keys]
+    cache.mask = torch.cat([full[:, L:], full[:, :L]], dim=1)  # the cache puts the x_0 keys first
+    logits, _ = model(xt, position_ids=positions, kv_cache=cache)
+    return logits
+
+
+def clip_candidates(widths, grid=0.1):
+    """Ranges [beta, beta + w] for each width, beta on a grid from 0 to 1 - w."""
+    ranges = set()
+    for w in widths:
+        for i in range(int(round((1.0 - w) / grid)) + 1):
+            ranges.add((round(i * grid, 4), round(min(i * grid + w, 1.0), 4)))
+    return sorted(ranges)
+
+
+@torch.no_grad()
+def search_noise_range(net, batches, block_ids, attn_mask, mask_id, n_vocab, widths, seed, autocast, d,
+                       exec_positions=None):
+    """The clip range whose per-sequence NELBO estimate has the lowest variance on these batches (the same
+    noise for every candidate). Returns (beta, omega, {range: variance})."""
+    variances = {}
+    for beta, omega in clip_candidates(widths):
+        g = torch.Generator(device=d.device).manual_seed(seed)
+        moments = torch.zeros(3, device=d.device, dtype=torch.float64)
+        for x0, valid, _ in batches:
+            x0, valid = x0.to(d.device), valid.to(d.device)
+            with autocast:
+                terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, True, g,
+                                    exec_positions=exec_positions) * valid
+            per_row = terms.sum(1).double() / valid.sum(1).clamp(min=1)
+            moments += torch.stack([per_row.sum(), (per_row ** 2).sum(), per_row.new_tensor(len(per_row))])
+        s, s2, n = common.all_reduce(moments, "sum", d).tolist()
+        variances[(beta, omega)] = s2 / n - (s / n) ** 2
+    beta, omega = min(variances, key=variances.get)
+    return beta, omega, variances
+
+
+def attention_mask_for(block_ids, device, use_flex):
+    block_ids = block_ids.to(device)
+    if use_flex:
+        return flex_block_diffusion_mask(block_ids)
+    return block_diffusion_mask(block_ids)
+
+
+# -----------------------------------------------------------------------------
+# sampling: block by block, a KV cache of clean blocks
+
+
+class BlockKVCache:
+    """Keys/values of the clean blocks so far, in model.KVCache's protocol (open / update / advance / pos).
+    The new tokens attend to every cached token and to each other (a block is bidirectional), unless `mask`
+    is set. With store=False the new keys/values are read with the cached ones but not kept: the noisy
+    block being denoised; store=True appends a finished clean block."""
+
+    def __init__(self, store=False):
+        self.k, self.v, self.store, self.pos, self.mask = {}, {}, store, 0, None
+
+    def open(self, padding_mask):
+        B, T = padding_mask.shape
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(1, 1, T, self.pos + T, dtype=torch.bool, device=padding_mask.device)
+
+    def update(self, layer, k, v):
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], dim=1), torch.cat([self.v[layer], v], dim=1)
+        if self.store:
+            self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def advance(self, T):
+        if self.store:
+            self.pos += T
+
+
+def top_p_filter(probs, top_p):
+    """Nucleus: keep the smallest set of tokens whose probability reaches top_p, renormalised."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+def block_logits(model, x, lo, hi, block_ids, cache, exec_positions=None):
+    """Logits (B, hi-lo, V) for the noisy block x[:, lo:hi] given the clean tokens before it."""
+    ex = None if exec_positions is None else exec_positions.to(x.device)[None]
+    if cache is not None:  # the cache holds exactly the clean tokens before lo
+        logits, _ = model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache,
+                          exec_positions=None if ex is None else ex[:, lo:hi])
+        return logits
+    ids = block_ids[:hi].to(x.device)  # no cache: the clean prefix and the noisy block, block-causal
+    logits, _ = model(x[:, :hi], attn_mask=ids[None, :] <= ids[:, None],
+                      exec_positions=None if ex is None else ex[:, :hi])
+    return logits[:, lo:]
+
+
+def choose_reveals(still, sampler, step, steps, generator):
+    """Which masked positions (B, n) get their token now. first_hitting: one per row (uniformly among the
+    still masked ones); ancestral step i of T from t=1-i/T to s=1-(i+1)/T: each w.p. (t - s) / t."""
+    if sampler == "first_hitting":
+        scores = torch.rand(still.shape, device=still.device, generator=generator).masked_fill(~still, -1.0)
+        pick = torch.zeros_like(still)
+        pick.scatter_(1, scores.argmax(dim=1, keepdim=True), True)
+        return pick & still
+    t, s = 1.0 - step / steps, max(1.0 - (step + 1) / steps, 0.0)
+    return still & (torch.rand(still.shape, device=still.device, generator=generator) < (t - s) / t)
+
+
+@torch.no_grad()
+def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id, cfg, generator, use_cache,
+             exec_positions=None):
+    """Fill every position of x (B, L) that is not `fixed` (the prompt), block by block. After an end of
+    text, the rest of that segment is padding (as in training). Returns (tokens, network calls)."""
+    x = torch.where(fixed, x, torch.full_like(x, mask_id))
+    B, L = x.shape
+    bounds = [0] + [i for i in range(1, L) if block_ids[i] != block_ids[i - 1]] + [L]
+    cache = BlockKVCache() if use_cache else None
+    nfe = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        step = 0
+        while True:
+            still = x[:, lo:hi] == mask_id
+            if not still.any():
+                break
+            steps = cfg.sample_steps if cfg.sampler == "ancestral" else 1
+            reveal = choose_reveals(still, cfg.sampler, min(step, steps - 1), steps, generator)
+            step += 1
+            if not reveal.any():
+                continue  # no token changes in this step: no network call needed
+            logits = block_logits(model, x, lo, hi, block_ids, cache, exec_positions)[..., :n_vocab].float()
+            nfe += 1
+            rows, cols = reveal.nonzero(as_tuple=True)  # draw only the tokens revealed now
+            probs = top_p_filter(F.softmax(logits[rows, cols], dim=-1), cfg.top_p)
+            x[rows, lo + cols] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id)
+        if cache is not None and hi < L:  # the clean block joins the cache: one pass, no logits
+            cache.store = True
+            ex = None if exec_positions is None else exec_positions[lo:hi].to(x.device)[None]
+            model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache, logits_len=0,
+                  exec_positions=ex)
+            cache.store = False
+        last_start = segment_ends[-2] if len(segment_ends) > 1 else 0
+        if hi < L and lo >= last_start and ended_all(x[:, last_start:hi], fixed[:, last_start:hi], eos_id):
+            x[:, hi:] = torch.where(x[:, hi:] == mask_id, torch.full_like(x[:, hi:], eos_id), x[:, hi:])
+            break  # every row has finished its last segment: the rest is padding
+    return x, nfe
+
+
+def ended_all(x, fixed, eos_id):
+    return bool(((x == eos_id) & ~fixed).any(dim=1).all())
+
+
+def pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id):
+    """Positions after a generated end of text, up to the segment's end, become padding (eos)."""
+    seg_start = max([0] + [e for e in segment_ends if e <= lo])
+    seg_end = min(e for e in segment_ends if e >= hi)
+    generated = (x[:, seg_start:hi] == eos_id) & ~fixed[:, seg_start:hi]
+    seen = generated.cumsum(dim=1) > 0
+    after = torch.zeros_like(x[:, seg_start:seg_end], dtype=torch.bool)
+    after[:, :hi - seg_start] = seen
+    after[:, hi - seg_start:] = seen[:, -1:]
+    after[:, :hi - seg_start] &= ~generated  # the end-of-text token itself stays
+    region = x[:, seg_start:seg_end]
+    x[:, seg_start:seg_end] = torch.where(after & ~fixed[:, seg_start:seg_end], torch.full_like(region, eos_id),
+                                          region)
+    fixed[:, hi:seg_end] |= after[:, hi - seg_start:]  # later blocks of this segment are already decided
+
+
+# -----------------------------------------------------------------------------
+# model and checkpoints
+
+
+def build_model(cfg, vocab_size, d):
+    """A fresh model, or weights from a train_gpt.py / train_bd3lm.py checkpoint. The vocabulary holds the
+    tokenizer's ids, then [MASK] (padded to a multiple of 64)."""
+    if cfg.init_from == "scratch":
+        config = model_config(cfg.model, vocab_size, cfg.seq_len, cfg.dropout, cfg.n_layer or None,
+                              cfg.n_head or None, cfg.n_embd or None)
+        config.tie_embeddings, config.exec_layers = cfg.tie_embeddings, cfg.exec_layers
+        return GPT(config)
+    ckpt = load_any_checkpoint(cfg.init_from, ("gpt", KIND))
+    source = ckpt.get("ema") if ckpt.get("kind") == KIND and ckpt.get("ema") else ckpt["model"]
+    config = GPTConfig(**{**ckpt["model_config"], "tie_embeddings": cfg.tie_embeddings, "dropout": cfg.dropout,
+                          "exec_layers": cfg.exec_layers})
+    if config.block_size < cfg.seq_len:
+        raise common.ConfigError(f"{ckpt['path']} has {config.block_size} positions, fewer than seq_len {cfg.seq_len}")
+    if config.vocab_size < vocab_size:
+        raise common.ConfigError(f"{ckpt['path']} has a vocabulary of {config.vocab_size}, the data and [MASK] "
+                                 f"need {vocab_size}")
+    model = GPT(config)
+    state = dict(source)
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    if "transformer.wte.weight" not in state:
+        state["transformer.wte.weight"] = state["lm_head.weight"]
+    first_exec = config.n_layer - config.exec_layers
+    for k, v in list(state.items()):  # a new execution module starts as a copy of the top layers
+        parts = k.split(".")
+        if k.startswith("transformer.h.") and int(parts[2]) >= first_exec:
+            exec_key = ".".join(["transformer", "h_exec", str(int(parts[2]) - first_exec)] + parts[3:])
+            state.setdefault(exec_key, v)
+    if not config.exec_layers:
+        state = {k: v for k, v in state.items() if not k.startswith("transformer.h_exec.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise common.ConfigError(f"{ckpt['path']}: weights do not fit (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+    if d.master:
+        print(f"initialised from {ckpt['path']} ({ckpt.get('kind', 'gpt')})")
+    return model
+
+
+def load_any_checkpoint(path, kinds):
+    try:
+        ckpt = common.load_checkpoint(path)
+    except ValueError as e:
+        raise common.ConfigError(str(e)) from e
+    if ckpt.get("kind", "gpt") not in kinds:
+        raise common.ConfigError(f"{ckpt['path']} holds a '{ckpt.get('kind')}' model; expected "
+                                 f"{' or '.join(repr(k) for k in kinds)}")
+    return ckpt
+
+
+def load_for_eval(cfg, device):
+    """(model with the EMA weights unless use_ema=false, checkpoint dict) from a train_bd3lm.py checkpoint."""
+    ckpt = load_any_checkpoint(cfg.checkpoint, (KIND,))
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema"] if cfg.use_ema and ckpt.get("ema") else ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+class EMA:
+    """Exponential moving average of the weights, with the usual warm-up min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        ema = [p for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - d)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = common.load_config(Config, argv)
+    check_config(cfg)
+    d = common.setup_dist(cfg.device)
+    try:
+        if cfg.mode == "train":
+            return train(cfg, d)
+        if cfg.mode == "ppl_eval":
+            return ppl_eval(cfg, d)
+        if cfg.mode == "sample":
+            return sample(cfg, d)
+        if cfg.mode == "compare":
+            return compare(cfg)
+        return gsm8k_eval(cfg, d)
+    finally:
+        common.cleanup_dist(d)
+
+
+def data_setup(cfg, spec=None):
+    """(tokenizer, tokenizer spec, number of real token ids, [MASK] id) for the configured data."""
+    if cfg.data == "shards":
+        meta = common.load_meta(cfg.data_dir)
+        spec = spec or meta["tokenizer"]
+    tok = load_tokenizer(cfg, spec)
+    return tok, tok.spec, tok.vocab_size, tok.vocab_size  # [MASK] is the first id after the vocabulary
+
+
+def train(cfg, d):
+    per_step = cfg.micro_batch_size * d.world_size
+    if cfg.batch_size % per_step:
+        raise common.ConfigError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size * world_size "
+                                 f"= {cfg.micro_batch_size} * {d.world_size}")
+    accum = cfg.batch_size // per_step
+    tok, spec, n_vocab, mask_id = data_setup(cfg)
+    vocab_size = common.padded_vocab_size(n_vocab + 1)
+    block_ids = make_block_ids(segment_lengths(cfg), cfg.block_size)
+    seg_names = segment_names(cfg) if cfg.data == "hierarchical" else ["all"]
+    dtype = common.resolve_dtype(cfg.dtype, d.device)
+    autocast = common.autocast(d.device_type, dtype)
+
+    # ---- where to start: fresh (or from pretrained weights), or from a checkpoint of this run
+    ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, KIND)
+    if ckpt:
+        check_resume_config(cfg, ckpt)
+    start_step = ckpt["step"] + 1 if ckpt else 0
+    if ckpt and start_step >= cfg.max_steps:
+        return {"status": "already_finished", "step": ckpt["step"]}
+    common.seed_everything(cfg.seed, d.device_type)
+    if ckpt:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = build_model(cfg, vocab_size, d)
+    model.to(d.device)
+    raw_model = model  # plain module: checkpoints, EMA, evaluation
+    if cfg.freeze == "plan":  # transfer: only the execution module learns
+        for name, p in raw_model.named_parameters():
+            p.requires_grad_(name.startswith("transformer.h_exec."))
+    exec_pos = exec_positions_of(segment_lengths(cfg), raw_model.config.exec_layers)
+    exec_pos = exec_pos.to(d.device) if exec_pos is not None else None
+    ema = EMA(raw_model, cfg.ema) if cfg.ema > 0 else None
+    use_flex = cfg.flex_attention and d.device_type == "cuda" and flex_block_diffusion_mask is not None
+    model = common.wrap_model(model, d, cfg.compile)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), d.device_type)
+    train_loader, truncated = make_loader(cfg, tok, "train", cfg.micro_batch_size, d)
+    has_val = cfg.data == "shards" or (cfg.data == "gsm8k" and cfg.val_data_path) or \
+        (cfg.data == "hierarchical" and (cfg.val_plans_path or cfg.synthetic_plans))
+    val_loader = make_loader(cfg, tok, "val", cfg.micro_batch_size, d, shuffle=False)[0] if has_val else None
+    attn_mask = attention_mask_for(block_ids, d.device, use_flex)
+    block_ids = block_ids.to(d.device)
+    val_loss = None
+    noise = [cfg.noise_beta, cfg.noise_omega]  # the clip range; the search moves it
+    if ckpt:
+        noise = list(ckpt.get("noise_range", noise))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.set_state(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"])
+        if ema is not None and ckpt.get("ema"):
+            ema.model.load_state_dict(ckpt["ema"])
+        val_loss = ckpt.get("val_loss")
+        if d.master:
+            common.trim_log(cfg.out_dir, ckpt["step"])  # records after the checkpoint are about to be redone
+
+    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None)
+    if d.master:
+        common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    logger.info(f"bd3lm {cfg.model}: {raw_model.num_params() / 1e6:.2f}M non-embedding params, vocab "
+                f"{raw_model.config.vocab_size} ([MASK] = {mask_id}) | L {cfg.seq_len}, block {cfg.block_size}, "
+                f"{int(block_ids[-1]) + 1} blocks | device {d.device} x{d.world_size}, {dtype}, "
+                f"{'flex' if use_flex else 'dense'} mask | {cfg.batch_size} rows/step = {cfg.micro_batch_size} x "
+                f"{d.world_size} ranks x {accum} accum")
+    if ckpt:
+        logger.info(f"resumed from {ckpt['path']} at step {start_step}")
+    if truncated:
+        logger.info(f"rows truncated (per segment): {truncated}")
+
+    def train_step(step):
+        """One optimizer step; device tensors only (no host sync): [loss sum, tokens, per-segment sums and
+        tokens], the gradient norm, the learning rate."""
+        optimizer.zero_grad(set_to_none=True)
+        stats = torch.zeros(2 + 2 * len(seg_names), device=d.device)
+        batches = [train_loader.next_batch() for _ in range(accum)]
+        # the noise of a step depends only on (seed, step, rank): a resumed run, on any number of ranks, draws
+        # exactly what the uninterrupted one drew, with no per-rank RNG state in the checkpoint
+        noise_rng = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + step) * 1024 + d.rank)
+        # the loss is the NELBO per token of the whole step (all micro batches, all ranks)
+        n_tokens = common.all_reduce(sum(v.sum() for _, v, _ in batches).float().to(d.device), "sum", d)
+        for micro, (x0, valid, seg) in enumerate(batches):
+            x0, valid, seg = x0.to(d.device), valid.to(d.device), seg.to(d.device)
+            with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
+                with autocast:
+                    terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
+                                        cfg.antithetic, noise_rng, cfg.two_pass, exec_pos) * valid
+                loss_sum = terms.sum()
+                (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
+            stats[0] += loss_sum.detach()
+            stats[1] += valid.sum()
+            for s in range(len(seg_names)):
+                in_seg = valid & (seg == s)
+                stats[2 + 2 * s] += (terms.detach() * in_seg).sum()
+                stats[3 + 2 * s] += in_seg.sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = common.lr_at(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps,
+                          cfg.lr_schedule)
+        common.set_lr(optimizer, lr)
+        optimizer.step()
+        if ema is not None:
+            ema.update(raw_model, step)
+        return stats, grad_norm, lr
+
+    if cfg.bench:
+        return bench(cfg, d, train_step, logger, tokens_per_step)
+
+    def save(step):
+        return common.save_training_checkpoint(cfg.out_dir, step, {
+            "kind": KIND, "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
+            "ema": ema.model.state_dict() if ema is not None else None, "tokenizer": spec,
+            "bd3lm": {"mask_id": mask_id, "n_vocab": n_vocab, "block_size": cfg.block_size, "seq_len": cfg.seq_len,
+                      "segment_lens": segment_lengths(cfg), "segment_names": seg_names, "data": cfg.data},
+            "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
+            "loader": train_loader.state(), "rng": common.rng_state(), "val_loss": val_loss, "noise_range": noise},
+            d, cfg.keep_last_k)
+
+    def evaluate():
+        """The validation NELBO per token with the EMA weights: the same batches and the same noise every time."""
+        net = ema.model if ema is not None else raw_model
+        val_loader.reset()
+        g = torch.Generator(device=d.device).manual_seed(cfg.seed + 17 + d.rank)
+        totals = torch.zeros(2, device=d.device)
+        net.eval()
+        with torch.no_grad():
+            for _ in range(cfg.val_batches):
+                x0, valid, _ = val_loader.next_batch()
+                x0, valid = x0.to(d.device), valid.to(d.device)
+                with autocast:
+                    terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
+                                        cfg.antithetic, g, exec_positions=exec_pos) * valid
+                totals += torch.stack([terms.sum(), valid.sum().float()])
+        raw_model.train()
+        totals = common.all_reduce(totals, "sum", d)
+        return (totals[0] / totals[1]).item()
+
+    # ---- the loop
+    watch = common.NonFiniteWatch(d.device)
+    run_t0 = time.time()
+    interval_t0, interval_steps, interval_stats = time.time(), 0, None
+    timed_tokens, timed_seconds = 0, 0.0
+    train_loss, status, step, path, seg_losses = None, "done", start_step - 1, None, {}
+    bar = common.progress(total=cfg.max_steps, initial=start_step, master=d.master, desc="train", unit="step")
+    with common.preemption_handlers() as stop:
+        for step in range(start_step, cfg.max_steps):
+            last_step = step == cfg.max_steps - 1
+            stats, grad_norm, lr = train_step(step)
+            watch.update(step, stats[0], grad_norm)
+            interval_stats = stats if interval_stats is None else interval_stats + stats
+            interval_steps += 1
+            bar.update(1)
+            val_now = val_loader is not None and cfg.val_batches > 0 and (
+                last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0))
+            ckpt_now = last_step or (cfg.ckpt_interval > 0 and (step + 1) % cfg.ckpt_interval == 0)
+            user_stop = step == cfg.stop_after_step
+            clip_now = val_loader is not None and cfg.clip_search_interval > 0 and \
+                (step + 1) % cfg.clip_search_interval == 0
+            log_now = ((step + 1) % cfg.log_interval == 0 or step == start_step or val_now or ckpt_now or user_stop
+                       or clip_now)
+            signal_stop = stop.check(d, sync=log_now)
+            if not (log_now or signal_stop):
+                continue
+            bad_step = watch.first_bad_step(d)
+            if bad_step is not None:
+                bar.close()
+                msg = common.diverged_message(cfg.out_dir, bad_step)
+                logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
+                raise common.TrainingDiverged(msg)
+            s = common.all_reduce(interval_stats, "sum", d).tolist()
+            train_loss = s[0] / max(s[1], 1)
+            common.synchronize(d.device_type)
+            dt = (time.time() - interval_t0) / interval_steps
+            if step != start_step:  # the first step (allocator, compilation) is not timed
+                timed_tokens += tokens_per_step * interval_steps
+                timed_seconds += dt * interval_steps
+            record = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_step / dt,
+                      "tokens": (step + 1) * tokens_per_step}
+            if len(seg_names) > 1:
+                seg_losses = {f"loss_{n}": s[2 + 2 * i] / max(s[3 + 2 * i], 1) for i, n in enumerate(seg_names)}
+                record.update(seg_losses)
+            logger.log(record, echo=False)
+            if d.master:
+                bar.write(common.format_record(record))
+            bar.set_postfix(loss=f"{train_loss:.4f}")
+            if val_now:
+                val_loss = evaluate()
+                logger.log({"type": "val", "step": step, "val_loss": val_loss}, echo=False)
+                if d.master:
+                    bar.write(f"step {step} | val NELBO {val_loss:.4f}")
+            if clip_now:
+                val_loader.reset()
+                batches = [val_loader.next_batch() for _ in range(cfg.clip_search_batches)]
+                noise[0], noise[1], variances = search_noise_range(
+                    ema.model if ema is not None else raw_model, batches, block_ids, attn_mask, mask_id, n_vocab,
+                    cfg.clip_search_widths, cfg.seed + 29, autocast, d, exec_pos)
+                logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
+                            "variance": variances[tuple(noise)], "candidates": len(variances)}, echo=False)
+            if ckpt_now or user_stop or signal_stop:
+                path = save(step)
+            if (signal_stop or user_stop) and not last_step:
+                status = "preempted" if signal_stop else "stopped"
+                bar.close()
+                why = f"received {stop.signal}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
+                logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+                break
+            interval_t0, interval_steps, interval_stats = time.time(), 0, None
+    bar.close()
+
+    tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
+    results = {"status": status, "steps": step + 1, "noise_range": noise, "final_train_loss": train_loss,
+               "final_val_loss": val_loss,
+               "final_val_ppl_bound": math.exp(val_loss) if val_loss is not None else None, **seg_losses,
+               "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_sec": tokens_per_sec,
+               "seconds": time.time() - run_t0, "n_params": raw_model.num_params(), "world_size": d.world_size,
+               "block_size": cfg.block_size, "seq_len": cfg.seq_len, "truncated": truncated,
+               "resumed_from_step": start_step - 1 if ckpt else None}
+    if d.master:
+        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        lines = [("train", "loss", "train NELBO"), ("val", "val_loss", "val NELBO")]
+        segs = [("train", f"loss_{n}", n) for n in seg_names] if len(seg_names) > 1 else []
+        common.plot_log_curves(cfg.out_dir, [("NELBO", "nats per token", lines)] +
+                               ([("per segment (train)", "nats per token", segs)] if segs else []))
+        if status == "done":
+            logger.info(f"done: {step + 1} steps, train NELBO {train_loss:.4f}, val {val_loss}, in {cfg.out_dir}")
+    return results
+
+
+def bench(cfg, d, train_step, logger, tokens_per_step):
+    for step in range(cfg.bench_warmup):
+        train_step(step)
+    common.synchronize(d.device_type)
+    t0 = time.time()
+    for step in range(cfg.bench_warmup, cfg.bench_warmup + cfg.bench_steps):
+        stats, _, _ = train_step(step)
+    loss = stats[0].item() / max(stats[1].item(), 1)
+    seconds = time.time() - t0
+    results = {"bench": True, "block_size": cfg.block_size, "seq_len": cfg.seq_len, "two_pass": cfg.two_pass,
+               "step_ms": 1000 * seconds / cfg.bench_steps,
+               "tokens_per_sec": cfg.bench_steps * tokens_per_step / seconds, "final_train_loss": loss}
+    logger.info(f"bench: {results['tokens_per_sec']:,.0f} tokens/s ({results['step_ms']:.1f} ms/step), block "
+                f"{cfg.block_size}, {'two passes' if cfg.two_pass else 'one 2L pass'}")
+    if d.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# evaluation modes
+
+
+def eval_setup(cfg, d):
+    """Model, checkpoint facts and the config as the checkpoint trained it (data layout, block size)."""
+    model, ckpt = load_for_eval(cfg, d.device)
+    info = ckpt["bd3lm"]
+    trained = ckpt["config"]
+    for key in ("question_len", "plan_len", "exec_len", "flat_plans", "tokenizer", "block_size", "synthetic_plans",
+                "synthetic_max_steps"):
+        setattr(cfg, key, trained.get(key, getattr(cfg, key)))  # the layout the model was trained with
+    for key in ("data_dir", "val_data_path", "plans_path", "val_plans_path"):
+        setattr(cfg, key, getattr(cfg, key) or trained[key])
+    cfg.data, cfg.seq_len = info["data"], info["seq_len"]
+    tok = load_tokenizer(cfg, ckpt["tokenizer"])
+    return model, ckpt, info, tok
+
+
+def ppl_eval(cfg, d):
+    """NELBO per token (and its perplexity bound exp(NELBO)) on the evaluation set, t ~ U[eval_noise_beta, 1]
+    per block, with a seeded generator: the same seed gives the same number."""
+    model, ckpt, info, tok = eval_setup(cfg, d)
+    block_ids = make_block_ids(info["segment_lens"], cfg.block_size)
+    attn_mask = attention_mask_for(block_ids, d.device, False)
+    block_ids = block_ids.to(d.device)
+    exec_pos = exec_positions_of(info["segment_lens"], model.config.exec_layers)
+    exec_pos = exec_pos.to(d.device) if exec_pos is not None else None
+    if cfg.data == "shards":
+        loader = ShardRows(cfg.data_dir, "val", cfg.eval_batch_size, cfg.seq_len, d.rank, d.world_size)
+        n_batches = cfg.eval_batches or 1
+    else:
+        x, valid, seg, _ = build_rows(cfg, tok, "val")
+        loader = RowLoader(x, valid, seg, min(cfg.eval_batch_size, len(x)), d.rank, d.world_size, shuffle=False)
+        n_batches = cfg.eval_batches or len(x) // (loader.batch * d.world_size)
+    g = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)
+    names = info["segment_names"]
+    totals = torch.zeros(2 + 2 * len(names), device=d.device, dtype=torch.float64)
+    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
+    t0 = time.time()
+    with torch.no_grad():
+        for _ in common.progress(range(n_batches), master=d.master, desc="ppl_eval"):
+            x0, valid, seg = (t.to(d.device) for t in loader.next_batch())
+            with autocast:
+                terms = nelbo_terms(model, x0, block_ids, attn_mask, info["mask_id"], info["n_vocab"],
+                                    cfg.eval_noise_beta, 1.0, False, g, exec_positions=exec_pos) * valid
+            totals[0] += terms.sum()
+            totals[1] += valid.sum()
+            for s in range(len(names)):
+                totals[2 + 2 * s] += (terms * (valid & (seg == s))).sum()
+                totals[3 + 2 * s] += (valid & (seg == s)).sum()
+    totals = common.all_reduce(totals, "sum", d).tolist()
+    nelbo = totals[0] / totals[1]
+    results = {"mode": "ppl_eval", "checkpoint": ckpt["path"], "step": ckpt["step"], "ema": cfg.use_ema,
+               "nelbo": nelbo, "ppl_bound": math.exp(nelbo), "tokens": int(totals[1]), "batches": n_batches,
+               "block_size": cfg.block_size, "seed": cfg.seed, "seconds": time.time() - t0}
+    if len(names) > 1:
+        results["segments"] = {n: totals[2 + 2 * i] / max(totals[3 + 2 * i], 1) for i, n in enumerate(names)}
+    if d.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        print(f"NELBO {nelbo:.4f} nats/token, perplexity <= {math.exp(nelbo):.2f} over {int(totals[1])} tokens")
+    return results
+
+
+def prompt_rows(cfg, tok, info, prompts):
+    """Rows of L ids with the prompt tokens fixed: flat: the prompt text at the start; hierarchical: the
+    question segment, padded as in training."""
+    L = info["seq_len"]
+    x = torch.full((len(prompts), L), tok.eot_id, dtype=torch.long)
+    fixed = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if cfg.data == "hierarchical":
+            ids, _, _ = pad_to(tok.encode(f"Question: {p}\n") + [tok.eot_id], info["segment_lens"][0], tok.eot_id)
+        else:
+            ids = tok.encode(p)[:L - 1] if p else []
+        x[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        fixed[i, :len(ids)] = True
+    return x, fixed
+
+
+def segment_ends(info):
+    ends, pos = [], 0
+    for n in info["segment_lens"]:
+        pos += n
+        ends.append(pos)
+    return ends
+
+
+def decode_segments(tok, row, fixed_row, info):
+    """Text of each segment of a generated row, cut at its first generated end of text."""
+    out, pos = {}, 0
+    for name, n in zip(info["segment_names"], info["segment_lens"]):
+        ids = [t for t, f in zip(row[pos:pos + n], fixed_row[pos:pos + n]) if not f]
+        if tok.eot_id in ids:
+            ids = ids[:ids.index(tok.eot_id)]
+        out[name] = tok.decode(ids)
+        pos += n
+    return out
+
+
+def run_generation(cfg, d, model, info, tok, prompts):
+    block_ids = make_block_ids(info["segment_lens"], cfg.block_size)
+    x, fixed = prompt_rows(cfg, tok, info, prompts)
+    x, fixed = x.to(d.device), fixed.to(d.device)
+    g = torch.Generator(device=d.device).manual_seed(cfg.seed)
+    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
+    t0 = time.time()
+    with autocast:
+        out, nfe = generate(model, x, fixed.clone(), block_ids, segment_ends(info), info["mask_id"],
+                            info["n_vocab"], tok.eot_id, cfg, g, cfg.kv_cache,
+                            exec_positions_of(info["segment_lens"], model.config.exec_layers))
+    seconds = time.time() - t0
+    return out.cpu(), fixed.cpu(), nfe, seconds
+
+
+def sample(cfg, d):
+    """num_samples unconditional (flat) or question-conditioned (hierarchical) samples -> samples.jsonl."""
+    model, ckpt, info, tok = eval_setup(cfg, d)
+    if cfg.data == "hierarchical":
+        prompts = [r["question"] for r in plan_items(cfg, "val")][:cfg.num_samples]
+    else:
+        prompts = [""] * cfg.num_samples
+    out, fixed, nfe, seconds = run_generation(cfg, d, model, info, tok, prompts)
+    generated = int((~fixed).sum())
+    records = []
+    for i, p in enumerate(prompts):
+        segs = decode_segments(tok, out[i].tolist(), fixed[i].tolist(), info)  # each cut at its end of text
+        records.append({"id": i, "prompt": p, "text": "".join(segs.values()),
+                        **({"segments": segs} if cfg.data == "hierarchical" else {})})
+    results = {"mode": "sample", "checkpoint": ckpt["path"], "sampler": cfg.sampler, "kv_cache": cfg.kv_cache,
+               "block_size": cfg.block_size, "top_p": cfg.top_p, "num_samples": len(prompts), "nfe": nfe,
+               "generated_tokens": generated, "seconds": seconds, "tokens_per_sec": generated / seconds}
+    if d.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:
+            for r in records:
+                f.write(json.dumps({**r, "nfe": nfe}) + "\n")
+        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        print(f"{len(prompts)} samples, {nfe} network calls, {generated / seconds:,.0f} tokens/s "
+              f"({'with' if cfg.kv_cache else 'without'} KV cache) -> {cfg.out_dir}/samples.jsonl")
+    return results
+
+
+def gsm8k_eval(cfg, d):
+    """GSM8K test accuracy: the question is the prompt, the model generates the rest (for the hierarchical
+    model, plan and execution kept apart). results.json + predictions.jsonl in eval_gsm8k.py's layout."""
+    model, ckpt, info, tok = eval_setup(cfg, d)
+    if cfg.data == "hierarchical":
+        items = plan_items(cfg, "val")
+        questions = [it["question"] for it in items]
+        golds = [gsm8k_task.normalize_number(str(it["answer_numerical"])) if it.get("answer_numerical") is not None
+                 else gsm8k_task.final_answer(it["execution"]) for it in items]
+    else:
+        rows = gsm8k_task.load_gsm8k(cfg.val_data_path, "test")
+        questions, golds = [r["question"] for r in rows], [r["gold"] for r in rows]
+    if cfg.limit:
+        questions, golds = questions[:cfg.limit], golds[:cfg.limit]
+    records, nfe_total, seconds, generated = [], 0, 0.0, 0
+    for start in common.progress(range(0, len(questions), cfg.eval_batch_size), master=d.master, desc="gsm8k"):
+        qs = questions[start:start + cfg.eval_batch_size]
+        prompts = qs if cfg.data == "hierarchical" else [f"Question: {q}\nAnswer:" for q in qs]
+        out, fixed, nfe, secs = run_generation(cfg, d, model, info, tok, prompts)
+        nfe_total, seconds, generated = nfe_total + nfe, seconds + secs, generated + int((~fixed).sum())
+        for i, q in enumerate(qs):
+            segs = decode_segments(tok, out[i].tolist(), fixed[i].tolist(), info)
+            completion = segs.get("execution", segs.get("all", ""))
+            gold = golds[start + i]
+            records.append({"id": start + i, "question": q, "gold": gold, "completion": completion,
+                            **({"plan": segs["plan"]} if "plan" in segs else {}),
+                            **gsm8k_task.score_completion(completion, gold),
+                            "new_tokens": int((~fixed[i]).sum())})
+    n = len(records)
+    strict = sum(r["correct"]["strict"] for r in records)
+    flexible = sum(r["correct"]["flexible"] for r in records)
+    task = "synthetic" if cfg.synthetic_plans else "gsm8k"  # the offline stand-in's own test problems
+    metrics = {f"{task}_strict": strict / n, f"{task}_flexible": flexible / n}
+    counts = {"n": n, "strict_correct": strict, "flexible_correct": flexible,
+              "no_number": sum(r["extracted"]["flexible"] is None for r in records), "nfe": nfe_total,
+              "generated_tokens": generated, "prompt_format": "question_segment" if cfg.data == "hierarchical"
+              else "zero-shot Question/Answer"}
+    results = {"task": task, "model": ckpt["path"], "model_kind": KIND, "engine": f"bd3lm-{cfg.sampler}",
+               "metrics": metrics, "counts": counts, "n": n, "seconds": round(seconds, 3),
+               "samples_per_s": n / seconds if seconds > 0 else None, "tokens_per_sec": generated / seconds,
+               "block_size": cfg.block_size, "config": common.config_dict(cfg)}
+    if d.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "predictions.jsonl.tmp"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(os.path.join(cfg.out_dir, "predictions.jsonl.tmp"), os.path.join(cfg.out_dir, "predictions.jsonl"))
+        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        print(f"{task} strict {strict}/{n} = {strict / n:.3f}, flexible {flexible / n:.3f} -> {cfg.out_dir}")
+    return results
+
+
+
+def run_figures(folder):
+    """A run's comparable figures: NELBO per token (ppl_eval's, else the last validation), its perplexity bound,
+    GSM8K accuracy, training tokens/s. A train_gpt.py run (AR) reports its cross-entropy, which is its NLL."""
+    def read(*parts):
+        path = os.path.join(folder, *parts)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+    train, ppl, gsm8k = read("results.json"), read("ppl", "results.json"), read("gsm8k", "results.json")
+    if not (train or ppl or gsm8k):
+        raise FileNotFoundError(f"no results.json in {folder} (nor in its ppl/ or gsm8k/ subfolders)")
+    nelbo = ppl.get("nelbo", train.get("final_val_loss"))
+    return {"nelbo": nelbo, "ppl_bound": math.exp(nelbo) if nelbo is not None else None,
+            "gsm8k_strict": next((v for k, v in gsm8k.get("metrics", {}).items() if k.endswith("_strict")), None),
+            "train_tokens_per_sec": train.get("tokens_per_sec"), "block_size": train.get("block_size"),
+            "segments": ppl.get("segments")}
+
+
+def compare(cfg):
+    """Hierarchical vs flat vs AR (or any runs) -> comparison.json and comparison.png, one bar chart per figure."""
+    labels = list(cfg.labels) or [os.path.basename(os.path.normpath(r)) for r in cfg.runs]
+    if len(labels) != len(cfg.runs):
+        raise common.ConfigError(f"{len(labels)} labels for {len(cfg.runs)} runs")
+    table = {label: run_figures(run) for label, run in zip(labels, cfg.runs)}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    common.atomic_write_json(os.path.join(cfg.out_dir, "comparison.json"), {"runs": dict(zip(labels, cfg.runs)),
+                                                                           "figures": table})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figures = [("nelbo", "NELBO per token (nats)"), ("gsm8k_strict", "GSM8K accuracy"),
+               ("train_tokens_per_sec", "training tokens/s")]
+    figures = [(k, title) for k, title in figures if any(table[lab][k] is not None for lab in labels)]
+    fig, axes = plt.subplots(1, max(len(figures), 1), figsize=(4.5 * max(len(figures), 1), 3.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], figures):
+        values = [table[lab][key] or 0.0 for lab in labels]
+        ax.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "comparison.png"), dpi=120)
+    plt.close(fig)
+    for label in labels:
+        print(f"{label:>16}: " + " | ".join(f"{k} {v:.4g}" for k, v in table[label].items() if isinstance(v, float)))
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.ConfigError, common.TrainingDiverged, FileNotFoundError, common.ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

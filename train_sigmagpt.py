@@ -1,0 +1,804 @@
+"""
+sigma-GPT in one file: a GPT trained on sequences shuffled by a permutation, each token carrying two
+positions, its own and that of the token it predicts next (Pannatier, Courdier, Fleuret, "sigma-GPTs: A
+New Approach to Autoregressive Models", arXiv 2404.09562). Read it top to bottom.
+
+    python train_sigmagpt.py configs/sigmagpt_demo.yaml                  # train (mode=full), CPU demo
+    python train_sigmagpt.py configs/sigmagpt_fair.yaml                  # mode=fair: conditional loss
+    torchrun --nproc_per_node=4 train_sigmagpt.py configs/sigmagpt_full.yaml resume=latest
+    python train_sigmagpt.py configs/sigmagpt_demo.yaml mode=eval ckpt=experiments/<run>
+    python train_sigmagpt.py configs/sigmagpt_demo.yaml mode=sample ckpt=experiments/<run> \
+        prompt="The <missing>3</missing> sat on the mat." sampler=rejection
+
+The sequence. Each training sequence is `block_size` tokens s[0..T-1] from the shards. A permutation
+sigma of 0..T-1 orders it; row t of the model's input is token s[sigma(t)] with own position sigma(t)
+and next position sigma(t+1), and its target is s[sigma(t+1)] (rows t = 0..T-2, as in an AR model the
+first token is given, never predicted). With sigma = identity this is exactly the AR model.
+
+The position code (model.py, `double_position`). The learned (block_size, n_embd) table serves both
+positions: its left half looked up at the own position, its right half at the next position,
+concatenated and added to the token embedding. A plain GPT's table (HF distilgpt2/gpt2, or a
+train_gpt.py checkpoint) converts by model.double_position_table: left half row for row, right half
+shifted down one row. So in left-to-right order the converted model IS the AR model (equal logits).
+
+Orders (`order=`): random (a uniform permutation per sequence), left_to_right (the identity), and
+curriculum (each sequence is random with a probability rising linearly from curriculum_start to 1
+over curriculum_steps, else left to right).
+
+Modes. mode=full: every row is scored (T-1 targets per sequence, as an AR model). mode=fair: each
+sequence splits into conditioning tokens, placed first in the order and not scored, and evaluation
+tokens, scored: round(scored_share * T) of them (at least 1, at most T-1). The loss is then that of a
+conditional model that sees a random subset and predicts the rest. mode=eval: perplexity left to right,
+in eval_orders random orders (fixed seed), and fair-mode conditional. mode=sample: generation in any
+order, infilling (`<missing>N</missing>` in the prompt), and token-based rejection sampling.
+
+Training loop as train_gpt.py: DDP, bf16 autocast or fp16 with a grad scaler, torch.compile on CUDA,
+gradient accumulation, epochs of max_samples sequences (or max_steps), exact resume, SIGTERM/SIGUSR1
+save-and-exit, a stop on a non-finite loss. Outputs (the users' guide layout):
+    experiments/<name>_<timestamp>/config.json, logs/training_log.csv, checkpoint-N/model.pt,
+    log.jsonl, log.txt, loss.png, results.json
+"""
+import contextlib
+import csv
+import dataclasses
+import glob
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+from model import GPT, GPTConfig, MODEL_SIZES, double_position_table, from_hf, model_config
+
+
+@dataclass
+class Config:
+    mode: str = "full"  # full | fair (train) | eval | sample
+    # data: token shards + meta.json written by prepare_data.py (WikiText-103: source=wikitext)
+    data_dir: str = "data/wikitext103"
+    tokenizer_file: Optional[str] = None  # GPT-2 ranks file for offline use (eval/sample text, prompts)
+    block_size: int = 1024  # tokens per sequence, all of them in one permutation
+    max_samples: int = 0  # sequences per epoch (0 = all the train shards hold)
+    epochs: int = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    # model: HF GPT-2 weights (hub id or folder), a train_gpt.py / train_sigmagpt.py checkpoint, or scratch
+    init_from: str = "distilgpt2"
+    model: str = "gpt2"  # size when init_from=scratch (model.MODEL_SIZES)
+    n_layer: int = 0
+    n_head: int = 0
+    n_embd: int = 0
+    dropout: float = 0.0
+    # sigma-GPT
+    order: str = "random"  # random | left_to_right | curriculum
+    curriculum_start: float = 0.0  # curriculum: share of random orders at step 0
+    curriculum_steps: int = 0  # curriculum: steps to reach 1.0 (0 = the whole run)
+    scored_share: float = 0.4  # fair mode (and fair evaluation): share of each sequence that is scored
+    # batch: sequences per optimizer step = micro_batch_size * grad_accum_steps * world_size
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 64
+    # optimisation (the paper's)
+    learning_rate: float = 2.5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # system
+    device: str = "auto"
+    dtype: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16 | fp16 (with a grad scaler)
+    compile: bool = True  # torch.compile on cuda
+    # output: experiments/<name>_<timestamp>/ unless out_dir is given
+    out_root: str = "experiments"
+    name: str = "sigmagpt"
+    out_dir: str = ""
+    resume: Optional[str] = None  # latest (newest checkpoint; with no out_dir, the newest <name>_* run) | a path
+    log_interval: int = 10
+    val_interval: int = 500  # 0 = only at the end
+    val_batches: int = 8  # the val set: the first val_batches x micro_batch_size rows (split over ranks)
+    eval_orders: int = 3  # K random orders for the random-order perplexity
+    eval_seed: int = 1234
+    save_steps: int = 5000  # 0 = only at the end
+    save_total_limit: int = 3  # keep the newest N checkpoint-* folders (0 = all)
+    stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
+    # eval / sample: the model to load (a run folder, checkpoint-N folder or model.pt)
+    ckpt: str = ""
+    prompt: str = ""  # text; <missing>N</missing> marks N unknown tokens; without any, max_new_tokens follow
+    max_new_tokens: int = 32
+    sampler: str = "rejection"  # rejection | sequential
+    sample_order: str = "random"  # random | left_to_right: the order unknown tokens are generated in
+    num_samples: int = 4
+    temperature: float = 1.0
+
+
+MODES = ("full", "fair", "eval", "sample")
+ORDERS = ("random", "left_to_right", "curriculum")
+DTYPES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+
+
+def check_config(cfg):
+    """Mistakes that need no data or devices to spot: refuse them before anything starts."""
+    choices = (("mode", MODES), ("order", ORDERS), ("dtype", DTYPES), ("sampler", ("rejection", "sequential")),
+               ("sample_order", ("random", "left_to_right")))
+    for key, allowed in choices:
+        if getattr(cfg, key) not in allowed:
+            raise common.ConfigError(f"{key} '{getattr(cfg, key)}' is not one of {', '.join(allowed)}")
+    if not 0.0 < cfg.scored_share <= 1.0:
+        raise common.ConfigError(f"scored_share must be in (0, 1], got {cfg.scored_share}")
+    if not 0.0 <= cfg.curriculum_start <= 1.0:
+        raise common.ConfigError(f"curriculum_start must be in [0, 1], got {cfg.curriculum_start}")
+    for key in ("micro_batch_size", "grad_accum_steps", "epochs", "log_interval", "eval_orders", "val_batches"):
+        if getattr(cfg, key) <= 0:
+            raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
+    if cfg.block_size < 2:
+        raise common.ConfigError(f"block_size must be at least 2 (one given token, one predicted), got {cfg.block_size}")
+    if cfg.init_from == "scratch" and cfg.model not in MODEL_SIZES:
+        raise common.ConfigError(f"model '{cfg.model}' is not a known size; choose from {', '.join(MODEL_SIZES)}")
+    if cfg.mode in ("eval", "sample") and not cfg.ckpt and cfg.init_from == "scratch":
+        raise common.ConfigError(f"mode={cfg.mode} needs ckpt=RUN_DIR|checkpoint-N|model.pt (or init_from=)")
+
+
+# -----------------------------------------------------------------------------
+# orders: the permutation bookkeeping
+
+
+def num_scored(cfg, T):
+    """Scored targets per sequence: T-1 in full mode; in fair mode the evaluation tokens, round(share*T)
+    clamped to [1, T-1] (the first token of an order is always given)."""
+    if cfg.mode != "fair":
+        return T - 1
+    return min(T - 1, max(1, round(cfg.scored_share * T)))
+
+
+def random_share(cfg, step, max_steps):
+    """The probability that a sequence gets a random order (else left to right) at this step."""
+    if cfg.order == "random":
+        return 1.0
+    if cfg.order == "left_to_right":
+        return 0.0
+    ramp = cfg.curriculum_steps or max_steps
+    return min(1.0, cfg.curriculum_start + (1.0 - cfg.curriculum_start) * step / max(1, ramp))
+
+
+def draw_orders(B, T, share_random, generator):
+    """(B, T) permutations: each row uniform at random with probability share_random, else the identity."""
+    perm = torch.argsort(torch.rand(B, T, generator=generator), dim=1)
+    shuffled = torch.rand(B, generator=generator) < share_random
+    return torch.where(shuffled[:, None], perm, torch.arange(T).expand(B, T))
+
+
+def sigma_batch(seq, perm, n_scored):
+    """Sequences (B, T) in the orders perm (B, T) -> the model's rows (B, T-1): input tokens, own
+    positions, next positions, targets. Row t holds token seq[perm[t]] at position perm[t] and predicts
+    seq[perm[t+1]] at position perm[t+1]; only the last n_scored targets count (the rest are -100)."""
+    ordered = seq.gather(1, perm)
+    x, y = ordered[:, :-1], ordered[:, 1:].clone()
+    y[:, :y.size(1) - n_scored] = -100  # fair mode: the conditioning tokens come first and are not scored
+    return x, perm[:, :-1], perm[:, 1:], y
+
+
+def order_generator(seed, *keys):
+    """A CPU generator fixed by (seed, keys): the orders of a step do not depend on what ran before, so a
+    resumed run draws the same orders without saving generator state."""
+    return torch.Generator().manual_seed(zlib.crc32(repr((seed,) + keys).encode()))
+
+
+# -----------------------------------------------------------------------------
+# the model: HF GPT-2 weights, a train_gpt.py checkpoint or a sigma-GPT one, or scratch
+
+
+def sigma_from_ar(ar, vocab_size=None, dropout=0.0):
+    """A plain GPT -> a double-position GPT that, in left-to-right order, computes exactly the same
+    logits (model.double_position_table); the vocabulary may be padded up (new rows keep their init)."""
+    c = ar.config
+    config = dataclasses.replace(c, double_position=True, dropout=dropout,
+                                 vocab_size=max(c.vocab_size, vocab_size or 0))
+    model = GPT(config)
+    source = ar.state_dict()
+    source["transformer.wpe.weight"] = double_position_table(source["transformer.wpe.weight"])
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in ("transformer.wte.weight", "lm_head.weight"):
+                v[:source[k].shape[0]].copy_(source[k])  # rows past the source vocabulary keep their init
+            else:
+                v.copy_(source[k])
+    return model
+
+
+def build_model(cfg, meta):
+    """The sigma-GPT to train: from scratch, from HF GPT-2 weights, or from a train_gpt.py / train_sigmagpt.py
+    checkpoint (converted by the stated rule). Refuses another vocabulary and a too short position table."""
+    data_vocab = common.padded_vocab_size(meta["vocab_size"])
+    spec = meta["tokenizer"]
+    if cfg.init_from == "scratch":
+        c = model_config(cfg.model, data_vocab, cfg.block_size, cfg.dropout,
+                         cfg.n_layer or None, cfg.n_head or None, cfg.n_embd or None)
+        return GPT(dataclasses.replace(c, double_position=True))
+    if os.path.exists(cfg.init_from) and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+        ckpt = load_any_checkpoint(cfg.init_from)
+        if ckpt.get("tokenizer") != spec:
+            raise common.ConfigError(f"init_from {cfg.init_from} was trained with tokenizer {ckpt.get('tokenizer')}, "
+                                     f"but {cfg.data_dir} holds {spec}: another vocabulary")
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        if not model.config.double_position:
+            model = sigma_from_ar(model, dropout=cfg.dropout)
+    else:
+        if spec["kind"] != "gpt2":  # extra tokens after the 50257 GPT-2 ids are fine: new, padded rows
+            raise common.ConfigError(f"init_from {cfg.init_from} has the GPT-2 vocabulary, but {cfg.data_dir} "
+                                     f"holds '{spec['kind']}' tokens ({meta['vocab_size']} ids): another vocabulary")
+        model = sigma_from_ar(from_hf(cfg.init_from), data_vocab, cfg.dropout)
+    if cfg.block_size > model.config.block_size:
+        raise common.ConfigError(f"block_size {cfg.block_size} is longer than the position table of "
+                                 f"{cfg.init_from} ({model.config.block_size} positions)")
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise common.ConfigError(f"data vocab {meta['vocab_size']} exceeds the vocabulary of {cfg.init_from} "
+                                 f"({model.config.vocab_size}): another vocabulary")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# checkpoints in the guide's layout: <run>/checkpoint-<step>/model.pt
+
+
+def checkpoint_dirs(run_dir):
+    """[(step, folder)] of the finished checkpoints of a run (a folder without model.pt is unfinished)."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
+        if m and os.path.isfile(os.path.join(path, "model.pt")):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def load_any_checkpoint(path):
+    """A run folder (its newest checkpoint), a checkpoint-N folder or a .pt file; train_gpt.py's ckpt_*.pt too."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "model.pt")):
+            path = os.path.join(path, "model.pt")
+        elif checkpoint_dirs(path):
+            path = os.path.join(checkpoint_dirs(path)[-1][1], "model.pt")
+    try:
+        ckpt = common.load_checkpoint(path)
+    except ValueError as e:  # not ours, truncated, or unsafe to unpickle
+        raise common.ConfigError(str(e)) from e
+    if ckpt.get("kind", "gpt") not in ("gpt", "sigmagpt"):
+        raise common.ConfigError(f"{path} holds a '{ckpt['kind']}' model, not a GPT or sigma-GPT")
+    return ckpt
+
+
+def save_checkpoint(run_dir, step, state, d, keep):
+    """Rank 0 writes checkpoint-<step>/model.pt atomically (common.save_checkpoint), never with non-finite
+    weights, and keeps the newest `keep` folders (save_total_limit); all ranks wait for it."""
+    if d.master:
+        bad = common.nonfinite_tensors(state["model"])
+        if bad:
+            raise common.TrainingDiverged(f"not saving step {step}: non-finite weights in {', '.join(bad[:3])}")
+        common.save_checkpoint(os.path.join(run_dir, f"checkpoint-{step}", "model.pt"), state)
+        if keep > 0:
+            for _, old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    common.barrier(d)
+    return os.path.join(run_dir, f"checkpoint-{step}")
+
+
+def start_or_resume(run_dir, resume):
+    """common.start_or_resume for the guide's folder layout: None = fresh (refusing a folder with
+    checkpoints), 'latest' = the newest checkpoint that loads (or fresh), else that checkpoint."""
+    if not resume:
+        if checkpoint_dirs(run_dir):
+            raise common.ConfigError(f"{run_dir} already holds checkpoints; continue with resume=latest, "
+                                     "or choose another out_dir")
+        return None
+    paths = [p for _, p in reversed(checkpoint_dirs(run_dir))] if resume == "latest" else [resume]
+    for path in paths:
+        try:
+            ckpt = load_any_checkpoint(path)
+        except ValueError as e:  # a truncated or unreadable file: step back to an older one
+            if resume != "latest":
+                raise common.ConfigError(str(e)) from e
+            print(f"warning: cannot read {path} ({str(e)[:200]}); trying an older checkpoint", file=sys.stderr)
+            continue
+        if ckpt.get("kind") != "sigmagpt":
+            raise common.ConfigError(f"resume: {ckpt['path']} is not a sigma-GPT training checkpoint")
+        return ckpt
+    return None
+
+
+# what the weights and the loss are: a resumed run cannot change these (the rest, e.g. the lr, it may)
+SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data_dir", "mode", "scored_share")
+
+
+def check_resume_config(cfg, ckpt):
+    """Refuse a config that contradicts the checkpoint it resumes (the log would describe another run)."""
+    saved = ckpt.get("config") or {}
+    differ = [f"{k}={saved[k]!r} in the checkpoint but {getattr(cfg, k)!r} now" for k in SHAPE_KEYS
+              if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        raise common.ConfigError(f"resume={cfg.resume} continues {ckpt['path']}, which was trained with another "
+                                 f"model, data or loss: {'; '.join(differ)}. Use that run's settings, or another out_dir")
+
+
+def run_folder(cfg, d):
+    """out_dir, or experiments/<name>_<timestamp>; resume=latest without out_dir takes the newest <name>_* run."""
+    if cfg.out_dir:
+        return cfg.out_dir
+    folder = None
+    if d.master:
+        runs = sorted(p for p in glob.glob(os.path.join(cfg.out_root, f"{cfg.name}_*")) if checkpoint_dirs(p))
+        if cfg.resume == "latest" and runs:
+            folder = runs[-1]
+        else:
+            folder = os.path.join(cfg.out_root, f"{cfg.name}_{time.strftime('%Y%m%d_%H%M%S')}")
+    if d.ddp:  # every rank writes to the folder rank 0 named
+        box = [folder]
+        dist.broadcast_object_list(box, src=0)
+        folder = box[0]
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# evaluation: perplexity left to right, in K random orders, and fair-mode conditional
+
+
+def sequence_nats(model, seq, perm, n_scored, autocast):
+    """Per-target nats (B, T-1) of sequences in the given orders, 0 where not scored; and the targets."""
+    x, pos, next_pos, y = (t.to(seq.device) for t in sigma_batch(seq.cpu(), perm, n_scored))
+    with autocast:
+        logits, _ = model(x, position_ids=pos, target_position_ids=next_pos)
+    nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none")
+    return nats.view_as(y), y
+
+
+@torch.no_grad()
+def evaluate(model, val_rows, token_bytes, cfg, d, autocast):
+    """Validation on one fixed set of rows (common.validation_rows; rank r scores rows r, r+W, ...), in three
+    ways: left to right, in eval_orders random orders, and fair (the evaluation tokens given the rest). Each
+    row's orders are fixed by (eval_seed, row), so every evaluation, on any world size, sees the same ones.
+    Nats per scored token, and bits per byte (special tokens count 0 bytes and are left out, as train_gpt)."""
+    T = cfg.block_size
+    fair = num_scored(dataclasses.replace(cfg, mode="fair"), T)
+    sums = torch.zeros(3, 4, dtype=torch.float64, device=d.device)  # (l2r, random, fair) x (nats, tokens, byte nats, bytes)
+    model.eval()
+    rows = torch.arange(len(val_rows))[d.rank::d.world_size]
+    for i in range(0, len(rows), cfg.micro_batch_size):
+        index = rows[i:i + cfg.micro_batch_size].tolist()
+        seq = val_rows[index].to(d.device)
+
+        def orders(*key):
+            return torch.cat([draw_orders(1, T, 1.0, order_generator(cfg.eval_seed, *key, r)) for r in index])
+
+        runs = [(0, torch.arange(T).expand(len(index), T), T - 1)]
+        runs += [(1, orders("random", k), T - 1) for k in range(cfg.eval_orders)]
+        runs += [(2, orders("fair"), fair)]
+        for slot, perm, n in runs:
+            nats, y = sequence_nats(model, seq, perm, n, autocast)
+            scored = y != -100
+            nbytes = token_bytes[y.clamp(min=0)] * scored
+            sums[slot] += torch.stack([nats.sum(), scored.sum(), (nats * (nbytes > 0)).sum(), nbytes.sum()]).double()
+    model.train()
+    sums = common.all_reduce(sums, "sum", d).tolist()
+    out = {}
+    for (nats, tokens, byte_nats, nbytes), name in zip(sums, ("l2r", "random", "fair")):
+        out[f"val_loss_{name}"] = nats / max(tokens, 1)
+        out[f"val_ppl_{name}"] = math.exp(out[f"val_loss_{name}"])
+        out[f"val_bpb_{name}"] = byte_nats / math.log(2) / nbytes if nbytes > 0 else None
+    return out
+
+
+def validation_set(cfg, spec, vocab_size, device):
+    """The fixed validation rows (val_batches x micro_batch_size rows of block_size tokens) and token byte lengths."""
+    rows = common.validation_rows(cfg.data_dir, cfg.val_batches * cfg.micro_batch_size, cfg.block_size - 1)
+    token_bytes = common.token_byte_lengths(common.Tokenizer.from_spec(spec, cfg.tokenizer_file), vocab_size)
+    return rows, token_bytes.to(device)
+
+
+# -----------------------------------------------------------------------------
+# generation: any order, infilling, token-based rejection sampling
+#
+# A partial sequence is a list over positions: a token id where known, None where unknown. The known
+# tokens come first in the order (in position order), then the unknown positions in the sampling order.
+
+
+def probs_of(logits, temperature, vocab_size=None):
+    """Softmax at a temperature over the real vocabulary (the padded rows past vocab_size never come out)."""
+    return torch.softmax(logits[..., :vocab_size].float() / max(temperature, 1e-6), dim=-1)
+
+
+@torch.no_grad()
+def conditionals(model, tokens, order, next_positions, temperature, vocab_size=None, attn_mask=None):
+    """One causal pass over the known tokens at positions `order`, row k predicting next_positions[k]:
+    the (len(order), V) distributions."""
+    dev = model.lm_head.weight.device
+    ids = torch.tensor([tokens[p] for p in order], device=dev)[None]
+    pos = torch.tensor(order, device=dev)[None]
+    logits, _ = model(ids, position_ids=pos, target_position_ids=torch.tensor(next_positions, device=dev)[None],
+                      attn_mask=None if attn_mask is None else attn_mask[None, None].to(dev))
+    return probs_of(logits[0], temperature, vocab_size).cpu()
+
+
+@torch.no_grad()
+def propose(model, tokens, prefix, remaining, temperature, vocab_size=None):
+    """ONE pass: the distribution of every remaining position given the prefix alone. The last prefix
+    token appears once per remaining position, each copy with that position as its next position and
+    attending only to the prefix before it and itself."""
+    L, m = len(prefix), len(remaining)
+    n = L - 1 + m
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    mask[L - 1:, L - 1:] = torch.eye(m, dtype=torch.bool)  # the copies do not see each other
+    order = prefix[:-1] + prefix[-1:] * m
+    return conditionals(model, tokens, order, prefix[1:] + remaining, temperature, vocab_size, mask)[L - 1:]
+
+
+def unknown_order(tokens, how, generator):
+    unknown = [p for p, t in enumerate(tokens) if t is None]
+    if how == "random":
+        unknown = [unknown[i] for i in torch.randperm(len(unknown), generator=generator).tolist()]
+    return unknown
+
+
+@torch.no_grad()
+def sample_sequential(model, tokens, how="random", temperature=1.0, generator=None, vocab_size=None):
+    """One token per model call, in a random (or left-to-right) order of the unknown positions."""
+    tokens = list(tokens)
+    prefix = [p for p, t in enumerate(tokens) if t is not None]
+    if not prefix:
+        raise common.ConfigError("generation needs at least one known token")
+    calls = 0
+    for p in unknown_order(tokens, how, generator):
+        probs = conditionals(model, tokens, prefix, prefix[1:] + [p], temperature, vocab_size)[-1]
+        calls += 1
+        tokens[p] = int(torch.multinomial(probs, 1, generator=generator))
+        prefix.append(p)
+    return tokens, {"calls": calls, "steps": calls, "accepted_per_step": [1] * calls}
+
+
+@torch.no_grad()
+def sample_rejection(model, tokens, temperature=1.0, generator=None, vocab_size=None):
+    """Token-based rejection sampling. Each step: (1) one pass proposes every remaining token from
+    q_j = p(x_j | prefix); (2) the drafts, in a fresh random order, go through one causal pass giving
+    p_k = p(x_k | prefix, drafts before k); drafts are accepted in order while u < p_k(x)/q_k(x); at the
+    first rejection that position is redrawn from the residual max(p_k - q_k, 0) and the step ends.
+    The first draft is always accepted (its p and q condition on the same prefix), so every step
+    generates at least one token, and by the speculative-sampling argument each generated token is
+    distributed as p_k: the result is distributed as sequential sampling in a uniformly random order."""
+    tokens = list(tokens)
+    prefix = [p for p, t in enumerate(tokens) if t is not None]
+    if not prefix:
+        raise common.ConfigError("generation needs at least one known token")
+    remaining = unknown_order(tokens, "random", generator)
+    calls, accepted_per_step = 0, []
+    while remaining:
+        q = propose(model, tokens, prefix, remaining, temperature, vocab_size)
+        calls += 1
+        drafts = torch.multinomial(q, 1, generator=generator)[:, 0].tolist()
+        if len(remaining) == 1:  # a single proposal is already an exact sample
+            tokens[remaining[0]] = drafts[0]
+            prefix, remaining = prefix + remaining, []
+            accepted_per_step.append(1)
+            break
+        trial = list(tokens)
+        for p, t in zip(remaining, drafts):
+            trial[p] = t
+        order = prefix + remaining
+        p_all = conditionals(model, trial, order[:-1], order[1:], temperature, vocab_size)[len(prefix) - 1:]
+        calls += 1
+        n_new = len(remaining)
+        for k in range(len(remaining)):
+            x = drafts[k]
+            ratio = 1.0 if k == 0 else float(p_all[k, x] / q[k, x])
+            if float(torch.rand((), generator=generator)) < ratio:
+                tokens[remaining[k]] = x
+                continue
+            residual = (p_all[k] - q[k]).clamp(min=0)
+            tokens[remaining[k]] = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+            n_new = k + 1
+            break
+        accepted_per_step.append(n_new)
+        prefix, remaining = prefix + remaining[:n_new], remaining[n_new:]
+        # the rest keep a uniformly random order: a fresh shuffle changes nothing in distribution
+    return tokens, {"calls": calls, "steps": len(accepted_per_step), "accepted_per_step": accepted_per_step}
+
+
+MISSING_RE = re.compile(r"<missing>(\d+)</missing>")
+
+
+def parse_prompt(text, tokenizer, max_new_tokens):
+    """'a <missing>3</missing> b' -> [ids of 'a', None, None, None, ids of ' b']; without any marker, the
+    prompt is followed by max_new_tokens unknowns (plain continuation)."""
+    tokens, last = [], 0
+    for m in MISSING_RE.finditer(text):
+        tokens += tokenizer.encode(text[last:m.start()]) + [None] * int(m.group(1))
+        last = m.end()
+    tokens += tokenizer.encode(text[last:])
+    if last == 0:
+        tokens += [None] * max_new_tokens
+    return tokens
+
+
+def run_sample(cfg, model, tokenizer):
+    """num_samples completions of the prompt; prints them and the model calls per generated token."""
+    tokens = parse_prompt(cfg.prompt, tokenizer, cfg.max_new_tokens)
+    if len(tokens) > model.config.block_size:
+        raise common.ConfigError(f"prompt and missing tokens make {len(tokens)} positions; the position table "
+                                 f"has {model.config.block_size}")
+    if all(t is None for t in tokens):
+        tokens[0] = tokenizer.eot_id  # nothing known: start from the end-of-text token at position 0
+    generator = torch.Generator().manual_seed(cfg.seed)
+    out, calls, generated, steps, t0 = [], 0, 0, [], time.time()
+    for i in range(cfg.num_samples):
+        if cfg.sampler == "rejection":
+            filled, stats = sample_rejection(model, tokens, cfg.temperature, generator, tokenizer.vocab_size)
+        else:
+            filled, stats = sample_sequential(model, tokens, cfg.sample_order, cfg.temperature, generator,
+                                              tokenizer.vocab_size)
+        text = tokenizer.decode(filled)
+        print(f"--- sample {i} ({stats['steps']} steps, {stats['calls']} model calls)\n{text}")
+        n = sum(t is None for t in tokens)
+        out.append({"text": text, "tokens": filled, **stats})
+        calls, generated, steps = calls + stats["calls"], generated + n, steps + stats["accepted_per_step"]
+    summary = {"sampler": cfg.sampler, "samples": cfg.num_samples, "generated_tokens": generated,
+               "model_calls_per_token": calls / max(generated, 1),
+               "tokens_per_step": sum(steps) / max(len(steps), 1), "seconds": time.time() - t0}
+    print(common.format_record(summary))
+    return {"summary": summary, "samples": out}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = common.load_config(Config, argv)
+    check_config(cfg)
+    d = common.setup_dist(cfg.device)
+    try:
+        if cfg.mode in ("eval", "sample"):
+            return evaluate_or_sample(cfg, d)
+        with common.preemption_handlers() as stop:
+            return train(cfg, d, stop)
+    finally:
+        common.cleanup_dist(d)
+
+
+def evaluate_or_sample(cfg, d):
+    """mode=eval: the three perplexities on data_dir's val split; mode=sample: generation from `prompt`.
+    A train_gpt.py checkpoint works too (converted: its left-to-right perplexity is the AR model's)."""
+    if cfg.ckpt:
+        ckpt = load_any_checkpoint(cfg.ckpt)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        if not model.config.double_position:
+            model = sigma_from_ar(model)
+        spec = ckpt["tokenizer"]
+        if cfg.mode == "eval" and common.load_meta(cfg.data_dir)["tokenizer"] != spec:
+            raise common.ConfigError(f"{cfg.ckpt} was trained with tokenizer {spec}, but {cfg.data_dir} holds "
+                                     f"{common.load_meta(cfg.data_dir)['tokenizer']}: another vocabulary")
+    else:
+        meta = common.load_meta(cfg.data_dir)
+        model, spec = build_model(cfg, meta), meta["tokenizer"]
+    if cfg.mode == "eval" and cfg.block_size > model.config.block_size:
+        raise common.ConfigError(f"block_size {cfg.block_size} is longer than the model's position table "
+                                 f"({model.config.block_size} positions)")
+    model.to(d.device).eval()
+    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
+    if cfg.mode == "eval":
+        results = evaluate(model, *validation_set(cfg, spec, model.config.vocab_size, d.device), cfg, d, autocast)
+        if d.master:
+            print(common.format_record(results))
+        return results
+    if not d.master:  # sampling is one process's job
+        return None
+    tokenizer = common.Tokenizer.from_spec(spec, cfg.tokenizer_file)
+    return run_sample(cfg, model, tokenizer)
+
+
+def train(cfg, d, stop):
+    meta = common.load_meta(cfg.data_dir)
+    T, B, accum = cfg.block_size, cfg.micro_batch_size, cfg.grad_accum_steps
+    sequences_per_step = B * accum * d.world_size
+    train_loader = common.ShardLoader(cfg.data_dir, "train", B, T - 1, d.rank, d.world_size)
+    # an epoch: max_samples sequences (or all the shards hold), then the loader starts over
+    available = sum(len(common.read_shard(p)) - 1 for p in train_loader.shards) // (T - 1)
+    samples_per_epoch = min(cfg.max_samples, available) if cfg.max_samples > 0 else available
+    steps_per_epoch = max(1, samples_per_epoch // sequences_per_step)
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
+    out_dir = run_folder(cfg, d)
+
+    # ---- where to start: fresh, or from a checkpoint (model, optimizer, scaler, step, data position, RNG)
+    ckpt = start_or_resume(out_dir, cfg.resume)
+    if ckpt:
+        check_resume_config(cfg, ckpt)
+    start_step = ckpt["step"] + 1 if ckpt else 0
+    if ckpt and start_step >= max_steps:
+        if d.master:
+            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {max_steps} steps")
+        return {"status": "already_finished", "step": ckpt["step"]}
+
+    common.seed_everything(cfg.seed, d.device_type)
+    if ckpt:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = build_model(cfg, meta)
+    model.to(d.device)
+    raw_model = model  # plain module: checkpoints, evaluation, sampling
+    model = common.wrap_model(model, d, cfg.compile)
+    dtype = common.resolve_dtype(cfg.dtype, d.device)
+    autocast = common.autocast(d.device_type, dtype)
+    scaler = torch.amp.GradScaler(d.device_type, enabled=dtype == torch.float16)  # fp16 only: loss scaling
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                              d.device_type)
+    val = {}
+    val_rows, token_bytes = validation_set(cfg, meta["tokenizer"], raw_model.config.vocab_size, d.device)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        train_loader.set_state(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"])
+        val = ckpt.get("val", {})
+
+    csv_path = os.path.join(out_dir, "logs", "training_log.csv")
+    csv_fields = ["step", "epoch", "loss", "lr", "scored_tokens", "tokens_per_sec", "val_loss_l2r",
+                  "val_loss_random", "val_loss_fair"]
+    if d.master:
+        os.makedirs(os.path.dirname(csv_path), exist_ok=True)
+        if ckpt:  # records logged after the checkpoint (a crash between checkpoints) are about to be redone
+            common.trim_log(out_dir, ckpt["step"])
+            trim_csv(csv_path, ckpt["step"])
+        else:
+            with open(csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(csv_fields)
+    logger = common.Logger(out_dir, d.master, resume=ckpt is not None)
+    if d.master:
+        common.atomic_write_json(os.path.join(out_dir, "config.json"), common.config_dict(cfg))
+    n_scored = num_scored(cfg, T)
+    scored_per_step = n_scored * sequences_per_step
+    logger.info(f"sigma-GPT {cfg.mode} mode, order {cfg.order}: {raw_model.num_params() / 1e6:.2f}M non-embedding "
+                f"params from {cfg.init_from} | {d.device} x{d.world_size}, {dtype}, {sequences_per_step} sequences "
+                f"of {T} tokens/step = {B} x {accum} accum x {d.world_size} ranks | {scored_per_step} scored "
+                f"tokens/step | {max_steps} steps ({steps_per_epoch}/epoch of {samples_per_epoch} sequences) | {out_dir}")
+    if ckpt:
+        logger.info(f"resumed from {ckpt['path']} at step {start_step}")
+
+    def train_step(step):
+        """One optimizer step over `accum` micro batches; returns device tensors (no host sync)."""
+        if step > 0 and step % steps_per_epoch == 0:
+            train_loader.reset()  # a new epoch over the same max_samples sequences, in new orders
+        share = random_share(cfg, step, max_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            x, y = train_loader.next_batch()
+            seq = torch.cat([x, y[:, -1:]], dim=1)
+            perm = draw_orders(B, T, share, order_generator(cfg.seed, "train", d.rank, step, micro))
+            x, pos, next_pos, y = (t.to(d.device, non_blocking=True) for t in sigma_batch(seq, perm, n_scored))
+            with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
+                with autocast:
+                    _, loss = model(x, y, position_ids=pos, target_position_ids=next_pos)
+                # the mean over the scored tokens of the step (every micro batch scores the same number)
+                loss = loss / accum
+                loss_accum += loss.detach()
+                scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = common.lr_at(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
+        common.set_lr(optimizer, lr)
+        scaler.step(optimizer)
+        scaler.update()
+        return loss_accum, grad_norm, lr
+
+    def save(step):
+        return save_checkpoint(out_dir, step, {
+                "kind": "sigmagpt", "model": raw_model.state_dict(),
+                "model_config": dataclasses.asdict(raw_model.config), "tokenizer": meta["tokenizer"],
+                "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
+                "val": val}, d, cfg.save_total_limit)
+
+    # ---- the loop
+    watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
+    run_t0 = time.time()
+    interval_t0, interval_steps = time.time(), 0
+    timed_tokens, timed_seconds = 0, 0.0
+    train_loss, status, step = None, "done", start_step - 1
+    bar = common.progress(total=max_steps, initial=start_step, master=d.master, desc="train", unit="step")
+    for step in range(start_step, max_steps):
+        last_step = step == max_steps - 1
+        loss_accum, grad_norm, lr = train_step(step)
+        interval_steps += 1
+        # under fp16 an overflowing gradient is the grad scaler's business (it skips that step), not divergence
+        watch.update(step, loss_accum, None if scaler.is_enabled() else grad_norm)
+        bar.update(1)
+
+        val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
+        save_now = last_step or (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0)
+        user_stop = step == cfg.stop_after_step
+        log_now = (step + 1) % cfg.log_interval == 0 or step == start_step or val_now or save_now or user_stop
+        signal_stop = stop.check(d, sync=log_now)  # under DDP the ranks agree on a signal at log points
+        if not (log_now or signal_stop):
+            continue
+
+        train_loss, norm = common.all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
+        bad_step = watch.first_bad_step(d)
+        if bad_step is not None:
+            bar.close()
+            good = [p for s, p in checkpoint_dirs(out_dir) if s < bad_step]
+            msg = (f"loss or gradient norm is not finite at step {bad_step}: training diverged. Last good "
+                   f"checkpoint: {good[-1] if good else 'none'}")
+            logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
+            raise common.TrainingDiverged(msg)
+        common.synchronize(d.device_type)
+        dt = (time.time() - interval_t0) / interval_steps
+        tokens_per_sec = sequences_per_step * (T - 1) / dt  # tokens through the model, scored or not
+        if step != start_step:
+            timed_tokens += sequences_per_step * (T - 1) * interval_steps
+            timed_seconds += dt * interval_steps
+        record = {"type": "train", "step": step, "epoch": step // steps_per_epoch, "loss": train_loss, "lr": lr,
+                  "grad_norm": norm, "scored_tokens": scored_per_step, "random_share": random_share(cfg, step, max_steps),
+                  "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec}
+        logger.log(record, echo=False)
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+        row = {k: record.get(k, "") for k in csv_fields}
+        if val_now and cfg.val_batches > 0:
+            val = evaluate(raw_model, val_rows, token_bytes, cfg, d, autocast)
+            logger.log({"type": "val", "step": step, **val}, echo=False)
+            if d.master:
+                bar.write(common.format_record({"step": step, **val}))
+            row.update({k: val[k] for k in ("val_loss_l2r", "val_loss_random", "val_loss_fair")})
+        if d.master:
+            with open(csv_path, "a", newline="") as f:
+                csv.writer(f).writerow([row[k] for k in csv_fields])
+        path = save(step) if save_now or user_stop or signal_stop else None
+        if (signal_stop or user_stop) and not last_step:
+            status = "preempted" if signal_stop else "stopped"
+            why = f"received {stop.signal}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
+            bar.close()
+            logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+            break
+        interval_t0, interval_steps = time.time(), 0  # evaluation and saving are not training time
+    bar.close()
+
+    results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, **val,
+               "scored_tokens_per_step": scored_per_step,
+               "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds > 0 else None,
+               "seconds": time.time() - run_t0, "world_size": d.world_size, "out_dir": out_dir,
+               "resumed_from_step": start_step - 1 if ckpt else None}
+    if d.master:
+        common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
+        common.plot_log_curves(out_dir, [
+            ("sigma-GPT " + os.path.basename(os.path.normpath(out_dir)), "loss (nats/token)",
+             [("train", "loss", "train"), ("val", "val_loss_l2r", "val, left to right"),
+              ("val", "val_loss_random", f"val, {cfg.eval_orders} random orders"),
+              ("val", "val_loss_fair", f"val, fair (scored share {cfg.scored_share})")])])
+        if status == "done":
+            logger.info(f"done: {step + 1} steps, train loss {train_loss:.4f}, results in {out_dir}")
+    return results
+
+
+def trim_csv(csv_path, step):
+    """Drop the CSV rows after `step`: the resumed run logs them again."""
+    if os.path.isfile(csv_path):
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+        with open(csv_path + ".tmp", "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(csv_path + ".tmp", csv_path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.ConfigError, common.TrainingDiverged, FileNotFoundError, common.ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
