@@ -24,6 +24,9 @@ import re
 from typing import Callable, Optional, Sequence, Union
 
 import common
+from tasks.arithmetic import Arithmetic
+from tasks.gsm8k import extract_strict, final_answer, same_number
+from tasks.synthetic import SyntheticMath
 
 # -----------------------------------------------------------------------------
 # an entry
@@ -119,16 +122,18 @@ def alpaca_prompt(row):
     return row["instruction"].strip() + (f"\n\n{extra}" if extra else "")
 
 
-def synthetic_rows(split, data_path, max_samples, options):
-    """Synthetic word problems from tasks/synthetic.py: each split its own fixed stream (never overlapping)."""
-    from tasks.synthetic import SyntheticMath
-    knobs = {k: v for k, v in options.items() if k in ("seed", "max_value", "min_steps", "max_steps", "templates", "ops")}
-    n = max_samples or (5000 if split == "train" else 500)
-    try:
-        problems = SyntheticMath(n=n, **knobs).examples(split)
-    except (ValueError, TypeError) as e:  # knobs out of range: a config mistake
-        raise common.ConfigError(f"dataset 'synthetic', dataset_options {options}: {e}") from e
-    return [{"question": e["question"], "answer": e["answer"]} for e in problems]
+def task_rows(task_class, knob_names):
+    """A loader for a generated task of tasks/ (its own train and test streams, never overlapping): the
+    dataset_options named in knob_names go to the task, e.g. synthetic {max_steps: 2, max_value: 50}."""
+    def load(split, data_path, max_samples, options):
+        knobs = {k: v for k, v in options.items() if k in knob_names}
+        n = max_samples or (5000 if split == "train" else 500)
+        try:
+            problems = task_class(n=n, **knobs).examples(split)
+        except (ValueError, TypeError) as e:  # knobs out of range: a config mistake
+            raise common.ConfigError(f"dataset '{task_class.name}', dataset_options {options}: {e}") from e
+        return [{"question": e["question"], "answer": e["answer"]} for e in problems]
+    return load
 
 
 def jsonl_rows(split, data_path, max_samples, options):
@@ -169,8 +174,12 @@ register(SFTSet("gsm8k", "openai/gsm8k", "main", "train", "test", "{question}", 
                 doc="grade-school math, worked solutions ending '#### N'"))
 register(SFTSet("svamp", "ChilleD/SVAMP", None, "train", "test", lambda r: f"{r['Body'].strip()} {r['Question'].strip()}",
                 svamp_solution, scoring="number", doc="math word problems: the equation, then '#### N'"))
-register(SFTSet("synthetic", "", None, "train", "test", "{question}", "answer", scoring="number", loader=synthetic_rows,
+register(SFTSet("synthetic", "", None, "train", "test", "{question}", "answer", scoring="number",
+                loader=task_rows(SyntheticMath, ("seed", "max_value", "min_steps", "max_steps", "templates", "ops")),
                 doc="tasks/synthetic.py word problems (options: seed, max_value, min_steps, max_steps, ops)"))
+register(SFTSet("arithmetic", "", None, "train", "test", "{question}", "answer", scoring="number",
+                loader=task_rows(Arithmetic, ("seed", "max_operand", "ops")),
+                doc="tasks/arithmetic.py one-step sums 'What is 7 + 5?' -> '#### 12' (options: max_operand, ops)"))
 register(SFTSet("tulu", "allenai/tulu-3-sft-mixture", None, "train", None, messages=True,
                 doc="Tulu-3 SFT mixture: multi-turn chats (use max_samples for a subset)"))
 register(SFTSet("imdb", "stanfordnlp/imdb", None, "train", "test",
@@ -247,7 +256,6 @@ def to_example(entry, row):
         answer = str(row[target])
     gold = answer if entry.scoring == "label" else None
     if entry.scoring == "number":
-        from tasks.gsm8k import final_answer
         gold = final_answer(answer)
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer.strip()}],
             "gold": gold}
@@ -317,7 +325,6 @@ def score_generation(entry, example, text):
         pred = parse_label(text, entry.labels)
         correct = pred is not None and pred == example["gold"]
     else:  # math: the number after '####' (GSM8K's strict score; a reply without it is unparseable)
-        from tasks.gsm8k import extract_strict, same_number
         pred = extract_strict(text)
         correct = same_number(pred, example["gold"])
     return {"pred": pred, "correct": bool(correct), "parsed": pred is not None}
