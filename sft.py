@@ -28,7 +28,6 @@ the seed, so a checkpoint's data position is its step; resume=latest restores mo
 the resumed losses equal the uninterrupted run's. SIGTERM / SIGUSR1 save a checkpoint and exit 0.
 """
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import math
@@ -59,7 +58,8 @@ class Config:
     dataset_options: dict = field(default_factory=dict)       # e.g. synthetic: {max_steps: 1, max_value: 20}
     max_samples: int = 0              # train examples per dataset (a seeded subset; 0 = all)
     eval_samples: int = 200           # eval examples per dataset (eval loss and generation accuracy; 0 = none)
-    prompt_format: str = "auto"       # auto (chat template if the model has one, else user_assistant) | chat_template | user_assistant | plain
+    # auto (the chat template if the model has one, else user_assistant) | chat_template | user_assistant | plain
+    prompt_format: str = "auto"
     inject_mul_tokens: bool = False   # encode assistant replies with the multiplication tokens (mul_tokens condition)
     max_length: int = 1024            # tokens per example (and per packed row)
     packing: bool = False
@@ -127,7 +127,8 @@ def check_config(cfg):
         raise common.ConfigError("datasets= is empty")
     for key in ("data_paths", "eval_data_paths"):
         if getattr(cfg, key) and len(getattr(cfg, key)) != len(cfg.datasets):
-            raise common.ConfigError(f"{key} needs one entry per dataset ({len(cfg.datasets)}), got {len(getattr(cfg, key))}")
+            raise common.ConfigError(f"{key} needs one entry per dataset ({len(cfg.datasets)}), "
+                                     f"got {len(getattr(cfg, key))}")
     sft_sets.check_rates(cfg.datasets, cfg.mixture_rates)
     if cfg.prompt_format not in PROMPT_FORMATS:
         raise common.ConfigError(f"prompt_format '{cfg.prompt_format}' is not one of {', '.join(PROMPT_FORMATS)}")
@@ -365,9 +366,9 @@ def load_model(cfg, d, dtype):
     if cfg.load_in_4bit or cfg.load_in_8bit:
         from transformers import BitsAndBytesConfig
         kwargs = {"dtype": torch.bfloat16, "device_map": {"": d.local_rank},
-                  "quantization_config": BitsAndBytesConfig(load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
-                                                            bnb_4bit_compute_dtype=torch.bfloat16,
-                                                            bnb_4bit_quant_type="nf4")}
+                  "quantization_config": BitsAndBytesConfig(
+                      load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")}
     try:
         hf = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=attn, **kwargs)
     except (ValueError, ImportError) as e:  # this architecture has no such kernel: fall back to eager
@@ -419,8 +420,8 @@ def summed_loss(model, kind, x, y, pos, doc, attn):
     kwargs = {}
     if doc is not None and attn != "flash_attention_2":  # flash-attn 2 finds the documents from the position ids
         allowed = model_lib.packed_causal_mask(doc)  # SDPA takes the boolean mask; eager wants it additive
-        kwargs["attention_mask"] = allowed if attn != "eager" else torch.zeros(allowed.shape, device=x.device).masked_fill(
-            ~allowed, torch.finfo(torch.float32).min)
+        kwargs["attention_mask"] = allowed if attn != "eager" else torch.zeros(
+            allowed.shape, device=x.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
     logits = model(input_ids=x, position_ids=pos, use_cache=False, **kwargs).logits
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
 
@@ -688,8 +689,9 @@ def train(cfg, d, stop):
 
     def train_step(step):
         """One optimizer step; returns (summed loss / completion tokens, grad norm, lr, completion tokens)."""
-        micro_batches = [collate(step_rows(rows, step, m, cfg, d), examples, tok.pad_id, cfg.packing,
-                                 cfg.max_length - 1 if cfg.pad_to_max_length else 0) for m in range(cfg.grad_accum_steps)]
+        pad_to = cfg.max_length - 1 if cfg.pad_to_max_length else 0
+        micro_batches = [collate(step_rows(rows, step, m, cfg, d), examples, tok.pad_id, cfg.packing, pad_to)
+                         for m in range(cfg.grad_accum_steps)]
         n_tokens = torch.tensor(float(sum((b[1] != -100).sum() for b in micro_batches)), device=d.device)
         n_global = common.all_reduce(n_tokens.clone(), "sum", d).clamp(min=1)
         optimizer.zero_grad(set_to_none=True)

@@ -172,8 +172,9 @@ GLUE = [  # name, text columns, label words in the order of the label ids, the q
 
 register(SFTSet("gsm8k", "openai/gsm8k", "main", "train", "test", "{question}", "answer", scoring="number",
                 doc="grade-school math, worked solutions ending '#### N'"))
-register(SFTSet("svamp", "ChilleD/SVAMP", None, "train", "test", lambda r: f"{r['Body'].strip()} {r['Question'].strip()}",
-                svamp_solution, scoring="number", doc="math word problems: the equation, then '#### N'"))
+register(SFTSet("svamp", "ChilleD/SVAMP", None, "train", "test",
+                lambda r: f"{r['Body'].strip()} {r['Question'].strip()}", svamp_solution, scoring="number",
+                doc="math word problems: the equation, then '#### N'"))
 register(SFTSet("synthetic", "", None, "train", "test", "{question}", "answer", scoring="number",
                 loader=task_rows(SyntheticMath, ("seed", "max_value", "min_steps", "max_steps", "templates", "ops")),
                 doc="tasks/synthetic.py word problems (options: seed, max_value, min_steps, max_steps, ops)"))
@@ -268,7 +269,8 @@ def load_split(name, split, data_path="", max_samples=0, seed=0, options=None, h
     options = options or {}
     hub_split = entry.train_split if split == "train" else entry.eval_split
     if entry.loader is not None:
-        rows = entry.loader("test" if split == "eval" and entry.eval_split else "train", data_path, max_samples, options)
+        task_split = "test" if split == "eval" and entry.eval_split else "train"
+        rows = entry.loader(task_split, data_path, max_samples, options)
     elif data_path:
         rows = read_local(data_path)
     elif not entry.hub:
@@ -340,7 +342,8 @@ def check_rates(names, rates):
     if len(rates) != len(names):
         raise common.ConfigError(f"{len(names)} datasets but {len(rates)} mixture_rates")
     if any(r < 0 for r in rates) or abs(sum(rates) - 1.0) > 1e-6:
-        raise common.ConfigError(f"mixture_rates {list(rates)} must be non-negative and sum to 1 (they sum to {sum(rates):g})")
+        raise common.ConfigError(f"mixture_rates {list(rates)} must be non-negative and sum to 1 "
+                                 f"(they sum to {sum(rates):g})")
     return list(rates)
 
 
