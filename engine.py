@@ -117,6 +117,13 @@ def is_native(path):
     return os.path.isdir(path) and bool(common.list_checkpoints(path))
 
 
+def check_model_path(name):
+    """A model= that is a path must exist: else transformers reads it as a hub repo id and says so confusingly."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+    if looks_local and not os.path.exists(name):
+        raise FileNotFoundError(f"model={name}: no such checkpoint, run folder or HF folder")
+
+
 def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
     """A native checkpoint / run folder / RUN/latest, an HF folder or an HF hub id, in eval mode."""
     if not name:
@@ -128,9 +135,14 @@ def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
                 "tokenizer": tok.spec}
         return LoadedModel(gpt, NativeTokenizer(tok), name, "native", gpt.config.block_size, info,
                            native_checkpoint=ckpt["path"])
+    check_model_path(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(name)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as e:  # transformers' words for "no such hub repo" and "not a model folder"
+        raise FileNotFoundError(f"model={name} is not a checkpoint, run folder or HF folder here, and no HF model "
+                                f"loads under that name: {str(e).splitlines()[0]}") from e
     c = hf.config
     max_pos = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
     info = {}

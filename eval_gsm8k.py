@@ -2,19 +2,30 @@
 One evaluation tool for every model the repository makes or loads: a native checkpoint (file, run folder,
 RUN/latest), a folder written by export_hf.py, or any HF causal LM (hub id or folder).
 
-    python eval_gsm8k.py task=gsm8k model=out/run/latest out_dir=out/eval/run limit=200 fewshot=8 \
+    python eval_gsm8k.py task=gsm8k model=out/run/latest out_dir=out/eval/run limit=200 \
         data_path=../shared/data/gsm8k/test.jsonl tokenizer_file=../shared/data/tokenizers/gpt2.tiktoken
 
 Tasks
-  gsm8k      GSM8K test (1,319; limit= for a subset): k-shot (fewshot=8, exemplars from the train split) for
-             base models, or zero-shot in sft.py's chat format `User: ...\nAssistant:` with fewshot=0.
-             Scored `strict` (the number after ####) and `flexible` (the last number), numbers normalised.
+  gsm8k      GSM8K test (1,319; limit= for a subset): k-shot (exemplars from the train split) for base models,
+             or zero-shot in sft.py's chat format `User: ...\nAssistant:` with fewshot=0. Two protocols:
+             protocol=project (default): 8-shot, one fixed exemplar set (fewshot_seed), as many whole exemplars
+               as fit in the model's positions - max_new_tokens (never a cut one; fewshot_k per item in
+               predictions.jsonl, the spread in results.json, a warning below k), stops at "\n\n" and
+               "Question:"; scored `strict` (the number after ####) and `flexible` (the last number), numbers
+               normalised ('$', commas, spaces, trailing and leading zeros ignored).
+             protocol=lm_eval: lm-evaluation-harness's gsm8k task (gsm8k.yaml v3.0) exactly: 5-shot, a new
+               exemplar set per question from one generator seeded 1234, stops at "Question:", "</s>",
+               "<|im_end|>", prompts cut from the left if too long; gsm8k_lm_eval_strict_match and
+               gsm8k_lm_eval_flexible_extract (the harness's regex filters and exact_match), reported beside the
+               project's strict/flexible on the same completions. results.json's metric_protocols names the
+               protocol of every number.
   svamp      SVAMP, same prompts and scoring (k-shot exemplars come from GSM8K train, as in the CoT papers).
   synthetic  1,000 synthetic word problems (tasks/synthetic.py, a fixed test stream), same prompts and scoring;
              k-shot exemplars come from the synthetic train stream.
   probes     deterministic arithmetic suites: 12x12 multiplication table, two-digit x one-digit, addition,
              subtraction; accuracy per suite. A multiplication token counts as the text it decodes to.
-  hellaswag  acc (summed loss) and acc_norm (mean per-token loss of the ending), tasks/hellaswag.py.
+  hellaswag  acc (summed loss), acc_norm (mean loss per token, build-nanogpt) and acc_norm_char (loss per
+             character, lm-evaluation-harness's acc_norm) of the ending, tasks/hellaswag.py.
   sweep      every checkpoint of a run folder -> checkpoint_results.json and a learning curve PNG per metric.
   compare    several results folders (runs=[a,b]) -> comparison_report.json and a bar chart.
 
@@ -46,9 +57,12 @@ class Config:
     model: str = ""                  # native ckpt / run folder / RUN/latest, an exported folder, or an HF id
     out_dir: str = "out/eval"
     limit: int = 0                   # first N items (per suite for probes); 0 = all
-    fewshot: int = 8                 # k-shot exemplars for base models; 0 = zero-shot chat format (SFT models)
+    protocol: str = "project"        # project | lm_eval (gsm8k only: lm-evaluation-harness's gsm8k task exactly)
+    fewshot: int = -1                # k-shot exemplars for base models; 0 = zero-shot chat format (SFT models);
+                                     # -1 = the protocol's k: 8 (project), 5 (lm_eval)
     fewshot_path: str = ""           # GSM8K train jsonl for exemplars; default: train.jsonl beside the data, else the hub
-    fewshot_seed: int = 1234         # which train exemplars (fixed for the whole run, as in lm-evaluation-harness)
+    fewshot_seed: int = 1234         # project: one exemplar set for the whole run; lm_eval: the seed of the one
+                                     # generator that draws a new set per question (the harness's default 1234)
     batch_size: int = 8
     max_new_tokens: int = 256
     data_path: str = ""              # local data file for this task (wins over the per-task paths below)
@@ -62,6 +76,8 @@ class Config:
     probe_n: int = 100               # items per sampled probe suite (the 12x12 table is always complete)
     probe_max_new_tokens: int = 16
     sweep_tasks: List[str] = dataclasses.field(default_factory=lambda: ["gsm8k", "probes"])
+    sweep_isolate: str = "auto"      # sweep: one subprocess per checkpoint: auto (when vLLM generates: it keeps
+                                     # its GPU memory until its process ends) | true | false
     runs: List[str] = dataclasses.field(default_factory=list)        # compare: results folders, baseline first
     labels: List[str] = dataclasses.field(default_factory=list)      # compare: names for the runs
     gpu_memory_utilization: float = 0.85  # vLLM
@@ -87,7 +103,7 @@ def make_engine(cfg, lm, dtype):
     if cfg.engine not in ("auto", "vllm", "hf"):
         raise common.ConfigError(f"engine must be auto, vllm or hf, got {cfg.engine!r}")
     if cfg.engine == "vllm" and not common.vllm_available():
-        raise RuntimeError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
+        raise common.ConfigError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
     if cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()):
         return engine_lib.VLLMEngine(lm, dtype, max(cfg.batch_size, 512), cfg.gpu_memory_utilization)
     return engine_lib.Engine(lm, cfg.batch_size)
@@ -97,15 +113,25 @@ def make_engine(cfg, lm, dtype):
 # tasks
 
 
-def truncate_prompt(ids, lm, max_new_tokens):
-    """Keep the end of prompts that would not leave room for max_new_tokens (as lm-evaluation-harness)."""
+PROTOCOLS = ("project", "lm_eval")
+DEFAULT_FEWSHOT = {"project": 8, "lm_eval": gsm8k.LM_EVAL_FEWSHOT}
+
+
+def prompt_room(lm, max_new_tokens):
+    """Tokens a prompt may take so that max_new_tokens still fit in the model's positions (None: no limit)."""
     if not lm.max_positions:
-        return ids, False
+        return None
     room = lm.max_positions - max_new_tokens
     if room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                         f"{lm.max_positions} positions")
-    return (ids[-room:], True) if len(ids) > room else (ids, False)
+        raise common.ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                                 f"{lm.max_positions} positions")
+    return room
+
+
+def truncate_prompt(ids, lm, max_new_tokens):
+    """Keep the end of prompts that would not leave room for max_new_tokens (as lm-evaluation-harness)."""
+    room = prompt_room(lm, max_new_tokens)
+    return (ids[-room:], True) if room is not None and len(ids) > room else (ids, False)
 
 
 def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
@@ -127,6 +153,8 @@ def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
         for i, (out,) in zip(chunk, outs):
             rec = {"id": items[i]["id"], "prompt": items[i]["prompt"], "completion": out.text,
                    "gold": items[i]["gold"], "new_tokens": len(out.content_ids), **score_fn(items[i], out.text)}
+            if "fewshot_k" in items[i]:
+                rec["fewshot_k"] = items[i]["fewshot_k"]
             records[i] = rec
             n_correct += int(rec["correct"]["flexible"] if isinstance(rec["correct"], dict) else rec["correct"])
             n_done += 1
@@ -136,38 +164,102 @@ def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
     return records, time.time() - t0, truncated
 
 
-def math_task(cfg, task):
-    """The Task of gsm8k / svamp / synthetic and its k-shot exemplars (GSM8K train for gsm8k and svamp)."""
+def fewshot_k(cfg):
+    if cfg.protocol not in PROTOCOLS:
+        raise common.ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+    return DEFAULT_FEWSHOT[cfg.protocol] if cfg.fewshot < 0 else cfg.fewshot
+
+
+def exemplar_pool(cfg, task):
+    """The train examples exemplars are drawn from: the synthetic train stream, else GSM8K train."""
     if task == "synthetic":
-        problems = synthetic.SyntheticMath()
-        train = problems.examples("train") if cfg.fewshot > 0 else []
-        exemplars = random.Random(cfg.fewshot_seed).sample(train, cfg.fewshot) if train else []
-        return problems, exemplars
+        return synthetic.SyntheticMath().examples("train")
+    return gsm8k.fewshot_pool(cfg.fewshot_path, near=(task_data_path(cfg, task), cfg.gsm8k_path))
+
+
+def math_task(cfg, task):
+    """The Task of gsm8k / svamp / synthetic and protocol=project's one fixed set of k exemplars."""
     path = task_data_path(cfg, task)
-    problems = gsm8k.GSM8K(path) if task == "gsm8k" else gsm8k.SVAMP(path)
-    exemplars = gsm8k.fewshot_exemplars(cfg.fewshot, cfg.fewshot_seed, cfg.fewshot_path, near=(path, cfg.gsm8k_path))
-    return problems, exemplars
+    problems = {"synthetic": synthetic.SyntheticMath, "gsm8k": lambda: gsm8k.GSM8K(path),
+                "svamp": lambda: gsm8k.SVAMP(path)}[task]()
+    k = fewshot_k(cfg)
+    if k == 0 or cfg.protocol != "project":
+        return problems, []
+    pool = exemplar_pool(cfg, task)
+    if k > len(pool):
+        raise common.ConfigError(f"fewshot={k} but only {len(pool)} train exemplars to draw from")
+    return problems, random.Random(cfg.fewshot_seed).sample(pool, k)
+
+
+def build_prompts(cfg, lm, problems, exemplars, data, task):
+    """Each item's prompt, with its exemplars as the protocol draws them. project: the one fixed set for every
+    question, as many whole exemplars as fit beside max_new_tokens (fewshot_k records how many); lm_eval: a new
+    set of k per question from one seeded generator, a too-long prompt cut from the left, as the harness does."""
+    k = fewshot_k(cfg)
+    if k == 0:
+        for it in data:
+            it["prompt"] = problems.prompt(it, ())
+    elif cfg.protocol == "lm_eval":
+        for it, shots in zip(data, gsm8k.lm_eval_exemplars(exemplar_pool(cfg, task), data, k, cfg.fewshot_seed)):
+            it["prompt"], it["fewshot_k"] = gsm8k.fewshot_prompt(it["question"], shots), len(shots)
+    else:
+        room = prompt_room(lm, cfg.max_new_tokens)
+        for it in data:
+            it["prompt"], it["fewshot_k"] = gsm8k.fit_fewshot(it["question"], exemplars,
+                                                              lambda text: len(lm.tok.encode_prompt(text)), room)
 
 
 def task_math(cfg, lm, engine, task):
-    """gsm8k / svamp / synthetic: k-shot or zero-shot chat prompts; strict and flexible accuracy."""
+    """gsm8k / svamp / synthetic: k-shot or zero-shot chat prompts; strict and flexible accuracy (and with
+    protocol=lm_eval the harness's strict-match and flexible-extract on the same completions)."""
+    if cfg.protocol == "lm_eval" and task != "gsm8k":
+        raise common.ConfigError(f"protocol=lm_eval reproduces lm-evaluation-harness's gsm8k task; task={task} "
+                                 f"has only protocol=project")
     problems, exemplars = math_task(cfg, task)
     data = problems.examples("test")
     if cfg.limit:
         data = data[:cfg.limit]
-    for it in data:
-        it["prompt"] = problems.prompt(it, exemplars)
-    records, seconds, truncated = run_generation(data, lm, engine, cfg.max_new_tokens, problems.stop(exemplars),
-                                                 problems.evaluate, task)
+    k = fewshot_k(cfg)
+    build_prompts(cfg, lm, problems, exemplars, data, task)
+    stop = problems.stop(exemplars) if cfg.protocol == "project" else gsm8k.LM_EVAL_STOP
+    def score_fn(it, text):  # the project's scores always; the harness's beside them under protocol=lm_eval
+        scores = problems.evaluate(it, text)
+        return {**scores, "lm_eval": gsm8k.score_lm_eval(text, it["answer"])} if cfg.protocol == "lm_eval" else scores
+    records, seconds, truncated = run_generation(data, lm, engine, cfg.max_new_tokens, stop, score_fn, task)
     n = len(records)
     strict = sum(r["correct"]["strict"] for r in records)
     flexible = sum(r["correct"]["flexible"] for r in records)
     metrics = {f"{task}_strict": strict / n, f"{task}_flexible": flexible / n}
+    used = [r.get("fewshot_k", 0) for r in records]
     counts = {"n": n, "strict_correct": strict, "flexible_correct": flexible,
               "no_number": sum(r["extracted"]["flexible"] is None for r in records),
-              "truncated_prompts": truncated, "fewshot": len(exemplars),
-              "prompt_format": "fewshot" if exemplars else "chat",
+              "truncated_prompts": truncated, "fewshot": k, "fewshot_requested": k,
+              "fewshot_used_mean": sum(used) / n, "fewshot_used_min": min(used),
+              "fewshot_below_requested": sum(u < k for u in used),
+              "prompt_format": "fewshot" if k else "chat",
               "generated_tokens": sum(r["new_tokens"] for r in records)}
+    protocols = {f"{task}_strict": "project: the number after the first '####', normalised, numeric equality",
+                 f"{task}_flexible": "project: the last number, normalised, numeric equality"}
+    if cfg.protocol == "lm_eval":
+        if k != gsm8k.LM_EVAL_FEWSHOT:
+            print(f"warning: protocol=lm_eval with fewshot={k}: the harness's gsm8k task is "
+                  f"{gsm8k.LM_EVAL_FEWSHOT}-shot, so these numbers are not comparable with published ones",
+                  file=sys.stderr)
+        for name in ("strict_match", "flexible_extract"):
+            hits = sum(r["lm_eval"]["correct"][name] for r in records)
+            metrics[f"{task}_lm_eval_{name}"] = hits / n
+            counts[f"lm_eval_{name}_correct"] = hits
+            protocols[f"{task}_lm_eval_{name}"] = (f"lm_eval: lm-evaluation-harness gsm8k.yaml v3.0 "
+                                                   f"{name.replace('_', '-')} filter + exact_match, {k}-shot")
+    if counts["fewshot_below_requested"]:
+        print(f"warning: {counts['fewshot_below_requested']} of {n} {task} prompts hold fewer than the "
+              f"{k} requested exemplars (min {counts['fewshot_used_min']}, mean {counts['fewshot_used_mean']:.2f}): "
+              f"whole exemplars only, within {lm.max_positions} positions - max_new_tokens={cfg.max_new_tokens}",
+              file=sys.stderr)
+    if truncated:
+        print(f"warning: {truncated} of {n} {task} prompts were cut from the left to fit {lm.max_positions} "
+              f"positions - max_new_tokens={cfg.max_new_tokens}", file=sys.stderr)
+    counts["metric_protocols"] = protocols
     return metrics, counts, records, seconds
 
 
@@ -186,29 +278,39 @@ def task_probes(cfg, lm, engine):
     return metrics, counts, records, seconds
 
 
+HELLASWAG_PROTOCOLS = {
+    "hellaswag_acc": "least summed loss of the ending",
+    "hellaswag_acc_norm": "build-nanogpt: least mean loss per token of the ending",
+    "hellaswag_acc_norm_char": "lm_eval: lm-evaluation-harness acc_norm, least summed loss per character of "
+                               "the ending (len(choice), without the leading space)"}
+
+
 @torch.no_grad()
 def task_hellaswag(cfg, lm):
+    """acc, acc_norm (per token) and acc_norm_char (per character), batch_size items per forward."""
     items = hellaswag.load_hellaswag(task_data_path(cfg, "hellaswag"), cfg.limit or None)
-    device = lm.device
-
-    def logits_fn(idx):
-        return lm.logits(idx)
-
-    records, correct, correct_norm = [], 0, 0
+    encoded = hellaswag.encode_items(lm.tok, items, max_len=lm.max_positions)
+    records, hits = [], {"correct": 0, "correct_norm": 0, "correct_norm_char": 0}
     t0 = time.time()
-    bar = common.progress(items, desc="hellaswag")
-    for i, item in enumerate(bar):
-        summed, mean = hellaswag.hellaswag_scores(logits_fn, lm.tok, item, device, max_len=lm.max_positions)
-        pred, pred_norm = int(summed.argmin()), int(mean.argmin())
-        correct += pred == item["label"]
-        correct_norm += pred_norm == item["label"]
-        records.append({"id": i, "ctx": item["ctx"], "label": item["label"], "pred": pred, "pred_norm": pred_norm,
-                        "sum_loss": summed.tolist(), "mean_loss": mean.tolist(),
-                        "correct": pred == item["label"], "correct_norm": pred_norm == item["label"]})
-        bar.set_postfix(acc_norm=f"{correct_norm / (i + 1):.3f}")
+    bar = common.progress(total=len(items), desc="hellaswag")
+    for start in range(0, len(items), cfg.batch_size):
+        batch = encoded[start:start + cfg.batch_size]
+        summed, n_tokens = hellaswag.score_encoded(lm.logits, batch, lm.device)
+        for i, e, s, t in zip(range(start, start + len(batch)), batch, summed, n_tokens):
+            preds = dict(zip(hits, hellaswag.predictions(s, t, e["chars"])))
+            for key, pred in preds.items():
+                hits[key] += pred == e["label"]
+            records.append({"id": i, "ctx": items[i]["ctx"], "label": e["label"], "pred": preds["correct"],
+                            "pred_norm": preds["correct_norm"], "pred_norm_char": preds["correct_norm_char"],
+                            "sum_loss": s.tolist(), "mean_loss": (s / t).tolist(), "ending_chars": e["chars"],
+                            **{key: pred == e["label"] for key, pred in preds.items()}})
+        bar.update(len(batch))
+        bar.set_postfix(acc_norm=f"{hits['correct_norm'] / len(records):.3f}")
+    bar.close()
     n = len(records)
-    metrics = {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
-    return metrics, {"n": n, "correct": correct, "correct_norm": correct_norm}, records, time.time() - t0
+    metrics = {"hellaswag_acc": hits["correct"] / n, "hellaswag_acc_norm": hits["correct_norm"] / n,
+               "hellaswag_acc_norm_char": hits["correct_norm_char"] / n}
+    return metrics, {"n": n, **hits, "metric_protocols": HELLASWAG_PROTOCOLS}, records, time.time() - t0
 
 
 def evaluate(cfg, lm, task, out_dir, engine=None):
@@ -232,10 +334,11 @@ def evaluate(cfg, lm, task, out_dir, engine=None):
         for r in records:
             f.write(json.dumps(r) + "\n")
     os.replace(os.path.join(out_dir, "predictions.jsonl.tmp"), os.path.join(out_dir, "predictions.jsonl"))
+    metric_protocols = counts.pop("metric_protocols", {m: "project" for m in metrics})
     results = {"task": task, "model": lm.name, "model_kind": lm.kind, **lm.info, "engine": engine_name,
-               "metrics": metrics, "counts": counts, "n": counts["n"], "seconds": round(seconds, 3),
+               "protocol": cfg.protocol, "metric_protocols": metric_protocols, "metrics": metrics, "counts": counts, "n": counts["n"], "seconds": round(seconds, 3),
                "samples_per_s": counts["n"] / seconds if seconds > 0 else None,
-               "data": "generated" if task == "synthetic" else task_data_path(cfg, task) or "hub",
+               "data": "generated" if task in ("synthetic", "probes") else task_data_path(cfg, task) or "hub",
                "config": {**dataclasses.asdict(cfg), "task": task}}
     common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
     logger.log({"task": task, **metrics, "n": counts["n"], "seconds": round(seconds, 2),
@@ -269,14 +372,71 @@ def plot_curves(rows, out_dir):
     return paths
 
 
-def run_sweep(cfg):
-    """Evaluate every checkpoint of a run folder on sweep_tasks; learning curves per metric."""
+def sweep_checkpoints(cfg):
+    """[(step, path)] a sweep evaluates: every checkpoint of a run folder (or RUN/latest's folder), or one file."""
+    if os.path.isfile(cfg.model):
+        here = os.path.dirname(os.path.abspath(cfg.model))
+        ckpts = [(s, p) for s, p in common.list_checkpoints(here) if os.path.samefile(p, cfg.model)]
+        if not ckpts:
+            raise common.ConfigError(f"model={cfg.model}: a sweep needs a run folder or a ckpt_NNNNNN.pt file")
+        return here, ckpts
     run_dir = os.path.dirname(cfg.model) if os.path.basename(cfg.model) == "latest" else cfg.model
     ckpts = common.list_checkpoints(run_dir)
     if not ckpts:
         raise FileNotFoundError(f"no checkpoints (ckpt_*.pt) in {run_dir}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    return run_dir, ckpts
+
+
+def sweep_isolated(cfg, tasks):
+    """Whether each checkpoint runs in its own process: vLLM does not give its GPU memory back when an engine
+    is closed, so a second engine in the same process can run out of memory."""
+    if cfg.sweep_isolate not in ("auto", "true", "false"):
+        raise common.ConfigError(f"sweep_isolate must be auto, true or false, got {cfg.sweep_isolate!r}")
+    if cfg.sweep_isolate != "auto":
+        return cfg.sweep_isolate == "true"
+    generates = any(t != "hellaswag" for t in tasks)
+    return generates and (cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()))
+
+
+def sweep_checkpoint(cfg, step, path, tasks, device, dtype):
+    """Evaluate one checkpoint on the sweep's tasks in this process: its row of checkpoint_results.json."""
+    lm = engine_lib.load_model(path, cfg.tokenizer_file, device, dtype)
+    metrics = {}
+    if lm.info.get("val_loss") is not None:
+        metrics["val_loss"] = lm.info["val_loss"]
+    engine = None  # one generation engine per checkpoint, shared by its tasks
+    for task in tasks:
+        sub = dataclasses.replace(cfg, task=task)
+        if task != "hellaswag" and engine is None:
+            engine = make_engine(sub, lm, dtype)
+        res = evaluate(sub, lm, task, os.path.join(cfg.out_dir, f"step_{step:06d}", task), engine)
+        metrics.update(res["metrics"])
+    if engine is not None:
+        engine.close()
+    return {"step": step, "checkpoint": path, "metrics": metrics}
+
+
+def config_args(cfg, **overrides):
+    """The config as key=value arguments for a child eval_gsm8k.py (lists in YAML's [a,b] form)."""
+    values = {**dataclasses.asdict(cfg), **overrides}
+    return [f"{k}=[{','.join(map(str, v))}]" if isinstance(v, list) else f"{k}={v}" for k, v in values.items()]
+
+
+def sweep_checkpoint_in_subprocess(cfg, step, path):
+    """The same evaluation in a child process (task=sweep on this one file), which frees all of its GPU
+    memory when it exits; its row is read back from the checkpoint_results.json it writes."""
+    import subprocess
+    args = config_args(cfg, task="sweep", model=path, sweep_isolate="false", runs=[], labels=[])
+    rc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args).returncode
+    if rc != 0:
+        raise ValueError(f"evaluating {path} failed in its subprocess (exit code {rc}; its error is above)")
+    with open(os.path.join(cfg.out_dir, "checkpoint_results.json")) as f:
+        return json.load(f)["checkpoints"][0]
+
+
+def run_sweep(cfg):
+    """Evaluate every checkpoint of a run folder on sweep_tasks; learning curves per metric."""
+    run_dir, ckpts = sweep_checkpoints(cfg)
     device = resolve_device(cfg.device)
     dtype = common.resolve_dtype(cfg.dtype, device)
     bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "synthetic", "probes", "hellaswag")]
@@ -286,25 +446,21 @@ def run_sweep(cfg):
     if cfg.data_path:
         raise common.ConfigError("a sweep runs several tasks: give gsm8k_path/svamp_path/hellaswag_path, not data_path")
     tasks = sorted(cfg.sweep_tasks, key=lambda t: t != "hellaswag")  # loss tasks first: vLLM may take the GPU after
+    isolate = sweep_isolated(cfg, tasks)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     rows, t0 = [], time.time()
     for step, path in ckpts:
-        lm = engine_lib.load_model(path, cfg.tokenizer_file, device, dtype)
-        metrics = {}
-        if lm.info.get("val_loss") is not None:
-            metrics["val_loss"] = lm.info["val_loss"]
-        engine = None  # one generation engine per checkpoint, shared by its tasks
-        for task in tasks:
-            sub = dataclasses.replace(cfg, task=task)
-            if task != "hellaswag" and engine is None:
-                engine = make_engine(sub, lm, dtype)
-            res = evaluate(sub, lm, task, os.path.join(cfg.out_dir, f"step_{step:06d}", task), engine)
-            metrics.update(res["metrics"])
-        if engine is not None:
-            engine.close()
-        rows.append({"step": step, "checkpoint": path, "metrics": metrics})
-        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if isolate:
+            row = sweep_checkpoint_in_subprocess(cfg, step, path)
+        else:
+            row = sweep_checkpoint(cfg, step, path, tasks, device, dtype)
+        rows.append(row)
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()), flush=True)
+    if isolate:  # the children wrote theirs over it
+        common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     plots = plot_curves(rows, cfg.out_dir)
-    report = {"run": run_dir, "tasks": list(cfg.sweep_tasks), "checkpoints": rows,
+    report = {"run": run_dir, "tasks": list(cfg.sweep_tasks), "checkpoints": rows, "isolated": isolate,
               "plots": [os.path.basename(p) for p in plots], "seconds": round(time.time() - t0, 2)}
     common.atomic_write_json(os.path.join(cfg.out_dir, "checkpoint_results.json"), report)
     return report
@@ -401,8 +557,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main)

@@ -188,7 +188,11 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.torch, self.cfg = torch, cfg
         self.device = common.autodetect_device() if cfg.device == "auto" else cfg.device
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        except OSError as e:  # transformers' words for "no such hub repo" and "not a model folder"
+            raise FileNotFoundError(f"model={cfg.model}: no HF model loads under that name: "
+                                    f"{str(e).splitlines()[0]}") from e
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -210,16 +214,18 @@ class TransformersBackend:
 
 
 def make_backend(cfg):
+    import engine  # lazily: torch is not needed for the analysis
+    engine.check_model_path(cfg.model)
     name = cfg.backend
     if name == "auto":
         name = "vllm" if common.vllm_available() else "transformers"
     if name == "vllm":
         if not common.vllm_available():
-            raise RuntimeError("backend=vllm needs the vllm package and a CUDA GPU; use --backend transformers")
+            raise common.ConfigError("backend=vllm needs the vllm package and a CUDA GPU; use --backend transformers")
         return VLLMBackend(cfg)
     if name == "transformers":
         return TransformersBackend(cfg)
-    raise ValueError(f"unknown backend {cfg.backend!r} (expected auto, vllm or transformers)")
+    raise common.ConfigError(f"unknown backend {cfg.backend!r} (expected auto, vllm or transformers)")
 
 
 # -----------------------------------------------------------------------------
@@ -555,7 +561,4 @@ def main(argv=None, backend=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.ConfigError as e:
-        sys.exit(f"config error: {e}")
+    common.run_main(main)

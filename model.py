@@ -279,8 +279,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
+        """Parameters, each counted once (tied wte/lm_head are one); non_embedding leaves out the vocabulary
+        matrices (wte, and lm_head when untied) and the position table: the count scaling laws use."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
 
     def forward(self, idx, targets=None, position_ids=None, attn_mask=None, doc_ids=None, kv_cache=None,
                 padding_mask=None, loss_reduction="mean", ignore_index=-100, target_position_ids=None,
@@ -351,9 +357,10 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, T):
-        """Training FLOPs per token: 6N for the matmuls plus 12*L*T*d for attention (PaLM appendix B)."""
+        """Training FLOPs per token: 6N for the matmuls, N counting lm_head but neither embedding table (a
+        lookup), plus 12*L*T*d for attention (PaLM appendix B)."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * T * c.n_embd
+        return 6 * (self.num_params() + self.lm_head.weight.numel()) + 12 * c.n_layer * T * c.n_embd
 
     def load_hf_state_dict(self, sd_hf):
         sd = self.state_dict()
@@ -407,7 +414,11 @@ def from_checkpoint(path, tokenizer_file=None):
     """(GPT in eval mode, common.Tokenizer, checkpoint dict) from a checkpoint path / run folder / RUN/latest."""
     ckpt = common.load_checkpoint(path, expected_kind="gpt")
     gpt = build_model(ckpt["model_config"])
-    gpt.load_state_dict(ckpt["model"])
+    try:
+        gpt.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing, unexpected or differently shaped tensors
+        raise ValueError(f"{ckpt['path']}: its model_config does not match its weights: "
+                         f"{' '.join(str(e).split())[:300]}") from e
     gpt.eval()
     tok = common.Tokenizer.from_spec(ckpt["tokenizer"], tokenizer_file or run_tokenizer_file(ckpt))
     return gpt, tok, ckpt
@@ -473,3 +484,9 @@ def save_hf_folder(gpt, tok, folder, info):
     tc["tokenizer_class"] = "PreTrainedTokenizerFast"
     common.atomic_write_json(tc_path, tc)
     common.atomic_write_json(os.path.join(folder, "export_info.json"), info)
+    # transformers writes the weights with mode 0600 (a temporary file renamed); give them the mode the umask
+    # gave the other files, so that group members can read a shared export
+    mode = os.stat(os.path.join(folder, "config.json")).st_mode & 0o777
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(folder, name), mode)

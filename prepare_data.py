@@ -26,10 +26,11 @@ target_tokens, at most one shard: for 10B tokens in 100M shards that is one 100M
 split as build-nanogpt's fineweb.py. With target_tokens=0 (the whole source) auto means 100,000 tokens.
 A document may straddle the val/train boundary or two shards; the stream stops exactly at target_tokens.
 
-Condition mul_tokens: the tokenizer is common.Tokenizer(..., mul_range=(mul_min, mul_max)), which turns
-every correct in-range product written as a*b=c, a x b = c, a × b = c or a times b is c into one token.
-The text is the same as in the baseline condition; only the tokenization differs. meta.json counts
-the injected tokens (total, per split, per fact), counted in the shards as they are written.
+Condition mul_tokens: the tokenizer is dataio.Tokenizer(..., mul_range=(mul_min, mul_max)), which turns
+every correct, stand-alone, in-range product on one line (a*b=c, a x b = c, a × b = c, a times b is c; the
+rule is at dataio.MUL_RE) into one token, ' a*b=c' when a space precedes it. The text is the same as in
+the baseline condition and so are the tokens outside the facts; only the facts' tokenization differs.
+meta.json counts the injected tokens (total, per split, per fact), counted in the shards as they are written.
 
 Memory stays bounded while streaming billions of tokens: documents are tokenized by a Pool (imap, in
 order) with at most a fixed window of documents in flight, and tokens go into one preallocated shard
@@ -58,8 +59,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import common
-from common import ConfigError
+import dataio
+from dataio import ConfigError
 from tasks import gsm8k, synthetic
 
 SOURCES = ("fineweb_edu", "wikitext", "openwebmath", "gsm8k", "local", "synthetic_math")
@@ -73,6 +74,10 @@ HF_DATASETS = {
     "gsm8k": ("openai/gsm8k", "main"),
 }
 AUTO_VAL_TOKENS_WHOLE_SOURCE = 100_000
+
+
+class DataError(ValueError):
+    """The input cannot be made into shards: empty, not text, rows without the field."""
 
 
 @dataclass
@@ -107,7 +112,7 @@ class Config:
     target_tokens: int = 0  # stop after this many tokens (0: the whole source)
     shard_size: int = 100_000_000  # tokens per shard
     val_tokens: int = -1  # the first val_tokens tokens are the val split; -1: auto (see the docstring)
-    num_proc: int = 0  # tokenizer processes; 0: half the CPU cores
+    num_proc: int = 0  # tokenizer worker processes (the reader runs beside them); 0: half the CPU cores
     chunksize: int = 16  # documents per Pool task
     overwrite: bool = False  # start afresh: delete the shards already in out_dir (else: resume, or stop if they differ)
 
@@ -133,6 +138,21 @@ def local_files(data_path):
     if not files:
         raise FileNotFoundError(f"data_path {data_path} matches no data files ({', '.join(TEXT_EXTS + ROW_EXTS)})")
     return files
+
+
+def check_text_file(path, allow_empty=False, n_bytes=1 << 16):
+    """Refuse an empty file (unless one of many), and one that is not text: NUL bytes, or more than 1% of
+    its start not UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(n_bytes)
+    if not head:
+        if allow_empty:
+            return
+        raise DataError(f"{path} is empty: there is nothing to tokenize")
+    text = head.decode("utf-8", errors="replace")
+    if b"\x00" in head or text.count("\ufffd") > len(text) // 100 + 1:
+        raise DataError(f"{path} is not text (binary data, or not UTF-8): prepare_data reads UTF-8 text, "
+                        f".jsonl/.json rows or .parquet")
 
 
 def read_jsonl_rows(path):
@@ -178,8 +198,8 @@ def hf_rows(cfg):
     try:
         ds = datasets.load_dataset(name, name=config, split=cfg.hf_split, streaming=cfg.streaming)
     except Exception as e:
-        raise RuntimeError(f"could not load {name} ({config}, split {cfg.hf_split}) from the HF hub: {e}\n"
-                           f"Offline? Give a local copy with data_path=FILE (.jsonl, .parquet or text).") from e
+        raise RuntimeError(f"could not load {name} ({config}, split {cfg.hf_split}) from the HF hub: {e}; "
+                           f"offline? Give a local copy with data_path=FILE (.jsonl, .parquet or text)") from e
     yield from ds
 
 
@@ -207,8 +227,8 @@ def row_field(row, name, cfg):
         value = row[name]
     except (KeyError, TypeError, IndexError):
         keys = list(row) if isinstance(row, dict) else type(row).__name__
-        raise KeyError(f"source {cfg.source}: a row has no field {name!r} (it has {keys}); "
-                       f"set text_field=") from None
+        hint = "; set text_field=" if name == cfg.text_field else ""
+        raise DataError(f"source {cfg.source}: a row has no field {name!r} (it has {keys}){hint}") from None
     return value if isinstance(value, str) else str(value)
 
 
@@ -241,39 +261,43 @@ def iter_documents(cfg, start=0):
         docs = wikitext_articles(row_field(r, cfg.text_field, cfg) for r in source_rows(cfg))
     else:
         docs = (row_field(r, cfg.text_field, cfg) for r in source_rows(cfg))
-    docs = (d for d in docs if d.strip())
+    docs = (d for d in docs if d and not d.isspace())  # (strip() would copy every document)
     if start:  # resume: read past the documents already in finished shards, without tokenizing them
         docs = itertools.islice(docs, start, None)
     return docs
 
 
 # -----------------------------------------------------------------------------
-# tokenization: a Pool of workers, each with its own Tokenizer, documents in order
+# tokenization: a Pool of workers holding the parent's Tokenizer (through fork), documents in order
 
-_tok = None
+_tok, _dtype = None, None
 
 
-def _init_tokenizer(tok_args):
-    global _tok
-    _tok = common.Tokenizer(**tok_args)
+def _use_tokenizer(tok):
+    global _tok, _dtype
+    _tok, _dtype = tok, dataio.token_dtype(tok.vocab_size)
+
+
+def _init_worker(tok_args):
+    """A worker's tokenizer: inherited from the parent through fork (the BPE ranks are not loaded again),
+    built here where workers are spawned."""
+    if _tok is None:
+        _use_tokenizer(dataio.Tokenizer(**tok_args))
 
 
 def _tokenize(text):
     ids = _tok.encode(text)  # literal '<|endoftext|>' inside web text stays text
     ids.append(_tok.eot_id)
-    return np.array(ids, dtype=np.uint32)
+    return np.array(ids, dtype=_dtype)  # the shard's dtype (uint16 for GPT-2): half the bytes sent back
 
 
-def tokenize_stream(docs, tok_args, num_proc, chunksize=16):
+def tokenize_stream(docs, tok, tok_args, num_proc, chunksize=16):
     """Yield each document's tokens (ending with end-of-text), in order. Pool.imap reads its input ahead
     without limit when the workers are slower than the reader, so a semaphore keeps at most `window`
-    documents in flight: memory stays bounded however long the stream."""
-    if num_proc <= 1:
-        _init_tokenizer(tok_args)
-        for text in docs:
-            yield _tokenize(text)
-        return
-    window = num_proc * chunksize * 8
+    documents in flight: memory stays bounded however long the stream. Even one worker is a process of its
+    own, so that reading the source overlaps with tokenizing it."""
+    _use_tokenizer(tok)  # forked workers inherit it
+    window = num_proc * chunksize * 32  # enough read-ahead that a worker never waits on a busy reader
     slots, stop = threading.Semaphore(window), threading.Event()
 
     def throttled():  # runs in the Pool's task-feeding thread
@@ -284,7 +308,7 @@ def tokenize_stream(docs, tok_args, num_proc, chunksize=16):
             yield text
 
     pool = mp.get_context("fork" if sys.platform.startswith("linux") else None).Pool(
-        num_proc, initializer=_init_tokenizer, initargs=(tok_args,))
+        num_proc, initializer=_init_worker, initargs=(tok_args,))
     try:
         for tokens in pool.imap(_tokenize, throttled(), chunksize=chunksize):
             slots.release()
@@ -310,8 +334,7 @@ class ShardWriter:
         self.out_dir, self.tok, self.logger = out_dir, tok, logger
         self.shard_size, self.val_tokens, self.target = shard_size, val_tokens, target_tokens
         self.progress = progress
-        self.dtype = common.token_dtype(tok.vocab_size)
-        self.mul_first = tok.vocab_size - len(tok.mul_ids)  # multiplication tokens are the last ids
+        self.dtype = dataio.token_dtype(tok.vocab_size)
         self.total = sum(s["tokens"] for s in progress["shards"])
         self.buf = np.empty(0, dtype=self.dtype)
         self.fill = 0
@@ -352,15 +375,20 @@ class ShardWriter:
         index = sum(1 for s in self.progress["shards"] if s["split"] == self.split)
         name = f"{self.split}_{index:06d}.bin"
         tokens = self.buf[:self.fill]
-        common.write_shard(os.path.join(self.out_dir, name), tokens, self.tok.vocab_size)
+        dataio.write_shard(os.path.join(self.out_dir, name), tokens, self.tok.vocab_size)
         mul = {}
-        if self.tok.mul_ids:
-            counts = np.bincount(tokens[tokens >= self.mul_first].astype(np.int64) - self.mul_first,
-                                 minlength=len(self.tok.mul_ids))
-            mul = {self.tok.id_to_text[self.mul_first + i]: int(c) for i, c in enumerate(counts) if c}
+        if self.tok.mul_ids:  # per fact, its plain and its spaced token together
+            first = self.tok.mul_first
+            counts = np.zeros(self.tok.vocab_size - first, dtype=np.int64)
+            for start in range(0, len(tokens), 1 << 22):  # in pieces: no shard-sized temporary mask
+                piece = tokens[start:start + (1 << 22)]
+                counts += np.bincount(piece[piece >= first].astype(np.int64) - first, minlength=len(counts))
+            for i in np.flatnonzero(counts):
+                fact = self.tok.id_to_text[first + int(i)].lstrip(" ")
+                mul[fact] = mul.get(fact, 0) + int(counts[i])
         self.progress["shards"].append({"file": name, "split": self.split, "tokens": int(self.fill),
                                         "next_doc": int(next_doc), "next_offset": int(next_offset), "mul": mul})
-        common.atomic_write_json(os.path.join(self.out_dir, PROGRESS), self.progress)
+        dataio.atomic_write_json(os.path.join(self.out_dir, PROGRESS), self.progress)
         self.total += self.fill
         self.logger.log({"shard": name, "tokens": int(self.fill), "total_tokens": int(self.total),
                          "mul_injections": int(sum(mul.values())), "elapsed_s": round(time.time() - self.t0, 1)},
@@ -376,8 +404,8 @@ def shard_files(out_dir):
 
 def valid_shard(path, n_tokens, width):
     try:
-        tokens = common.read_shard(path)
-    except common.ShardError:
+        tokens = dataio.read_shard(path)
+    except dataio.ShardError:
         return False
     return len(tokens) == n_tokens and tokens.dtype.itemsize == width
 
@@ -389,8 +417,13 @@ def load_progress(out_dir, fingerprint, overwrite, width):
     fresh = {"fingerprint": fingerprint, "shards": [], "complete": False}
     old = None
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except ValueError as e:
+            raise ConfigError(f"{path} is damaged ({e}); pass overwrite=true to start afresh") from None
+        if not isinstance(old, dict) or not isinstance(old.get("shards"), list):
+            raise ConfigError(f"{path} is not a progress record of prepare_data.py; pass overwrite=true to start afresh")
     existing = shard_files(out_dir)
     if old is not None and old.get("fingerprint") != fingerprint and not overwrite:
         differ = sorted(k for k in set(fingerprint) | set(old.get("fingerprint", {}))
@@ -448,8 +481,11 @@ def validate(cfg):
             raise ConfigError(f"synthetic_math: {e}") from None
         if not 0 <= cfg.synth_facts_fraction <= 1:
             raise ConfigError(f"synth_facts_fraction must be in [0, 1], got {cfg.synth_facts_fraction}")
-    if cfg.data_path:
-        local_files(cfg.data_path)  # a missing file stops the run here, with its name
+    if cfg.data_path:  # a missing, empty or binary file stops the run here, with its name
+        files = local_files(cfg.data_path)
+        for path in files:
+            if not path.endswith(".parquet"):
+                check_text_file(path, allow_empty=len(files) > 1)
 
 
 def resolve_val_tokens(cfg):
@@ -476,8 +512,8 @@ def prepare(cfg):
     tok_args = dict(kind=cfg.tokenizer, extra_tokens=list(cfg.extra_tokens),
                     mul_range=(cfg.mul_min, cfg.mul_max) if cfg.condition == "mul_tokens" else None,
                     tokenizer_file=cfg.tokenizer_file or None)
-    tok = common.Tokenizer(**tok_args)  # a missing ranks file or an offline tiktoken stops the run here
-    width = np.dtype(common.token_dtype(tok.vocab_size)).itemsize
+    tok = dataio.Tokenizer(**tok_args)  # a missing ranks file or an offline tiktoken stops the run here
+    width = np.dtype(dataio.token_dtype(tok.vocab_size)).itemsize
 
     # everything that changes the bytes of the shards; a rerun must match it to keep finished shards
     skip = {"out_dir", "num_proc", "chunksize", "overwrite", "streaming", "tokenizer_file", "val_tokens"}
@@ -487,8 +523,8 @@ def prepare(cfg):
     os.makedirs(out_dir, exist_ok=True)
     progress = load_progress(out_dir, fingerprint, cfg.overwrite, width)
     resuming = bool(progress["shards"])
-    common.atomic_write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
-    logger = common.Logger(out_dir, resume=True)
+    dataio.atomic_write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
+    logger = dataio.Logger(out_dir, resume=True)
     writer = ShardWriter(out_dir, tok, cfg.shard_size, val_tokens, cfg.target_tokens, progress, logger)
     num_proc = cfg.num_proc or max(1, (os.cpu_count() or 2) // 2)
 
@@ -504,13 +540,15 @@ def prepare(cfg):
         if cfg.max_docs:
             docs = itertools.islice(docs, max(0, cfg.max_docs - start_doc))
         first = next(docs, None)  # open the source here, so that its errors surface in this process
+        if first is None and not resuming:
+            raise DataError(f"the source ({cfg.data_path or cfg.source}) holds no documents: nothing to tokenize")
         docs = itertools.chain([first], docs) if first is not None else iter(())
         logger.info(f"tokenizing {cfg.source} with {cfg.tokenizer} ({cfg.condition}, vocab {tok.vocab_size}) "
                     f"on {num_proc} process(es) into {out_dir}")
-        bar = common.progress(total=cfg.target_tokens or None, initial=writer.total, unit="tok", unit_scale=True,
+        bar = dataio.progress(total=cfg.target_tokens or None, initial=writer.total, unit="tok", unit_scale=True,
                               desc=f"{cfg.source} -> shards")
         doc_index = start_doc
-        with contextlib.closing(tokenize_stream(docs, tok_args, num_proc, cfg.chunksize)) as stream:
+        with contextlib.closing(tokenize_stream(docs, tok, tok_args, num_proc, cfg.chunksize)) as stream:
             for doc_index, tokens in enumerate(stream, start=start_doc):
                 offset = start_offset if doc_index == start_doc else 0
                 before = writer.total + writer.fill
@@ -523,10 +561,10 @@ def prepare(cfg):
         writer.flush(doc_index, 0)  # the last, partly filled shard (when the source ran out)
         bar.close()
         progress["complete"] = True
-        common.atomic_write_json(os.path.join(out_dir, PROGRESS), progress)
+        dataio.atomic_write_json(os.path.join(out_dir, PROGRESS), progress)
 
     meta = build_meta(cfg, tok, progress, val_tokens, out_dir)
-    common.atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
+    dataio.atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
     logger.log({"done": True, "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
                 "shards": len(meta["shards"]), "mul_injections": meta["mul_injections"]["total"]})
     if meta["train_tokens"] == 0:
@@ -552,13 +590,13 @@ def build_meta(cfg, tok, progress, val_tokens, out_dir):
         "tokenizer": tok.spec,
         "tokenizer_file": cfg.tokenizer_file or None,
         "vocab_size": tok.vocab_size,
-        "padded_vocab_size": common.padded_vocab_size(tok.vocab_size),
+        "padded_vocab_size": dataio.padded_vocab_size(tok.vocab_size),
         "eot_id": tok.eot_id,
         "special_tokens": dict(tok.special),
         "condition": cfg.condition,
         "mul_range": [cfg.mul_min, cfg.mul_max] if cfg.condition == "mul_tokens" else None,
-        "mul_first_id": tok.vocab_size - len(tok.mul_ids) if tok.mul_ids else None,
-        "dtype": np.dtype(common.token_dtype(tok.vocab_size)).name,
+        "mul_first_id": tok.mul_first,
+        "dtype": np.dtype(dataio.token_dtype(tok.vocab_size)).name,
         "train_tokens": sum(s["tokens"] for s in shards if s["split"] == "train"),
         "val_tokens": sum(s["tokens"] for s in shards if s["split"] == "val"),
         "total_tokens": sum(s["tokens"] for s in shards),
@@ -576,7 +614,7 @@ def build_meta(cfg, tok, progress, val_tokens, out_dir):
 
 
 def main(argv=None):
-    cfg = common.load_config(Config, argv)
+    cfg = dataio.load_config(Config, argv)
     meta = prepare(cfg)
     print(f"wrote {len(meta['shards'])} shards to {cfg.out_dir or default_out_dir(cfg)}: "
           f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
@@ -585,4 +623,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as e:  # ConfigError, DataError, ShardError, bad JSON, missing files
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(1)

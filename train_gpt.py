@@ -13,8 +13,19 @@ warmup + cosine schedule. One step always consumes `total_batch_size` tokens ove
 
 Checkpoints hold everything needed to continue bit for bit: weights, optimizer, step, the data
 loader's position and the RNG state. SIGTERM / SIGUSR1 (SLURM preemption or time limit) only set a
-flag; at the next step boundary the run saves a checkpoint and exits with code 0.
+flag; at the next step boundary the run saves a checkpoint and exits with code 0. That holds from process
+start to exit: a signal during start-up (the imports take seconds) ends the run before its first step with
+exit code 0 (nothing new to save), and one after the last checkpoint lets the run finish and exit 0.
 """
+import signal
+
+# installed before the slow imports below, so that no moment of the process is left to the default handler
+# (which kills with -15): a signal here is remembered and honoured in main, and after main it is ignored
+EARLY_SIGNALS = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signal.Signals(signum).name))
+
 import contextlib
 import dataclasses
 import math
@@ -29,7 +40,7 @@ from torch.nn import functional as F
 
 import common
 from model import GPT, GPTConfig, MODEL_SIZES, from_hf, model_config
-from tasks.hellaswag import hellaswag_eval, load_hellaswag
+from tasks.hellaswag import encode_items, hellaswag_eval, load_hellaswag
 
 
 @dataclass
@@ -70,8 +81,9 @@ class Config:
     val_steps: int = 20  # validation = the first val_steps x micro_batch_size rows of the val split, in total
                          # over all ranks: one fixed set, whatever the world size
     hellaswag_file: Optional[str] = None  # e.g. ../shared/data/hellaswag/hellaswag_val_full.txt
-    hellaswag_interval: int = 250
+    hellaswag_interval: int = 0  # 0 = at checkpoint steps and the end (the seed's protocol); N = every N steps
     hellaswag_limit: int = 0  # 0 = all items
+    hellaswag_batch: int = 16  # items (4 rows each) per forward
     ckpt_interval: int = 2000  # steps between checkpoints (0 = only at the end)
     keep_last_k: int = 0  # keep only the newest k checkpoints (0 = keep all)
     resume: Optional[str] = None  # latest (newest in out_dir, or a fresh start if none) | a checkpoint path
@@ -91,9 +103,13 @@ def check_config(cfg):
     if cfg.model not in MODEL_SIZES:
         raise common.ConfigError(f"model '{cfg.model}' is not a known size; choose from {', '.join(MODEL_SIZES)}")
     common.resolve_dtype(cfg.dtype, "cpu")  # raises on a name outside the one dtype vocabulary
-    for key in ("micro_batch_size", "total_batch_size", "block_size", "max_steps", "log_interval", "bench_steps"):
+    for key in ("micro_batch_size", "total_batch_size", "block_size", "max_steps", "log_interval", "bench_steps",
+                "hellaswag_batch"):
         if getattr(cfg, key) <= 0:
             raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
+    for key in ("max_lr", "min_lr_ratio", "weight_decay", "warmup_steps", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            raise common.ConfigError(f"config key '{key}' must not be negative, got {getattr(cfg, key)}")
     if cfg.tokenizer is not None and cfg.tokenizer not in ("gpt2", "byte"):
         raise common.ConfigError(f"tokenizer '{cfg.tokenizer}' is not one of gpt2, byte")
 
@@ -170,21 +186,22 @@ def evaluate_val_loss(model, val_rows, token_bytes, cfg, d, autocast):
     return nats / max(tokens, 1), bpb
 
 
-def evaluate_hellaswag(model, tokenizer, items, d, autocast):
-    """acc / acc_norm over the items, split across ranks and summed. Contexts longer than the model's
-    block lose tokens from the left (the ending is what is scored)."""
+def evaluate_hellaswag(model, encoded_items, cfg, d, autocast):
+    """acc / acc_norm / acc_norm_char over the pre-tokenized items: each rank scores its share, hellaswag_batch
+    items per forward, and the counts are summed over ranks."""
 
     def logits_fn(idx):
         with autocast:
             return model(idx)[0].float()
 
     model.eval()
-    counts = hellaswag_eval(logits_fn, tokenizer, items, d.device, d.rank, d.world_size, d.master,
-                            max_len=model.config.block_size)
+    counts = hellaswag_eval(logits_fn, encoded_items, d.device, d.rank, d.world_size, d.master, cfg.hellaswag_batch)
     model.train()
-    c = torch.tensor([counts["correct"], counts["correct_norm"], counts["n"]], dtype=torch.long, device=d.device)
-    correct, correct_norm, n = common.all_reduce(c, "sum", d).tolist()
-    return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n}
+    c = torch.tensor([counts["correct"], counts["correct_norm"], counts["correct_norm_char"], counts["n"]],
+                     dtype=torch.long, device=d.device)
+    correct, correct_norm, correct_norm_char, n = common.all_reduce(c, "sum", d).tolist()
+    return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1),
+            "acc_norm_char": correct_norm_char / max(n, 1), "n": n}
 
 
 def main(argv=None):
@@ -193,6 +210,7 @@ def main(argv=None):
     d = common.setup_dist(cfg.device)
     try:
         with common.preemption_handlers() as stop:
+            stop.signal = stop.signal or (EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
             return train(cfg, d, stop)
     finally:
         common.cleanup_dist(d)
@@ -249,8 +267,13 @@ def train(cfg, d, stop):
         print(f"warning: no tokenizer, so no val bits per byte: {str(e).splitlines()[0]}", file=sys.stderr)
     if cfg.hellaswag_file and not cfg.bench:
         if tokenizer is None:
-            tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)  # raises the clear error
-        hellaswag_items = load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None)
+            try:
+                tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)
+            except RuntimeError as e:
+                raise common.ConfigError(f"hellaswag_file needs the data's tokenizer: {e}") from e
+        # tokenized once here, not at every evaluation; contexts longer than the block lose tokens from the left
+        hellaswag_items = encode_items(tokenizer, load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None),
+                                       max_len=raw_model.config.block_size)
 
     if ckpt and d.master:
         common.trim_log(cfg.out_dir, ckpt["step"])  # records after the checkpoint are about to be redone
@@ -299,6 +322,11 @@ def train(cfg, d, stop):
             "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
             "val_loss": val_loss, "val_bpb": val_bpb}, d, cfg.keep_last_k)
 
+    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
+        logger.info(f"received {stop.signal} before the first step: exiting without training "
+                    f"(continue with resume=latest)")
+        return {"status": "preempted", "step": start_step - 1}
+
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
     run_t0 = time.time()
@@ -320,9 +348,9 @@ def train(cfg, d, stop):
         bar.update(1)
 
         val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
-        hella_now = hellaswag_items is not None and (
-            last_step or (cfg.hellaswag_interval > 0 and (step + 1) % cfg.hellaswag_interval == 0))
         ckpt_now = last_step or (cfg.ckpt_interval > 0 and (step + 1) % cfg.ckpt_interval == 0)
+        hella_now = hellaswag_items is not None and (
+            (ckpt_now if cfg.hellaswag_interval == 0 else last_step or (step + 1) % cfg.hellaswag_interval == 0))
         user_stop = step == cfg.stop_after_step
         log_now = ((step + 1) % cfg.log_interval == 0 or step == start_step or val_now or hella_now
                    or ckpt_now or user_stop)
@@ -352,7 +380,7 @@ def train(cfg, d, stop):
             val_loss, val_bpb = evaluate_val_loss(raw_model, val_rows, token_bytes, cfg, d, autocast)
             log({"type": "val", "step": step, "val_loss": val_loss, "val_bpb": val_bpb, "val_rows": len(val_rows)})
         if hella_now:
-            hellaswag = evaluate_hellaswag(raw_model, tokenizer, hellaswag_items, d, autocast)
+            hellaswag = evaluate_hellaswag(raw_model, hellaswag_items, cfg, d, autocast)
             log({"type": "hellaswag", "step": step, **hellaswag})
         if ckpt_now or user_stop or signal_stop:
             path = save(step)
@@ -390,7 +418,8 @@ def plot_curves(out_dir):
     common.plot_log_curves(out_dir, [
         (os.path.basename(os.path.normpath(out_dir)), "loss (nats/token)",
          [("train", "loss", "train loss"), ("val", "val_loss", "val loss")]),
-        ("HellaSwag", "acc_norm", [("hellaswag", "acc_norm", "acc_norm")])])
+        ("HellaSwag", "accuracy", [("hellaswag", "acc_norm", "acc_norm (per token)"),
+                                   ("hellaswag", "acc_norm_char", "acc_norm_char (per character)")])])
 
 
 def bench(cfg, d, train_step, logger, n_params, flops_per_token, peak, device_name, accum):
@@ -424,8 +453,4 @@ def bench(cfg, d, train_step, logger, n_params, flops_per_token, peak, device_na
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, TrainingDiverged, FileNotFoundError, common.ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, expected=(TrainingDiverged,))

@@ -1,11 +1,19 @@
 """
 GSM8K and SVAMP: loading (a local file or the HF hub through `datasets`), the gold number, the two prompt
-formats, answer extraction and scoring (as lm-evaluation-harness: `strict` = the number after '####',
-`flexible` = the last number), and the RL reward.
+formats, answer extraction and scoring, and the RL reward.
 
 Prompt formats
   fewshot  k GSM8K train exemplars "Question: ...\\nAnswer: ...\\n\\n", then "Question: {q}\\nAnswer:" (base models)
   chat     "User: {q}\\nAssistant:", the format sft.py trains (zero-shot)
+
+Two scoring protocols, named wherever a number is reported:
+  project  (score_completion) numbers normalised before an exact numeric comparison: `strict` = the number
+           after the first '####', `flexible` = the last number; '$', commas, spaces, trailing zeros and
+           leading zeros do not matter. Sound, but more lenient than the harness's strict-match.
+  lm_eval  (score_lm_eval) lm-evaluation-harness's gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml, version 3.0)
+           exactly: `strict-match` and `flexible-extract` regex filters, then exact_match against the whole
+           gold answer with its regexes_to_ignore and ignore_case; 5-shot exemplars drawn per question from
+           one seeded generator (lm_eval_exemplars), its stop strings (LM_EVAL_STOP).
 """
 import json
 import os
@@ -13,7 +21,7 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 
-import common
+import dataio
 from tasks.base import Task
 
 # -----------------------------------------------------------------------------
@@ -85,9 +93,18 @@ def read_gsm8k(split="test", data_path=""):
     if data_path:
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"GSM8K file not found: {data_path}")
-        return common.read_jsonl(data_path)
+        return require_fields(dataio.read_jsonl(data_path), ("question", "answer"), data_path)
     from datasets import load_dataset  # lazily: only needed when reading from the hub
     return list(load_dataset("openai/gsm8k", "main", split=split))
+
+
+def require_fields(rows, fields, path):
+    """Refuse a data file whose rows lack a field the task reads (a clear error, not a KeyError later)."""
+    for n, row in enumerate(rows, 1):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise ValueError(f"{path}: row {n} has no {', '.join(missing)} field (each row needs {', '.join(fields)})")
+    return rows
 
 
 def load_gsm8k(data_path="", split="test"):
@@ -102,7 +119,13 @@ def load_svamp(data_path="", split="test"):
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"SVAMP file not found: {data_path}")
         with open(data_path) as f:
-            rows = json.load(f)
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{data_path}: not a JSON file ({e})") from e
+        if not isinstance(rows, list):
+            raise ValueError(f"{data_path}: expected a JSON list of SVAMP problems")
+        require_fields(rows, ("Body", "Question", "Answer"), data_path)
     else:
         from datasets import load_dataset  # lazily: only needed when reading from the hub
         rows = list(load_dataset("ChilleD/SVAMP", split=split))
@@ -111,10 +134,15 @@ def load_svamp(data_path="", split="test"):
 
 
 def fewshot_exemplars(k, seed=1234, path="", near=()):
-    """k fixed GSM8K train exemplars: `path`, else train.jsonl beside one of the files in `near` (or in
-    ../gsm8k of the shared data layout), else the hub's train split."""
+    """k fixed GSM8K train exemplars (one set for every question: protocol=project): `path`, else train.jsonl
+    beside one of the files in `near` (or in ../gsm8k of the shared data layout), else the hub's train split."""
     if k <= 0:
         return []
+    return random.Random(seed).sample(fewshot_pool(path, near), k)
+
+
+def fewshot_pool(path="", near=()):
+    """GSM8K train examples to draw exemplars from (see fewshot_exemplars for where they are looked for)."""
     if not path:
         candidates = []
         for beside in near:
@@ -122,8 +150,7 @@ def fewshot_exemplars(k, seed=1234, path="", near=()):
                 here = os.path.dirname(os.path.abspath(beside))
                 candidates += [os.path.join(here, "train.jsonl"), os.path.join(here, "..", "gsm8k", "train.jsonl")]
         path = next((c for c in candidates if os.path.isfile(c)), "")
-    train = load_gsm8k(path, split="train")
-    return random.Random(seed).sample(train, k)
+    return load_gsm8k(path, split="train")
 
 
 # -----------------------------------------------------------------------------
@@ -142,8 +169,76 @@ def format_qa(question, answer):
 def build_prompt(question, exemplars):
     if not exemplars:
         return CHAT_TEMPLATE.format(question=question)
+    return fewshot_prompt(question, exemplars)
+
+
+def fewshot_prompt(question, exemplars):
+    """The few-shot format (also with no exemplar left: "Question: {q}\\nAnswer:"), as the harness renders it:
+    doc_to_text + " " + answer + "\\n\\n" per exemplar."""
     shots = "".join(format_qa(e["question"], e["answer"]) + "\n\n" for e in exemplars)
     return shots + f"Question: {question}\nAnswer:"
+
+
+def fit_fewshot(question, exemplars, n_tokens, room):
+    """The few-shot prompt with as many whole exemplars as fit in `room` tokens (the first ones kept, never a
+    cut one), and that number k. n_tokens(text) counts a prompt's tokens; room None = no limit. A question too
+    long even alone comes back with k = 0 and longer than room (the caller cuts it and counts it)."""
+    for k in range(len(exemplars), -1, -1):
+        prompt = fewshot_prompt(question, exemplars[:k])
+        if room is None or n_tokens(prompt) <= room:
+            return prompt, k
+    return prompt, 0
+
+
+# -----------------------------------------------------------------------------
+# protocol=lm_eval: lm-evaluation-harness's gsm8k task (gsm8k.yaml version 3.0), reproduced exactly
+
+LM_EVAL_FEWSHOT = 5                              # num_fewshot
+LM_EVAL_FEWSHOT_SEED = 1234                      # the harness's default fewshot_random_seed
+LM_EVAL_STOP = ["Question:", "</s>", "<|im_end|>"]  # generation_kwargs.until (the EOS token stops too)
+LM_EVAL_STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")          # filter strict-match: the first match
+LM_EVAL_FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # filter flexible-extract: the last match
+LM_EVAL_IGNORE = [",", r"\$", r"(?s).*#### ", r"\.$"]              # exact_match regexes_to_ignore, in order
+LM_EVAL_INVALID = "[invalid]"                    # the regex filter's fallback when nothing matches
+
+
+def lm_eval_exemplars(train, questions, k=LM_EVAL_FEWSHOT, seed=LM_EVAL_FEWSHOT_SEED):
+    """Per test question (in order), the harness's exemplars: its ContextSampler draws rnd.sample(train, k)
+    per document from one random.Random(seed), and drops a drawn exemplar equal to the document itself."""
+    rnd = random.Random(seed)
+    per_question = []
+    for q in questions:
+        drawn = rnd.sample(train, k)
+        per_question.append([e for e in drawn if (e["question"], e["answer"]) != (q["question"], q.get("answer"))][:k])
+    return per_question
+
+
+def lm_eval_filter(regex, completion, group_select):
+    """The harness's RegexFilter: findall, pick match `group_select`, the first non-empty group, stripped."""
+    found = regex.findall(completion)
+    if not found:
+        return LM_EVAL_INVALID
+    match = found[group_select]
+    if isinstance(match, tuple):
+        match = [g for g in match if g][0]
+    return match.strip()
+
+
+def lm_eval_exact_match(prediction, reference):
+    """exact_match with gsm8k.yaml's settings: regexes_to_ignore on both sides, ignore_case: true,
+    ignore_punctuation: false."""
+    for pattern in LM_EVAL_IGNORE:
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    return prediction.lower() == reference.lower()
+
+
+def score_lm_eval(completion, answer_text):
+    """strict-match and flexible-extract of a completion against GSM8K's whole gold answer text."""
+    strict = lm_eval_filter(LM_EVAL_STRICT_RE, completion, 0)
+    flexible = lm_eval_filter(LM_EVAL_FLEXIBLE_RE, completion, -1)
+    return {"extracted": {"strict_match": strict, "flexible_extract": flexible},
+            "correct": {"strict_match": lm_eval_exact_match(strict, answer_text),
+                        "flexible_extract": lm_eval_exact_match(flexible, answer_text)}}
 
 
 # -----------------------------------------------------------------------------

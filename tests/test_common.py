@@ -185,8 +185,8 @@ def test_mul_token_injection(kind):
     ranks = shared_path("tokenizers", "gpt2.tiktoken") if kind == "gpt2" else None
     tok = common.Tokenizer(kind, mul_range=(1, 12), tokenizer_file=ranks)
     plain = common.Tokenizer(kind, tokenizer_file=ranks)
-    assert len(tok.mul_ids) == 144 and tok.vocab_size == plain.vocab_size + 144
-    mul_ids = set(tok.mul_ids.values())
+    assert len(tok.mul_ids) == len(tok.mul_space_ids) == 144 and tok.vocab_size == plain.vocab_size + 2 * 144
+    mul_ids = set(tok.mul_ids.values()) | set(tok.mul_space_ids.values())
     for text in ["3*4=12", "3 x 4 = 12", "3 × 4 = 12", "3 times 4 is 12", "12*12=144"]:
         ids = tok.encode(text)
         assert len(ids) == 1 and ids[0] in mul_ids, text
@@ -206,7 +206,7 @@ def test_spec_rebuilds_the_same_tokenizer():
     again = common.Tokenizer.from_spec(tok.spec)
     text = "<|user|>2*3=6 and 5 x 5 = 25"
     assert again.encode(text, allow_special=True) == tok.encode(text, allow_special=True)
-    assert again.vocab_size == tok.vocab_size == 257 + 1 + 16
+    assert again.vocab_size == tok.vocab_size == 257 + 1 + 2 * 16
     with pytest.raises(ValueError, match="vocab_size"):
         common.Tokenizer.from_spec({**tok.spec, "vocab_size": 999})
     assert common.padded_vocab_size(50257) == 50304
@@ -273,3 +273,67 @@ def test_cosine_schedule_warms_up_and_decays_to_min():
     assert lrs[0] == pytest.approx(6e-5) and lrs[9] == pytest.approx(6e-4)
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:100]))
     assert lrs[100] == pytest.approx(6e-5) and lrs[119] == pytest.approx(6e-5)
+
+
+def test_yaml_syntax_error_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: [1, 2\nb: 3\n")
+    with pytest.raises(common.ConfigError, match="bad.yaml is not valid YAML"):
+        common.load_config(Cfg, [str(path)])
+
+
+def test_damaged_meta_json_is_refused_clearly(tmp_path):
+    for content, message in (('{"vocab_size": 5', "not valid JSON"), ("{}", "lacks tokenizer, vocab_size"),
+                             ("[1, 2]", "lacks tokenizer, vocab_size")):
+        (tmp_path / "meta.json").write_text(content)
+        with pytest.raises(common.ShardError, match=message):
+            common.load_meta(str(tmp_path))
+
+
+def test_token_ids_outside_the_vocabulary_stop_the_loader_at_start(tmp_path):
+    """Shards of another tokenizer (ids past meta.json's vocab_size) are refused before training, not by an
+    IndexError deep in the embedding; the header's id bound makes this free, older shards are scanned."""
+    common.write_shard(str(tmp_path / "train_000000.bin"), np.arange(1000) % 300, 300)
+    common.atomic_write_json(str(tmp_path / "meta.json"), {"tokenizer": {"kind": "byte"}, "vocab_size": 257})
+    with pytest.raises(common.ShardError, match="token id 299 is outside the vocabulary of 257"):
+        common.ShardLoader(str(tmp_path), "train", 2, 16)
+    with open(tmp_path / "train_000000.bin", "r+b") as f:  # a shard written before the header kept the bound
+        f.seek(16)
+        f.write(np.zeros(1, dtype=np.int32).tobytes())
+    with pytest.raises(common.ShardError, match="token id 299 is outside the vocabulary of 257"):
+        common.ShardLoader(str(tmp_path), "train", 2, 16)
+    common.atomic_write_json(str(tmp_path / "meta.json"), {"tokenizer": {"kind": "byte"}, "vocab_size": 300})
+    assert common.ShardLoader(str(tmp_path), "train", 2, 16).next_batch()[0].max() < 300
+
+
+def test_progress_writes_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    bar = common.progress(total=50, mininterval=0, desc="shards")
+    for _ in range(50):
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") >= 10  # one plain line per refresh, no carriage-return frames
+    assert err.splitlines()[-1].startswith("shards: 100%") and "50/50" in err.splitlines()[-1]
+
+
+def test_hf_folder_weights_are_group_readable_and_params_leave_out_embeddings(tmp_path):
+    import stat
+
+    import model as model_lib
+    tok = common.Tokenizer("byte")
+    cfg = model_lib.GPTConfig(block_size=16, vocab_size=common.padded_vocab_size(tok.vocab_size), n_layer=2,
+                              n_head=2, n_embd=32)
+    gpt = model_lib.GPT(cfg)
+    # non-embedding parameters: the blocks and the final norm, neither wte (tied to lm_head) nor wpe
+    blocks = sum(p.numel() for p in gpt.transformer.h.parameters()) + sum(p.numel() for p in gpt.transformer.ln_f.parameters())
+    assert gpt.num_params() == blocks
+    assert gpt.num_params(non_embedding=False) == blocks + 320 * 32 + 16 * 32
+    untied = model_lib.GPT(dataclasses.replace(cfg, tie_embeddings=False))  # BD3-LM: lm_head apart from wte
+    assert untied.num_params() == blocks and untied.num_params(non_embedding=False) == blocks + 2 * 320 * 32 + 16 * 32
+    old = os.umask(0o022)
+    try:
+        model_lib.save_hf_folder(gpt, tok, str(tmp_path), {})
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "model.safetensors").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "config.json").st_mode) == 0o644

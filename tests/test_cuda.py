@@ -107,6 +107,28 @@ def test_vllm_matches_the_plain_engine_and_loads_new_weights(tmp_path):
 
 
 @cuda
+@pytest.mark.skipif(not common.vllm_available(), reason="vLLM is not installed")
+def test_vllm_sweep_runs_each_checkpoint_in_its_own_process(tmp_path):
+    """vLLM keeps its GPU memory until its process ends: a sweep with vLLM evaluates each checkpoint in a
+    subprocess (so three checkpoints at 0.6 of the GPU each fit one after another), with the plain numbers."""
+    import shutil
+
+    import eval_gsm8k as ev
+    from test_export_hf import make_run
+    make_run(str(tmp_path / "run"), "byte", None, steps=3, block_size=256)
+    for step in (7, 9):
+        shutil.copy(tmp_path / "run" / "ckpt_000002.pt", tmp_path / "run" / f"ckpt_{step:06d}.pt")
+    args = ["task=sweep", f"model={tmp_path / 'run'}", "sweep_tasks=[probes]", "probe_n=5", "limit=3",
+            "probe_max_new_tokens=6", "gpu_memory_utilization=0.6"]
+    fast = ev.main(args + ["engine=vllm", f"out_dir={tmp_path / 'vllm'}"])
+    plain = ev.main(args + ["engine=hf", f"out_dir={tmp_path / 'hf'}"])
+    assert fast["isolated"] is True and plain["isolated"] is False
+    assert [r["step"] for r in fast["checkpoints"]] == [2, 7, 9]
+    for f, p in zip(fast["checkpoints"], plain["checkpoints"]):
+        assert f["metrics"] == pytest.approx(p["metrics"])
+
+
+@cuda
 @pytest.mark.skipif(model_lib.flex_attention is None, reason="this torch has no FlexAttention")
 def test_flex_block_diffusion_mask_matches_the_dense_sdpa_mask():
     import train_bd3lm as bd

@@ -110,7 +110,7 @@ def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_pa
     right = {tuple(lm.tok.encode_prompt(it["prompt"])): tok.encode(f" {it['question']}={it['gold']}\nQ: junk")
              for it in items}
     ids = right[tuple(lm.tok.encode_prompt(items[0]["prompt"]))]  # mul_table 1*1: a single mul token
-    assert tok.decode(ids[:1]) == " " and ids[1] == tok.mul_ids[(1, 1)]  # the answer's digits live in a mul token
+    assert ids[0] == tok.mul_space_ids[(1, 1)]  # the answer's digits live in a mul token (' 1*1=1')
     cfg = ev.Config(task="probes", limit=4)
     metrics, counts, records, _ = ev.task_probes(cfg, lm, ScriptedEngine(tok, right))
     assert metrics == {**{f"probe_{s}": 1.0 for s in probes.PROBE_OPS}, "probes_mean": 1.0}
@@ -118,6 +118,15 @@ def test_probes_are_deterministic_and_mul_tokens_count_as_their_text(run, tmp_pa
     wrong = {k: tok.encode(" 7") for k in right}
     metrics, _, _, _ = ev.task_probes(cfg, lm, ScriptedEngine(tok, wrong))
     assert metrics["probes_mean"] == 0.0
+
+
+def test_probe_results_name_their_data_generated(run, tmp_path):
+    tok = run["tok"]
+    lm = engine_lib.LoadedModel(model=None, tok=engine_lib.NativeTokenizer(tok), name="scripted", kind="native",
+                                max_positions=256, info={})
+    answers = {tuple(lm.tok.encode_prompt(it["prompt"])): tok.encode(" 7") for it in probes.probe_items(limit=1)}
+    ev.evaluate(ev.Config(task="probes", limit=1), lm, "probes", str(tmp_path), ScriptedEngine(tok, answers))
+    assert json.load(open(tmp_path / "results.json"))["data"] == "generated"  # not "hub": nothing was downloaded
 
 
 class CharTokenizer:
@@ -171,7 +180,7 @@ def test_vllm_path_is_guarded(run):
     if not torch.cuda.is_available():
         assert common.vllm_available() is False  # never imported, never used without CUDA
         lm = engine_lib.load_model(run["run"], run["ranks"])
-        with pytest.raises(RuntimeError, match="engine=vllm needs"):
+        with pytest.raises(common.ConfigError, match="engine=vllm needs"):
             ev.make_engine(ev.Config(engine="vllm"), lm, torch.float32)
         assert isinstance(ev.make_engine(ev.Config(engine="auto"), lm, torch.float32), engine_lib.Engine)
     with pytest.raises(common.ConfigError, match="unknown task"):
@@ -191,7 +200,7 @@ def test_hellaswag_equals_direct_computation(run, tmp_path):
     # independently: the exported HF model and tokenizer, per-token losses of each ending
     hf = AutoModelForCausalLM.from_pretrained(run["hf"], dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(run["hf"])
-    correct = correct_norm = 0
+    correct = correct_norm = correct_char = 0
     for item, rec in zip(hellaswag.load_hellaswag(path, 12), preds):
         sums, means = [], []
         ctx = hf_tok(item["ctx"], add_special_tokens=False)["input_ids"]
@@ -203,12 +212,17 @@ def test_hellaswag_equals_direct_computation(run, tmp_path):
             nll = -logp[torch.arange(seq.size(1) - 1), seq[0, 1:]][len(ctx) - 1:]
             sums.append(nll.sum().item())
             means.append(nll.mean().item())
+        per_char = [s / len(ending) for s, ending in zip(sums, item["endings"])]  # the harness's acc_norm
         pred, pred_norm = min(range(4), key=sums.__getitem__), min(range(4), key=means.__getitem__)
-        assert (rec["pred"], rec["pred_norm"]) == (pred, pred_norm)
+        pred_char = min(range(4), key=per_char.__getitem__)
+        assert (rec["pred"], rec["pred_norm"], rec["pred_norm_char"]) == (pred, pred_norm, pred_char)
         assert rec["mean_loss"] == pytest.approx(means, abs=1e-4)
         correct += pred == item["label"]
         correct_norm += pred_norm == item["label"]
-    assert res["metrics"] == {"hellaswag_acc": correct / 12, "hellaswag_acc_norm": correct_norm / 12}
+        correct_char += pred_char == item["label"]
+    assert res["metrics"] == {"hellaswag_acc": correct / 12, "hellaswag_acc_norm": correct_norm / 12,
+                              "hellaswag_acc_norm_char": correct_char / 12}
+    assert res["metric_protocols"]["hellaswag_acc_norm_char"].startswith("lm_eval")
     assert res["n"] == 12
 
 
@@ -232,7 +246,8 @@ def test_gsm8k_end_to_end_on_exported_model(run, tmp_path):
     for p in preds:
         assert set(p) >= {"prompt", "completion", "extracted", "gold", "correct"}
         assert p["prompt"].startswith("Question: ") and p["prompt"].endswith("\nAnswer:")
-        assert p["prompt"].split("\nAnswer:")[0][len("Question: "):] in train_q  # the exemplar is from train
+        if p["fewshot_k"] == 1:  # the exemplar (a whole one, or none where it does not fit) is from train
+            assert p["prompt"].split("\nAnswer:")[0][len("Question: "):] in train_q
         assert p["new_tokens"] <= 12 and "\n\n" not in p["completion"]
         assert gsm8k.score_completion(p["completion"], p["gold"])["correct"] == p["correct"]
     n_flex = sum(p["correct"]["flexible"] for p in preds)

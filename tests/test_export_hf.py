@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import dataio
 import export_hf
 import model as model_lib
 from conftest import ROOT, shared_path
@@ -101,8 +102,8 @@ def test_gpt2_export_round_trip(gpt2_run):
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     assert config["model_type"] == "gpt2" and "auto_map" not in config  # no custom code
-    assert config["vocab_size"] == tok.vocab_size == 50257 + 2 + 144  # padded 50432 cut to the real vocabulary
-    assert gpt.config.vocab_size == 50432
+    assert config["vocab_size"] == tok.vocab_size == 50257 + 2 + 2 * 144  # padded 50560 cut to the real vocabulary
+    assert gpt.config.vocab_size == 50560
     with open(os.path.join(out, "export_info.json")) as f:
         info = json.load(f)
     assert info["verification"]["max_abs_logit_diff"] <= 1e-4 and info["verification"]["tokenizer_ids_equal"]
@@ -115,7 +116,7 @@ def test_gpt2_export_round_trip(gpt2_run):
     text = "<|user|> Tom buys 6*7=42 apples, 3 x 4 = 12 pears.<|assistant|> 12*11=132 and 5*5=25<|endoftext|>"
     ids = tok.encode(text, allow_special=True)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
-    assert tok.mul_ids[(6, 7)] in ids and tok.mul_ids[(12, 11)] in ids and tok.special["<|assistant|>"] in ids
+    assert tok.mul_space_ids[(6, 7)] in ids and tok.mul_space_ids[(12, 11)] in ids and tok.special["<|assistant|>"] in ids
     x = torch.tensor([ids])
     with torch.no_grad():
         ref = gpt(x)[0][..., :tok.vocab_size]
@@ -125,12 +126,12 @@ def test_gpt2_export_round_trip(gpt2_run):
     for text_, i in list(tok.special.items()) + [(tok.id_to_text[i], i) for i in tok.mul_ids.values()]:
         assert hf_tok(text_, add_special_tokens=False)["input_ids"] == [i] == tok.encode(text_, allow_special=True)
         assert hf_tok.decode([i]) == text_
-    # the other surface forms of a product map to its token in both; a chain is the documented difference
+    # the other surface forms of a product map to its token in both; a chain is no fact in either
     for form in ("3 x 4 = 12", "3 × 4 = 12", "3 times 4 is 12", "3 * 4 = 12"):
         assert hf_tok(form, add_special_tokens=False)["input_ids"] == tok.encode(form) == [tok.mul_ids[(3, 4)]]
     chain = "2*3=4*5=20"
     assert tok.mul_ids[(4, 5)] not in tok.encode(chain)
-    assert tok.mul_ids[(4, 5)] in hf_tok(chain, add_special_tokens=False)["input_ids"]
+    assert hf_tok(chain, add_special_tokens=False)["input_ids"] == tok.encode(chain)
 
     # generation: HF's generate (KV cache) == the native model decoding without a cache
     prompt = tok.encode("<|user|> What is 7*8? <|assistant|>", allow_special=True)
@@ -158,12 +159,12 @@ def test_byte_kind_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gpt, tok = make_run(str(tmp_path / "run"), "byte", (2, 9), steps=5)
     info = export_hf.export(str(tmp_path / "run"), str(tmp_path / "hf"))
-    assert info["vocab_size"] == 257 + 2 + 64 and info["padded_vocab_size"] == 384
+    assert info["vocab_size"] == 257 + 2 + 2 * 64 and info["padded_vocab_size"] == 448
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     text = "Café 日本 🙂: 3*4=12, 13*4=52, 9*9=81<|user|>2*2=4?<|endoftext|>"
     ids = tok.encode(text, allow_special=True)
-    assert ids[:3] == list("Caf".encode()) and tok.mul_ids[(3, 4)] in ids and tok.mul_ids[(9, 9)] in ids
+    assert ids[:3] == list("Caf".encode()) and tok.mul_space_ids[(3, 4)] in ids and tok.mul_space_ids[(9, 9)] in ids
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
     assert hf_tok.decode(ids) == text
     x = torch.tensor([ids])
@@ -189,8 +190,8 @@ def test_corrupted_export_is_caught_and_leaves_nothing(gpt2_run, tmp_path, monke
     monkeypatch.undo()
 
     # a tokenizer that forgets one multiplication token is caught too
-    original_regex = common.mul_split_regex
-    monkeypatch.setattr(common, "mul_split_regex", lambda tok: original_regex(tok).replace("7\\*8=56|", ""))
+    original_regex = dataio.mul_split_regex
+    monkeypatch.setattr(dataio, "mul_split_regex", lambda tok: original_regex(tok).replace("7\\*8=56|", ""))
     with pytest.raises(export_hf.ExportVerificationError, match="tokenizer ids differ"):
         export_hf.export(run, str(out), ranks)
     assert not out.exists() and os.listdir(tmp_path) == []

@@ -124,7 +124,7 @@ def test_token_byte_lengths_add_up_to_the_text_bytes():
                 common.Tokenizer("byte", mul_range=(1, 12))):
         lengths = common.token_byte_lengths(tok, common.padded_vocab_size(tok.vocab_size))
         ids = tok.encode(text, allow_special=True)
-        assert tok.mul_ids[(7, 8)] in ids  # the product is one token, counted as the bytes of '7*8=56'
+        assert tok.mul_space_ids[(7, 8)] in ids  # the product is one token, counted as the bytes of ' 7*8=56'
         assert int(lengths[ids].sum()) == len(text.replace("<|endoftext|>", "").encode("utf-8"))
 
 

@@ -307,7 +307,7 @@ def test_local_jsonl_with_text_field(tmp_path):
     out, meta = run(tmp_path, "source=local", f"data_path={path}", "text_field=body", "tokenizer=byte",
                     "val_tokens=0", "num_proc=1")
     assert common.Tokenizer("byte").decode(all_tokens(out, meta)) == "".join(f"document {i}{EOT}" for i in range(5))
-    with pytest.raises(KeyError, match="no field 'text'"):
+    with pytest.raises(P.DataError, match="no field 'text'"):
         run(tmp_path, "source=local", f"data_path={path}", "tokenizer=byte", "val_tokens=0", name="nofield")
 
 
@@ -327,10 +327,10 @@ def test_mul_tokens_gpt2(tmp_path):
     out, meta = run(tmp_path, *args, "condition=mul_tokens", name="mul")
     base_out, base_meta = run(tmp_path, *args, name="base")
 
-    assert meta["vocab_size"] == 50257 + 144 and meta["mul_first_id"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == 50257 + 2 * 144 and meta["mul_first_id"] == 50257 and meta["dtype"] == "uint16"
     tok = common.Tokenizer.from_spec(meta["tokenizer"], ranks)
     tokens = all_tokens(out, meta)
-    mul = [tok.decode([t]) for t in tokens if t >= meta["mul_first_id"]]
+    mul = [tok.decode([t]).lstrip(" ") for t in tokens if t >= meta["mul_first_id"]]
     expected = {"7*8=56": 4, "12*12=144": 1, "1*1=1": 1, "3*4=12": 1}
     assert {f: mul.count(f) for f in set(mul)} == expected
     assert meta["mul_injections"]["per_fact"] == expected and meta["mul_injections"]["total"] == 7
@@ -404,3 +404,80 @@ def test_other_settings_in_same_out_dir_refused(tmp_path):
         run(tmp_path, *args, "seed=1")
     out, meta = run(tmp_path, *args, "seed=1", "overwrite=true")
     assert meta["seed"] == 1 and json.load(open(os.path.join(out, P.PROGRESS)))["fingerprint"]["seed"] == 1
+
+
+def test_data_path_does_not_import_torch(tmp_path):
+    """prepare_data.py and its tokenizer workers never pay torch's import (~3 s and ~225 MB per process)."""
+    code = ("import sys, prepare_data as P; "
+            f"P.main(['source=synthetic_math', 'tokenizer=byte', 'target_tokens=20000', 'num_proc=2', "
+            f"'out_dir={tmp_path / 'out'}']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def bad_inputs(tmp_path):
+    """(name, arguments) for prepare_data.py that must stop with one 'error: ...' line and exit code 1."""
+    def write(name, content):
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+
+    garbage = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / P.PROGRESS).write_text('{"fingerprint": {"source": "loc')  # a truncated progress.json
+    local = ["source=local", "tokenizer=byte", "num_proc=1"]
+    nl = chr(10)
+    malformed, fieldless = write("bad.jsonl", '{"text": "a"'), write("nofield.jsonl", '{"body": "a"}' + nl)
+    numbers, no_answer = write("numbers.jsonl", "5" + nl), write("q.jsonl", '{"question": "q"}' + nl)
+    return [
+        ("unknown key", ["colour=blue"]),
+        ("wrong type", ["shard_size=lots"]),
+        ("bad list", ["synth_ops=[add, mul"]),
+        ("yaml syntax error", [write("bad.yaml", "source: [local\ntokenizer: byte\n")]),
+        ("yaml not a mapping", [write("list.yaml", "- 1\n- 2\n")]),
+        ("missing data_path", [*local, f"data_path={tmp_path / 'nope.txt'}"]),
+        ("empty text file", [*local, f"data_path={write('empty.txt', '')}"]),
+        ("blank text file", [*local, f"data_path={write('blank.txt', nl * 5)}"]),
+        ("binary garbage", [*local, f"data_path={write('garbage.txt', garbage)}"]),
+        ("binary jsonl", [*local, f"data_path={write('garbage.jsonl', garbage)}"]),
+        ("malformed jsonl", [*local, f"data_path={malformed}"]),
+        ("field-less jsonl", [*local, f"data_path={fieldless}"]),
+        ("jsonl of numbers", [*local, f"data_path={numbers}"]),
+        ("empty jsonl", [*local, f"data_path={write('empty.jsonl', '')}"]),
+        ("gsm8k from text", ["source=gsm8k", "tokenizer=byte", f"data_path={write('q.txt', 'question')}"]),
+        ("gsm8k rows without answer", ["source=gsm8k", "tokenizer=byte", f"data_path={no_answer}"]),
+        ("missing tokenizer file", ["tokenizer=gpt2", f"tokenizer_file={tmp_path / 'no.tiktoken'}", "max_docs=5"]),
+        ("damaged progress.json", ["source=synthetic_math", "tokenizer=byte", "max_docs=5", f"out_dir={damaged}"]),
+    ]
+
+
+def test_bad_inputs_end_in_one_error_line(tmp_path):
+    for name, args in bad_inputs(tmp_path):
+        if not any(a.startswith("out_dir=") for a in args):
+            args = [*args, f"out_dir={tmp_path / 'out'}"]
+        r = subprocess.run([sys.executable, "prepare_data.py", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (name, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, name
+    assert not os.path.exists(tmp_path / "out" / "train_000000.bin")  # nothing was tokenized
+
+
+def test_empty_and_binary_inputs_are_refused_clearly(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(P.DataError, match="empty.txt is empty"):
+        run(tmp_path, "source=local", "tokenizer=byte", f"data_path={tmp_path / 'empty.txt'}")
+    (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n')
+    with pytest.raises(P.DataError, match="holds no documents"):
+        run(tmp_path, "source=local", "tokenizer=byte", f"data_path={tmp_path / 'blank.jsonl'}")
+    (tmp_path / "garbage.txt").write_bytes(np.random.default_rng(1).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    with pytest.raises(P.DataError, match="garbage.txt is not text"):
+        run(tmp_path, "source=local", "tokenizer=byte", f"data_path={tmp_path / 'garbage.txt'}")
+    # text with a few stray bytes (a Latin-1 'é' in UTF-8 prose) is still text
+    (tmp_path / "latin.txt").write_bytes("Caf".encode() + b"\xe9 " + "plain words here. ".encode() * 50)
+    _, meta = run(tmp_path, "source=local", "tokenizer=byte", f"data_path={tmp_path / 'latin.txt'}", "val_tokens=10",
+                  name="latin")
+    assert meta["train_tokens"] > 0

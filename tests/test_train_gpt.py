@@ -214,7 +214,7 @@ def test_bench_prints_tokens_per_second_and_writes_results(data_dir, tmp_path, c
     assert "MFU" in capsys.readouterr().out
     assert r["mfu"] == pytest.approx(r["tokens_per_sec_per_device"] * r["flops_per_token"] / 1e12)
     model = train_gpt.build_model(common.load_config(train_gpt.Config, tiny_args(data_dir, out)), 320)
-    assert r["flops_per_token"] == 6 * model.num_params() + 12 * 2 * 32 * 64
+    assert r["flops_per_token"] == 6 * (model.num_params() + model.lm_head.weight.numel()) + 12 * 2 * 32 * 64
 
 
 def test_hellaswag_in_the_loop(data_dir, tmp_path):

@@ -1,0 +1,133 @@
+"""Bad input at every stage's entry point ends in one line `error: ...` and exit code 1, never a traceback
+(issue 9, item 10). The tables run in process through common.run_main, the code each script's
+`if __name__ == "__main__"` runs; one case per stage also runs as a real subprocess."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import eval_gsm8k
+import export_hf
+import gen_plans
+import model as model_lib
+import train_gpt
+from conftest import ROOT, shared_path
+from test_train_gpt import tiny_args, write_arithmetic_data
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny byte-tokenizer checkpoint, one whose config contradicts its weights, bad data and YAML files,
+    a data folder and a run to resume."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    tok = common.Tokenizer("byte")
+    cfg = model_lib.model_config("tiny", common.padded_vocab_size(tok.vocab_size), 64)
+    state = {"kind": "gpt", "model": model_lib.GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg),
+             "tokenizer": tok.spec, "config": {}, "step": 0, "val_loss": None}
+    common.save_checkpoint(str(root / "good" / "ckpt_000000.pt"), state)
+    common.save_checkpoint(str(root / "mismatch" / "ckpt_000000.pt"),
+                           {**state, "model_config": {**state["model_config"], "n_embd": 128}})
+    (root / "broken.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "ans\n')
+    (root / "fieldless.jsonl").write_text('{"q": "What is 2+2?", "a": "#### 4"}\n')
+    (root / "bad.yaml").write_text("max_lr: 0.1\nmodel: [tiny\n")
+    data_dir = write_arithmetic_data(str(root / "data"), train_tokens=4_000, val_tokens=1_000)
+    train_gpt.main(tiny_args(data_dir, str(root / "run"), max_steps=2, stop_after_step=0, val_interval=0))
+    return {"root": root, "good": str(root / "good"), "mismatch": str(root / "mismatch"), "data": data_dir,
+            "run": str(root / "run"), "broken": str(root / "broken.jsonl"),
+            "fieldless": str(root / "fieldless.jsonl"), "yaml": str(root / "bad.yaml")}
+
+
+def one_line_error(main, argv, capsys, expected=()):
+    """Run main(argv) as the script's entry point does; return its single stderr error line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: main(argv), expected)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+TRAIN_CASES = [  # (arguments, words the error line must hold)
+    (lambda f: [f["yaml"]], "not valid YAML"),
+    (lambda f: tiny_args(f["data"], str(f["root"] / "lr"), max_lr=-0.1), "'max_lr' must not be negative"),
+    (lambda f: tiny_args(f["data"], f["run"], block_size=64, resume="latest"), "block_size=32 in the checkpoint"),
+    (lambda f: tiny_args(str(f["root"] / "nowhere"), str(f["root"] / "x")), "nowhere"),
+]
+
+
+@pytest.mark.parametrize("args, words", TRAIN_CASES)
+def test_train_gpt_bad_inputs(files, capsys, args, words):
+    assert words in one_line_error(train_gpt.main, args(files), capsys, (train_gpt.TrainingDiverged,))
+
+
+EVAL_CASES = [
+    (lambda f: ["model=" + str(f["root"] / "no" / "such" / "run")], "no such checkpoint, run folder or HF folder"),
+    (lambda f: [f"model={f['good']}", f"data_path={f['broken']}", "limit=1"], "broken.jsonl:2: not a JSON line"),
+    (lambda f: [f"model={f['good']}", f"data_path={f['fieldless']}", "limit=1"], "has no question, answer field"),
+    (lambda f: [f"model={f['mismatch']}"], "its model_config does not match its weights"),
+    (lambda f: [f["yaml"]], "not valid YAML"),
+    (lambda f: [f"model={f['good']}", "protocol=harness"], "protocol must be one of project, lm_eval"),
+]
+
+
+@pytest.mark.parametrize("args, words", EVAL_CASES)
+def test_eval_gsm8k_bad_inputs(files, capsys, tmp_path, args, words):
+    argv = args(files) + [f"out_dir={tmp_path}", "max_new_tokens=4", "fewshot=0"]
+    assert words in one_line_error(eval_gsm8k.main, argv, capsys)
+
+
+EXPORT_CASES = [
+    (lambda f: [f"checkpoint={f['mismatch']}"], "its model_config does not match its weights"),
+    (lambda f: [f"checkpoint={f['root'] / 'none'}"], "checkpoint not found"),
+    (lambda f: [f["yaml"]], "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("args, words", EXPORT_CASES)
+def test_export_hf_bad_inputs(files, capsys, tmp_path, args, words):
+    argv = args(files) + [f"output_dir={tmp_path / 'hf'}"]
+    assert words in one_line_error(export_hf.main, argv, capsys, (export_hf.ExportVerificationError,))
+
+
+GEN_PLANS_CASES = [
+    (lambda f: ["--model", str(f["root"] / "no" / "such" / "model"), "--data_path", shared_path("gsm8k", "test.jsonl"),
+                "--num_examples", "2"], "no such checkpoint, run folder or HF folder"),
+    (lambda f: ["--data_path", f["broken"]], "broken.jsonl:2: not a JSON line"),
+    (lambda f: ["--data_path", f["fieldless"]], "has no question, answer field"),
+    (lambda f: [f["yaml"]], "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("args, words", GEN_PLANS_CASES)
+def test_gen_plans_bad_inputs(files, capsys, tmp_path, args, words):
+    argv = args(files) + ["--output_path", str(tmp_path / "plans.json"), "--backend", "transformers"]
+    assert words in one_line_error(gen_plans.main, argv, capsys)
+
+
+def test_each_script_prints_one_line_and_exits_1(files, tmp_path):
+    """The real entry points, as a user runs them (in parallel: each pays for its imports)."""
+    runs = {
+        "train_gpt.py": (tiny_args(files["data"], str(tmp_path / "t"), max_lr=-1), "'max_lr' must not be negative"),
+        "eval_gsm8k.py": ([f"model={tmp_path / 'no' / 'such' / 'run'}", f"out_dir={tmp_path / 'e'}"],
+                          "no such checkpoint"),
+        "export_hf.py": ([f"checkpoint={files['mismatch']}", f"output_dir={tmp_path / 'hf'}"], "does not match"),
+        "gen_plans.py": (["--data_path", files["fieldless"], "--output_path", str(tmp_path / "p.json")],
+                         "has no question, answer field"),
+    }
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, name)] + args, cwd=str(tmp_path),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for name, (args, _) in runs.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (name, err[-2000:])
+        assert "Traceback" not in err, (name, err[-2000:])
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and runs[name][1] in last, (name, last)
