@@ -805,8 +805,4 @@ def open_tensorboard(out_dir, meta):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, common.TrainingDiverged, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, expected=(common.TrainingDiverged,))

@@ -126,8 +126,9 @@ def test_mul_tokens_only_in_replies_when_asked():
     msgs = [{"role": "user", "content": "What is 3*4=12?"}, {"role": "assistant", "content": "3*4=12"}]
     plain = sft.encode_example(msgs, "user_assistant", sft.NativeTok(mul, False), 512)[0]
     injected = sft.encode_example(msgs, "user_assistant", sft.NativeTok(mul, True), 512)[0]
-    mul_id = mul.mul_ids[(3, 4)]
-    assert plain.count(mul_id) == 1 and injected.count(mul_id) == 2  # prompts: as eval encodes them
+    def facts(ids):  # multiplication tokens of 3*4=12 (with or without their leading space)
+        return sum(mul.id_to_text.get(i, "").strip() == "3*4=12" for i in ids if i >= 257)
+    assert facts(plain) == 1 and facts(injected) == 2  # prompts: as eval encodes them
 
 
 # -----------------------------------------------------------------------------
