@@ -7,16 +7,18 @@ The data the stages share, one file per task family (see tasks/base.py for the i
     arithmetic.py one-step sums ('What is 7 + 5?'), GSM8K's format: the tiny RL demo's task
     rewards.py    the RL rewards (grpo.py): one registry of reward functions over these tasks
     hellaswag.py  HellaSwag loading and loss-based scoring (not a generative Task: no prompt or reward)
-
-sft.py's dataset registry (the SFT sets and their formats) joins here as its own file, e.g. tasks/sft_sets.py.
+    sft_sets.py   sft.py's dataset registry: hub id / local copy, prompt template, target, label words per set;
+                  mixtures; the label word parsed back from generated text
 """
 from tasks.arithmetic import Arithmetic
 from tasks.base import Task, cut_at_stop
 from tasks.gsm8k import GSM8K, SVAMP
 from tasks.probes import Probes
 from tasks.synthetic import SyntheticMath
+from tasks.sft_sets import REGISTRY as SFT_SETS
 
-__all__ = ["Task", "cut_at_stop", "GSM8K", "SVAMP", "SyntheticMath", "Probes", "Arithmetic", "TASKS", "get_task"]
+__all__ = ["Task", "cut_at_stop", "GSM8K", "SVAMP", "SyntheticMath", "Probes", "Arithmetic", "TASKS", "get_task",
+           "SFT_SETS"]
 TASKS = {"gsm8k": GSM8K, "svamp": SVAMP, "synthetic": SyntheticMath, "probes": Probes,
          "arithmetic": Arithmetic}
 

@@ -1,0 +1,400 @@
+"""sft.py and tasks/sft_sets.py: loss mask, packing, mixtures, LoRA, resume, label parsing, the registry's
+templates, bad input, and a tiny model whose GSM8K-style exact match rises after SFT (measured by eval_gsm8k.py).
+Tiny models are built from configs (native GPT, HF GPT-2 / Llama / Qwen2); nothing is downloaded."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import model as model_lib
+import sft
+from tasks import sft_sets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "sft_sets.json")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread: their matmuls are too small to split, and a second thread only
+    spins when the machine is shared. Restored afterwards, so other test files keep their setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def byte_tok():
+    return sft.NativeTok(common.Tokenizer("byte"), False)
+
+
+def hf_byte_tok(chat_template=None):
+    """An HF fast tokenizer over bytes (no download), optionally with a ChatML-like template."""
+    tok = common.hf_tokenizer(common.Tokenizer("byte", extra_tokens=["<|im_start|>", "<|im_end|>"]), 512)
+    tok.chat_template = chat_template
+    return sft.HFTok(tok)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_hf(arch, vocab=260):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=256, eos_token_id=256))
+    else:
+        cls, conf = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
+        m = cls(conf(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, max_position_embeddings=256, bos_token_id=256, eos_token_id=256))
+    m.config._attn_implementation = "sdpa"
+    return m
+
+
+def tiny_native(block_size=256, vocab=257, n_embd=64):
+    torch.manual_seed(0)
+    return model_lib.GPT(model_lib.model_config("tiny", common.padded_vocab_size(vocab), block_size, n_embd=n_embd))
+
+
+def save_native(path, gpt, tok):
+    common.save_checkpoint(path, {"kind": "gpt", "model": gpt.state_dict(), "step": 0, "tokenizer": tok.spec,
+                                  "model_config": dataclasses.asdict(gpt.config)})
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "2+3 = 5\n#### 5"}, {"role": "user", "content": "And 4*5?"},
+        {"role": "assistant", "content": "20"}]
+
+
+# -----------------------------------------------------------------------------
+# the loss mask
+
+
+def completion_text(ids, target, decode):
+    """The text of each maximal run of target tokens."""
+    runs, run = [], []
+    for i, t in zip(ids, target):
+        if t:
+            run.append(i)
+        elif run:
+            runs.append(decode(run))
+            run = []
+    return runs + ([decode(run)] if run else [])
+
+
+def test_loss_mask_covers_exactly_the_replies_user_assistant():
+    tok = byte_tok()
+    ids, target, cut = sft.encode_example(CHAT, "user_assistant", tok, 1024)
+    assert not cut
+    text = tok.tok.decode(ids)
+    assert text == ("System: Be brief.\nUser: What is 2+3?\nAssistant: 2+3 = 5\n#### 5<|endoftext|>\n"
+                    "User: And 4*5?\nAssistant: 20<|endoftext|>")
+    assert completion_text(ids, target, tok.tok.decode) == [" 2+3 = 5\n#### 5<|endoftext|>", " 20<|endoftext|>"]
+    # shifted pairs: a target counts exactly where the predicted token is a reply token
+    x, y = sft.example_pairs(ids, target)
+    assert sum(t != -100 for t in y) == sum(target[1:]) == len(" 2+3 = 5\n#### 5") + 1 + len(" 20") + 1
+    # the prompt it is scored on at eval time is what was trained: 'User: ...\nAssistant:' (eval_gsm8k's chat mode)
+    p = sft.prompt_ids(CHAT[1:3], "user_assistant", tok)
+    assert tok.tok.decode(p) == "User: What is 2+3?\nAssistant:"
+
+
+def test_loss_mask_with_a_chat_template():
+    tok = hf_byte_tok(CHATML)
+    ids, target, _ = sft.encode_example(CHAT, "chat_template", tok, 1024)
+    assert tok.tok.decode(ids) == tok.tok.apply_chat_template(CHAT, tokenize=False)
+    assert completion_text(ids, target, tok.tok.decode) == ["2+3 = 5\n#### 5<|im_end|>\n", "20<|im_end|>\n"]
+
+
+def test_long_prompts_are_cut_from_the_left_and_counted():
+    tok = byte_tok()
+    msgs = [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "done"}]
+    ids, target, cut = sft.encode_example(msgs, "user_assistant", tok, 64)
+    assert cut and len(ids) == 64
+    assert tok.tok.decode(ids).endswith("Assistant: done<|endoftext|>") and sum(target) == len(" done") + 1
+
+
+def test_mul_tokens_only_in_replies_when_asked():
+    mul = common.Tokenizer("byte", mul_range=(1, 12))
+    msgs = [{"role": "user", "content": "What is 3*4=12?"}, {"role": "assistant", "content": "3*4=12"}]
+    plain = sft.encode_example(msgs, "user_assistant", sft.NativeTok(mul, False), 512)[0]
+    injected = sft.encode_example(msgs, "user_assistant", sft.NativeTok(mul, True), 512)[0]
+    def facts(ids):  # multiplication tokens of 3*4=12 (with or without their leading space)
+        return sum(mul.id_to_text.get(i, "").strip() == "3*4=12" for i in ids if i >= 257)
+    assert facts(plain) == 1 and facts(injected) == 2  # prompts: as eval encodes them
+
+
+# -----------------------------------------------------------------------------
+# packing: the packed loss is the unpacked loss of the same examples
+
+
+def random_examples(n, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        L = int(torch.randint(5, 40, (1,), generator=g))
+        ids = torch.randint(0, vocab, (L,), generator=g).tolist()
+        p = int(torch.randint(1, L - 2, (1,), generator=g))
+        out.append(sft.example_pairs(ids, [False] * p + [True] * (L - p)))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["native", "gpt2", "llama", "qwen2", "qwen2-eager"])
+def test_packed_loss_equals_unpacked_loss(arch):
+    examples = random_examples(12, 250)
+    m = tiny_native() if arch == "native" else tiny_hf(arch.split("-")[0])
+    kind, attn = ("native", "sdpa") if arch == "native" else ("hf", "eager" if "eager" in arch else "sdpa")
+    if attn == "eager":
+        m.config._attn_implementation = "eager"
+    m.eval()
+    packed_rows = sft.build_rows(examples, 96, packing=True)
+    assert len(packed_rows) < len(examples) and sorted(i for r in packed_rows for i in r) == list(range(12))
+    totals = {}
+    for packing, rows in ((False, sft.build_rows(examples, 96, False)), (True, packed_rows)):
+        x, y, pos, doc = sft.collate(rows, examples, 0, packing)
+        assert x.size(1) <= 96
+        with torch.no_grad():
+            totals[packing] = (sft.summed_loss(m, kind, x, y, pos, doc, attn).item(), int((y != -100).sum()))
+    assert totals[True][1] == totals[False][1]
+    assert math.isclose(totals[True][0], totals[False][0], rel_tol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    examples = random_examples(4, 250)
+    x, y, pos, doc = sft.collate(sft.build_rows(examples, 96, True), examples, 0, True)
+    grads = []
+    for checkpointing in (False, True):
+        m = tiny_native()
+        if checkpointing:
+            sft.enable_gradient_checkpointing(m, "native")
+        sft.summed_loss(m, "native", x, y, pos, doc, "sdpa").backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+# -----------------------------------------------------------------------------
+# mixtures
+
+
+def test_mixture_rates_honoured_per_draw():
+    draws = sft_sets.Mixture([50, 400], [0.7, 0.3], seed=3).stream(2000)
+    first = sum(k == 0 for k, _ in draws)
+    sd = math.sqrt(2000 * 0.7 * 0.3)
+    assert abs(first - 1400) < 4 * sd
+    # each set is walked through a permutation: 50 examples drawn ~1400 times -> every one ~28 times
+    counts = [sum(1 for k, i in draws if k == 0 and i == j) for j in range(50)]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_mixture_rates_must_sum_to_one():
+    with pytest.raises(common.ConfigError, match="sum to 1"):
+        sft_sets.check_rates(["imdb", "sst2"], [0.5, 0.4])
+    with pytest.raises(common.ConfigError, match="mixture_rates"):
+        sft_sets.check_rates(["imdb", "sst2"], [1.0])
+
+
+# -----------------------------------------------------------------------------
+# label parsing and the registry
+
+
+def test_label_parsing_on_hand_written_outputs():
+    nli = ("entailment", "not_entailment")
+    assert sft_sets.parse_label(" not_entailment", nli) == "not_entailment"
+    assert sft_sets.parse_label("Entailment.", nli) == "entailment"
+    assert sft_sets.parse_label("I think it is not_entailment here", nli) == "not_entailment"
+    assert sft_sets.parse_label("banana", nli) is None
+    sentiment = ("negative", "neutral", "positive")
+    assert sft_sets.parse_label(" positive\nReview: more", sentiment) == "positive"
+    assert sft_sets.parse_label("It is neutral, not negative", sentiment) == "neutral"
+    assert sft_sets.parse_label("nonpositive", sentiment) is None  # a whole word, not a substring
+    mc = tuple("ABCD")
+    assert sft_sets.parse_label(" B", mc) == "B"
+    assert sft_sets.parse_label("(C) because", mc) == "C"
+    assert sft_sets.parse_label("The answer is D", mc) == "D"
+    assert sft_sets.parse_label("E", mc) is None and sft_sets.parse_label("", mc) is None
+    entry = sft_sets.get_set("gsm8k")
+    assert sft_sets.score_generation(entry, {"gold": "72"}, "48+24=72\n#### 72") == {
+        "pred": "72", "correct": True, "parsed": True}
+    unparsed = sft_sets.score_generation(entry, {"gold": "72"}, "the answer is 72")
+    assert unparsed["parsed"] is False and unparsed["correct"] is False  # no '####': counted, and wrong
+
+
+def test_every_registry_template_renders_from_its_hub_schema():
+    with open(FIXTURES) as f:
+        rows = json.load(f)
+    assert set(rows) == set(sft_sets.REGISTRY), "every registry entry needs a fixture row in its hub schema"
+    tok = byte_tok()
+    for name, entry in sft_sets.REGISTRY.items():
+        ex = sft_sets.to_example(entry, rows[name])
+        roles = [m["role"] for m in ex["messages"]]
+        assert roles[-1] == "assistant" and "user" in roles, name
+        assert all(m["content"].strip() for m in ex["messages"]), name
+        assert "{" not in ex["messages"][-2]["content"] or name == "bigcodebench", name  # no unfilled placeholders
+        if entry.scoring == "label":
+            assert ex["gold"] in entry.labels and ex["messages"][-1]["content"] == ex["gold"], name
+            sft_sets.check_labels(entry, tok.encode_reply)
+        if entry.scoring == "number":
+            assert ex["gold"] is not None, name
+        ids, target, _ = sft.encode_example(ex["messages"], "user_assistant", tok, 2048)
+        assert sum(target) > 0, name
+    assert sft_sets.to_example(sft_sets.get_set("imdb"), rows["imdb"])["gold"] == "positive"
+    assert sft_sets.to_example(sft_sets.get_set("fiqa_sentiment"), rows["fiqa_sentiment"])["gold"] == "negative"
+    assert sft_sets.to_example(sft_sets.get_set("mmlu"), rows["mmlu"])["gold"] == "B"
+    assert sft_sets.to_example(sft_sets.get_set("svamp"), rows["svamp"])["gold"] == "51"
+
+
+def test_local_copies_and_holdout(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(50)))
+    train = sft_sets.load_split("jsonl", "train", str(path))
+    held = sft_sets.load_split("jsonl", "eval", str(path))
+    assert len(train) + len(held) == 50 and len(held) == 5
+    assert not {e["messages"][0]["content"] for e in train} & {e["messages"][0]["content"] for e in held}
+    gsm = sft_sets.load_split("gsm8k", "eval", os.path.join(common.SHARED_DATA, "gsm8k", "test.jsonl"), max_samples=7)
+    assert len(gsm) == 7 and all(e["gold"] for e in gsm)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one-line errors
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(common.ConfigError, match="unknown dataset 'nope'.*gsm8k.*imdb"):
+        sft.check_config(sft.Config(model="x", datasets=["nope"]))
+    with pytest.raises(common.ConfigError, match="sum to 1"):
+        sft.check_config(sft.Config(model="x", datasets=["imdb", "sst2"], mixture_rates=[0.6, 0.6]))
+    if not torch.cuda.is_available():
+        with pytest.raises(common.ConfigError, match="need CUDA"):
+            sft.check_config(sft.Config(model="x", load_in_4bit=True, lora=True))
+    with pytest.raises(common.ConfigError, match="tokenizes to nothing"):
+        sft_sets.check_labels(sft_sets.SFTSet("x", labels=("yes", "")), byte_tok().encode_reply)
+    cfg = sft.Config(model="x", lora=True, lora_target_modules=["q_proj"])
+    with pytest.raises(common.ConfigError, match=r"\['q_proj'\] are not in this gpt2 model.*c_attn"):
+        sft.add_lora(cfg, tiny_hf("gpt2"))
+    save_native(str(tmp_path / "base" / "ckpt_000000.pt"), tiny_native(), common.Tokenizer("byte"))
+    with pytest.raises(common.ConfigError, match="multiplication tokens"):
+        sft.main([f"model={tmp_path / 'base'}/latest", "datasets=[synthetic]", "inject_mul_tokens=true",
+                  f"out_dir={tmp_path / 'out'}", "max_samples=20"])
+    # at the entry point: one line on stderr, exit code 1, no traceback
+    r = subprocess.run([sys.executable, "sft.py", "model=x", "datasets=[imdb,nope]"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: unknown dataset 'nope'") and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# LoRA: only adapters change; the merged model gives the adapter model's logits
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_lora_trains_adapters_only_and_merges_exactly(arch):
+    m = tiny_hf(arch)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    peft_model, targets = sft.add_lora(sft.Config(model="x", lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0), m)
+    assert targets == sft.LORA_TARGETS[arch]
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    examples = random_examples(4, 250)
+    x, y, pos, _ = sft.collate([[i] for i in range(4)], examples, 0, False)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = sft.summed_loss(peft_model, "hf", x, y, pos, None, "sdpa")
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    base = peft_model.get_base_model()
+    for k, v in base.state_dict().items():  # base weights untouched (adapters live in their own tensors)
+        if "lora_" not in k:
+            assert torch.equal(v, before[k.replace(".base_layer", "")]), k
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(input_ids=x).logits
+        merged = peft_model.merge_and_unload()(input_ids=x).logits
+        plain = tiny_hf(arch)(input_ids=x).logits
+    assert torch.allclose(adapted, merged, atol=1e-5)
+    assert not torch.allclose(adapted, plain, atol=1e-3)  # the adapters did change the model
+
+
+# -----------------------------------------------------------------------------
+# whole runs: resume exactness, and accuracy that rises
+
+
+def run_args(tmp_path, base, out, *extra):
+    return [f"model={base}", "datasets=[synthetic]", "dataset_options={max_steps: 1, max_value: 10}",
+            "max_samples=200", "eval_samples=8", "max_length=256", "batch_size=4", "learning_rate=3e-3",
+            "log_interval=1", "eval_interval=3", f"out_dir={out}", "gen_eval=false", "tensorboard=false",
+            "warmup_ratio=0.2", *extra]
+
+
+def train_losses(out):
+    return {r["step"]: r["loss"] for r in common.read_jsonl(os.path.join(out, "log.jsonl")) if r.get("type") == "train"}
+
+
+def test_resume_is_exact(tmp_path):
+    base = tmp_path / "base"
+    save_native(str(base / "ckpt_000000.pt"), tiny_native(n_embd=32), common.Tokenizer("byte"))
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    sft.main(run_args(tmp_path, f"{base}/latest", whole, "max_steps=6", "packing=true"))
+    stopped = sft.main(run_args(tmp_path, f"{base}/latest", parts, "max_steps=6", "packing=true", "stop_after_step=2"))
+    assert stopped["status"] == "stopped"
+    resumed = sft.main(run_args(tmp_path, f"{base}/latest", parts, "max_steps=6", "packing=true", "resume=latest",
+                                "save_total_limit=1"))
+    assert resumed["status"] == "done"
+    assert train_losses(whole) == train_losses(parts)  # every step's loss, bit for bit
+    assert [os.path.basename(p) for _, p in common.list_checkpoints(parts)] == ["ckpt_000005.pt"]
+    a = sft_hf_weights(whole / "hf")
+    b = sft_hf_weights(parts / "hf")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(common.ConfigError, match="already holds checkpoints"):
+        sft.main(run_args(tmp_path, f"{base}/latest", whole, "max_steps=6"))
+
+
+def sft_hf_weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def sums(n, seed):
+    """Synthetic two-number sums in GSM8K's format: worked line, then the answer after '####'."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        out.append({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+    return out
+
+
+def test_sft_raises_exact_match_measured_by_eval_gsm8k(tmp_path):
+    """A tiny byte-level GPT from scratch, a few hundred SFT steps on synthetic sums (a local jsonl through
+    the registry's `jsonl` entry): eval_gsm8k.py's zero-shot chat mode (strict: the number after '####') on
+    held-out sums goes up from zero."""
+    import eval_gsm8k
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps({"prompt": r["question"], "completion": r["answer"]}) + "\n"
+                             for r in sums(2000, 0)))
+    test.write_text("".join(json.dumps(r) + "\n" for r in sums(50, 1)))
+    base = tmp_path / "base"
+    save_native(str(base / "ckpt_000000.pt"), tiny_native(n_embd=48), common.Tokenizer("byte"))
+
+    def accuracy(model, out):
+        r = eval_gsm8k.main([f"model={model}", "task=gsm8k", f"data_path={test}", "fewshot=0", "max_new_tokens=20",
+                             "batch_size=50", f"out_dir={out}", "engine=hf"])
+        return r["metrics"]["gsm8k_strict"]
+
+    before = accuracy(f"{base}/latest", tmp_path / "eval_before")
+    sft.main([f"model={base}/latest", "datasets=[jsonl]", f"data_paths=[{train}]", "eval_samples=0",
+              "max_length=64", "batch_size=16", "learning_rate=1e-2", "max_steps=240",
+              "warmup_ratio=0.05", "log_interval=50", "eval_interval=0", f"out_dir={tmp_path / 'sft'}",
+              "gen_eval=false", "tensorboard=false"])
+    after = accuracy(tmp_path / "sft" / "hf", tmp_path / "eval_after")
+    assert before == 0.0 and after >= 0.5, (before, after)
