@@ -23,7 +23,7 @@ import random
 import re
 from typing import Callable, Optional, Sequence, Union
 
-import common
+import dataio
 from tasks.arithmetic import Arithmetic
 from tasks.gsm8k import extract_strict, final_answer, same_number
 from tasks.synthetic import SyntheticMath
@@ -58,7 +58,7 @@ def register(entry):
 
 def get_set(name):
     if name not in REGISTRY:
-        raise common.ConfigError(f"unknown dataset '{name}'; the registry has: {', '.join(sorted(REGISTRY))}")
+        raise dataio.ConfigError(f"unknown dataset '{name}'; the registry has: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
 
@@ -131,14 +131,14 @@ def task_rows(task_class, knob_names):
         try:
             problems = task_class(n=n, **knobs).examples(split)
         except (ValueError, TypeError) as e:  # knobs out of range: a config mistake
-            raise common.ConfigError(f"dataset '{task_class.name}', dataset_options {options}: {e}") from e
+            raise dataio.ConfigError(f"dataset '{task_class.name}', dataset_options {options}: {e}") from e
         return [{"question": e["question"], "answer": e["answer"]} for e in problems]
     return load
 
 
 def jsonl_rows(split, data_path, max_samples, options):
     if not data_path:
-        raise common.ConfigError("dataset 'jsonl' needs data_path= (a jsonl of prompt/completion or messages rows)")
+        raise dataio.ConfigError("dataset 'jsonl' needs data_path= (a jsonl of prompt/completion or messages rows)")
     return read_local(data_path)
 
 
@@ -220,9 +220,9 @@ register(SFTSet("jsonl", "", None, "train", None, loader=jsonl_rows,
 
 def read_local(path):
     if not os.path.isfile(path):
-        raise common.ConfigError(f"data_path not found: {path}")
+        raise dataio.ConfigError(f"data_path not found: {path}")
     if path.endswith(".jsonl"):
-        return common.read_jsonl(path)
+        return dataio.read_jsonl(path)
     if path.endswith(".json"):
         with open(path) as f:
             data = json.load(f)
@@ -232,7 +232,7 @@ def read_local(path):
     if path.endswith((".parquet", ".csv")):
         from datasets import load_dataset
         return list(load_dataset(path.rsplit(".", 1)[1], data_files=path, split="train"))
-    raise common.ConfigError(f"data_path {path}: expected .jsonl, .json, .parquet or .csv")
+    raise dataio.ConfigError(f"data_path {path}: expected .jsonl, .json, .parquet or .csv")
 
 
 def hub_rows(entry, split):
@@ -274,7 +274,7 @@ def load_split(name, split, data_path="", max_samples=0, seed=0, options=None, h
     elif data_path:
         rows = read_local(data_path)
     elif not entry.hub:
-        raise common.ConfigError(f"dataset '{name}' has no hub copy; give data_path=")
+        raise dataio.ConfigError(f"dataset '{name}' has no hub copy; give data_path=")
     else:
         rows = hub_rows(entry, hub_split or entry.train_split)
     index = list(range(len(rows)))  # rows may be a hub Dataset: pick indices first, read only those rows
@@ -292,7 +292,7 @@ def check_labels(entry, encode):
     """Every label word must tokenize to something (a word that vanishes can be neither trained nor parsed)."""
     for word in entry.labels:
         if not word.strip() or not encode(word.strip()):
-            raise common.ConfigError(f"dataset '{entry.name}': label word {word!r} tokenizes to nothing")
+            raise dataio.ConfigError(f"dataset '{entry.name}': label word {word!r} tokenizes to nothing")
 
 
 # -----------------------------------------------------------------------------
@@ -340,9 +340,9 @@ def check_rates(names, rates):
     if not rates:
         return [1.0 / len(names)] * len(names) if len(names) == 1 else None
     if len(rates) != len(names):
-        raise common.ConfigError(f"{len(names)} datasets but {len(rates)} mixture_rates")
+        raise dataio.ConfigError(f"{len(names)} datasets but {len(rates)} mixture_rates")
     if any(r < 0 for r in rates) or abs(sum(rates) - 1.0) > 1e-6:
-        raise common.ConfigError(f"mixture_rates {list(rates)} must be non-negative and sum to 1 "
+        raise dataio.ConfigError(f"mixture_rates {list(rates)} must be non-negative and sum to 1 "
                                  f"(they sum to {sum(rates):g})")
     return list(rates)
 
