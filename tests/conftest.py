@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -17,3 +18,13 @@ def shared_path(*parts):
             raise FileNotFoundError(f"{path} is missing in CI, where ../shared must be present")
         pytest.skip(f"{path} not present (../shared/data is absent in this clone)")
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every test's models are tiny: they run fastest on one thread (their matmuls are too small to split, and
+    more threads only spin on a small or shared CPU). Restored after each module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

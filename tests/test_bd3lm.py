@@ -18,14 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = os.path.join(ROOT, "tests", "fixtures", "plans_small.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def gsm8k_files(tmp_path_factory):
     """The first GSM8K rows from ../shared/data (train 300, test 40): enough text, quick to tokenize."""

@@ -1,7 +1,6 @@
 """Evaluation protocols (issue 9, items 1, 7, 8): few-shot prompts that fit with whole exemplars, the
 lm-evaluation-harness GSM8K protocol beside the project's, HellaSwag's three rules, batched in-loop HellaSwag."""
 import json
-import os
 import random
 
 import pytest

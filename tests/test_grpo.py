@@ -2,7 +2,6 @@
 hand-written completions, the sampler's log-probs against a full forward pass, a tiny SFT-warmed model whose
 reward rises under GRPO, exact resume, and the one-line errors for bad settings."""
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -19,14 +18,6 @@ from tasks import rewards as rewards_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy shared CPU makes more threads spin for minutes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # -----------------------------------------------------------------------------
 # the math

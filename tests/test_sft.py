@@ -20,16 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "sft_sets.json")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread: their matmuls are too small to split, and a second thread only
-    spins when the machine is shared. Restored afterwards, so other test files keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def byte_tok():
     return sft.NativeTok(common.Tokenizer("byte"), False)
 

@@ -42,15 +42,6 @@ def write_arithmetic_data(data_dir, train_tokens=40_000, val_tokens=6_000, seed=
     return data_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and a shared CPU loses a lot to oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_arithmetic_data(str(tmp_path_factory.mktemp("arith")))
