@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 
 import torch

@@ -26,7 +26,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 
 import common
