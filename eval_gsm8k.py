@@ -511,7 +511,8 @@ def wilson_interval(k, n, z=Z95):
     p = k / n
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, center - half), min(1.0, center + half))
+    # exactly 0 (1) at k = 0 (n): rounding would leave 3e-18 above the point estimate, a negative error bar
+    return (0.0 if k == 0 else max(0.0, center - half), 1.0 if k == n else min(1.0, center + half))
 
 
 def mcnemar_exact(b, c):

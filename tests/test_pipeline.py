@@ -26,6 +26,9 @@ def test_wilson_interval_known_values():
     lo, hi = ev.wilson_interval(50, 100)  # symmetric around 1/2, narrower than +-0.1
     assert lo == pytest.approx(1 - hi) and 0.40 < lo < 0.41
     assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    # never above (below) the point estimate at k = 0 (n): matplotlib refuses negative error bars
+    for n in (50, 64, 100, 1319):
+        assert ev.wilson_interval(0, n)[0] == 0.0 and ev.wilson_interval(n, n)[1] == 1.0
 
 
 def test_mcnemar_exact_by_hand():
