@@ -381,8 +381,11 @@ class NonFiniteWatch:
         return None if step == never else step
 
 
-def diverged_message(out_dir, bad_step, what="loss or gradient norm"):
-    good = [p for s, p in list_checkpoints(out_dir) if s < bad_step]
+def diverged_message(out_dir, bad_step, what="loss or gradient norm", checkpoints=None):
+    """The error of a diverged run, naming the last checkpoint before the bad step. checkpoints: [(step, path)]
+    for a run with its own layout (default: out_dir's ckpt_*.pt)."""
+    checkpoints = list_checkpoints(out_dir) if checkpoints is None else checkpoints
+    good = [p for s, p in checkpoints if s < bad_step]
     return (f"{what} is not finite at step {bad_step}: training diverged. Last good checkpoint: "
             f"{good[-1] if good else 'none'}")
 

@@ -722,9 +722,7 @@ def train(cfg, d, stop):
         bad_step = watch.first_bad_step(d)
         if bad_step is not None:
             bar.close()
-            good = [p for s, p in checkpoint_dirs(out_dir) if s < bad_step]
-            msg = (f"loss or gradient norm is not finite at step {bad_step}: training diverged. Last good "
-                   f"checkpoint: {good[-1] if good else 'none'}")
+            msg = common.diverged_message(out_dir, bad_step, checkpoints=checkpoint_dirs(out_dir))
             logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
             raise common.TrainingDiverged(msg)
         common.synchronize(d.device_type)
