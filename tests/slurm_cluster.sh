@@ -52,7 +52,9 @@ if ! munge_ok; then
 fi
 
 # ---- slurm.conf: this host (reached at 127.0.0.1, whatever its name resolves to) and its CPUs, root as SlurmUser, no cgroups, requeue allowed, a scheduler
-# that looks every second (the default minute would dominate a test's run time)
+# that looks every second (the default minute would dominate a test's run time), and job credentials that expire
+# after 10 s: a requeued job waits that long before it starts again (120 s by default), and starting it sooner
+# is refused ("Job credential revoked")
 HOST=$(hostname -s)
 CPUS=$(nproc)
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
@@ -66,6 +68,7 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/d
 SlurmctldPidFile=$STATE/slurmctld.pid
