@@ -112,6 +112,8 @@ def check_config(cfg, world_size=1):
             f"num_generations={cfg.num_generations} does not divide the completions per rank per step, "
             f"per_device_train_batch_size * gradient_accumulation_steps = {cfg.per_device_train_batch_size} * "
             f"{cfg.gradient_accumulation_steps} = {per_rank} (each group stays whole on one rank)")
+    if cfg.temperature <= 0:
+        raise common.ConfigError(f"temperature must be > 0 (GRPO learns from sampled groups), got {cfg.temperature}")
     if cfg.loss_type not in LOSS_TYPES:
         raise common.ConfigError(f"loss_type '{cfg.loss_type}' is not one of {', '.join(LOSS_TYPES)}")
     if cfg.scale_rewards not in SCALE_REWARDS:
@@ -269,14 +271,15 @@ def sequence_logits(model, ids, attention, native):
     return model(input_ids=ids, attention_mask=attention).logits
 
 
-def completion_logprobs(model, ids, attention, where, native):
-    """(B, L) log-probs of the completion tokens (fp32 log-softmax over the model's whole output, as engine.py
-    reports the sampler's), one row at a time: an fp32 (T, V) at a time, not (B, T, V)."""
+def completion_logprobs(model, ids, attention, where, native, temperature=1.0):
+    """(B, L) log-probs of the completion tokens under the policy that sampled them: fp32 log-softmax of
+    logits / temperature over the model's whole output (TRL's definition; at temperature 1 exactly what engine.py
+    reports), one row at a time: an fp32 (T, V) at a time, not (B, T, V)."""
     logits = sequence_logits(model, ids, attention, native)
     targets = ids[:, 1:].gather(1, where)
     rows = []
     for i in range(ids.size(0)):
-        row = logits[i, :-1].index_select(0, where[i]).float()
+        row = logits[i, :-1].index_select(0, where[i]).float() / temperature
         rows.append(row.gather(-1, targets[i][:, None])[:, 0] - torch.logsumexp(row, dim=-1))
     return torch.stack(rows)
 
@@ -477,7 +480,8 @@ def train(cfg, d, stop_signal):
         out = []
         for mb in micro_batches:
             with autocast:
-                out.append(completion_logprobs(which, mb["ids"], mb["attention"], mb["where"], is_native).float())
+                out.append(completion_logprobs(which, mb["ids"], mb["attention"], mb["where"], is_native,
+                                               cfg.temperature).float())
         return out
 
     def update(step, batch):
@@ -511,7 +515,8 @@ def train(cfg, d, stop_signal):
                 last = k == len(micro) - 1
                 with model.no_sync() if d.ddp and not last else contextlib.nullcontext():
                     with autocast:
-                        logp = completion_logprobs(model, mb["ids"], mb["attention"], mb["where"], native).float()
+                        logp = completion_logprobs(model, mb["ids"], mb["attention"], mb["where"], native,
+                                               cfg.temperature).float()
                     old_logp = old[k] if old is not None else logp.detach()  # mu = 1: ratio 1, clip inert
                     loss, stats = policy_loss(
                         logp, old_logp, mb["advantages"], mb["mask"], cfg.loss_type, cfg.epsilon, epsilon_high,

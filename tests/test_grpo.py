@@ -247,6 +247,25 @@ def test_sampler_logprobs_equal_a_full_forward_pass(warm_run, tmp_path):
             assert torch.allclose(full[i, :len(c.ids)], torch.tensor(c.logprobs), atol=1e-4), lm.kind
 
 
+def test_logprobs_at_a_temperature_are_those_of_the_sampling_distribution():
+    """TRL's _get_per_token_logps divides the logits by the sampling temperature: the policy whose ratio GRPO
+    takes is the one the completions were drawn from, softmax(logits / T)."""
+    torch.manual_seed(0)
+    model = model_lib.GPT(model_lib.GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    model.eval()
+    ids, attention, where = grpo.pack_sequences([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    with torch.no_grad():
+        logits = model(ids)[0].float()
+        for T in (1.0, 0.6, 2.0):
+            got = grpo.completion_logprobs(model, ids, attention, where, native=True, temperature=T)
+            want = torch.log_softmax(logits[:, :-1] / T, dim=-1)
+            targets = ids[:, 1:].gather(1, where)
+            expected = want.gather(1, where[:, :, None].expand(-1, -1, 50)).gather(-1, targets[:, :, None])[..., 0]
+            assert torch.allclose(got, expected, atol=1e-5), T
+        assert not torch.allclose(grpo.completion_logprobs(model, ids, attention, where, True, 0.6),
+                                  grpo.completion_logprobs(model, ids, attention, where, True, 1.0))
+
+
 def run_args(model, out_dir, *extra):
     return [f"model={model}", "task=arithmetic", "task_args={max_operand: 2, n: 500}",
             "reward_funcs=arithmetic,format", "num_generations=8", "per_device_train_batch_size=32",
