@@ -481,7 +481,7 @@ def train(cfg, d, stop_signal):
         for mb in micro_batches:
             with autocast:
                 out.append(completion_logprobs(which, mb["ids"], mb["attention"], mb["where"], is_native,
-                                               cfg.temperature).float())
+                                               cfg.temperature))
         return out
 
     def update(step, batch):
@@ -516,7 +516,7 @@ def train(cfg, d, stop_signal):
                 with model.no_sync() if d.ddp and not last else contextlib.nullcontext():
                     with autocast:
                         logp = completion_logprobs(model, mb["ids"], mb["attention"], mb["where"], native,
-                                               cfg.temperature).float()
+                                                   cfg.temperature)
                     old_logp = old[k] if old is not None else logp.detach()  # mu = 1: ratio 1, clip inert
                     loss, stats = policy_loss(
                         logp, old_logp, mb["advantages"], mb["mask"], cfg.loss_type, cfg.epsilon, epsilon_high,

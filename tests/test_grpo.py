@@ -374,6 +374,7 @@ def test_grpo_on_a_label_set_of_the_sft_registry(tmp_path):
     (["task=sft:sujet_finance_vision"], "task 'sft:sujet_finance_vision': dataset .* is a vision set"),
     (["task=sft:fiqa_qa"], "dataset 'fiqa_qa' has free-form answers"),
     (["task=nope"], "unknown task 'nope'.* or sft:NAME"),
+    (["temperature=0"], "temperature must be > 0"),
     (["task=sft:sst2"], r"reward_funcs ['gsm8k'] cannot score sft:sst2 \(scored by label\); use sft_set"),
     (["task=sft:gsm8k_socratic", "reward_funcs=label"], "reward_funcs ['label'] cannot score sft:gsm8k_socratic"),
 ])
