@@ -3,42 +3,36 @@ Shared plumbing for every stage: distributed setup, checkpoints, the training lo
 shard loader. Its torch-free half (config, JSON files, token shards, the tokenizer, logging) lives in
 dataio.py, so that the data path runs without torch; every name of it is re-exported here.
 """
-import dataclasses
-import json
-import math
-import os
-import pickle
-import random
-import re
-import sys
-
-import numpy as np
-import torch
-
+import dataio  # first: it installs the stop-signal handlers before the slow imports (torch) of a stage
 from dataio import (  # noqa: F401  (re-exported: the stages write common.load_config, common.Tokenizer, ...)
-    BYTE_ENCODER, GPT2_EOT, GPT2_PATTERN, HEADER_BYTES, HEADER_INTS, MUL_RE, SHARD_MAGIC, SHARD_VERSION,
-    ConfigError, Logger, ShardError, Tokenizer, atomic_write_json, build_hf_tokenizer, bytes_to_unicode,
-    config_dict, find_shards, format_record, gpt2_ranks, hf_tokenizer, load_config, load_meta, merges_from_ranks,
-    mul_split_regex, mul_token_strings, padded_vocab_size, progress, read_jsonl, read_shard, sample_text,
-    token_dtype, token_str, write_shard)
+    BYTE_ENCODER, CONFIG_ALIASES, EXPECTED_ERRORS, GPT2_EOT, GPT2_PATTERN, HEADER_BYTES, HEADER_INTS, MUL_RE,
+    RECEIVED_SIGNALS, SHARD_MAGIC, SHARD_VERSION, ConfigError, Interrupted, Logger, ShardError, Tokenizer,
+    atomic_write_json, build_hf_tokenizer, bytes_to_unicode, config_dict, config_help, find_shards, format_record,
+    gpt2_ranks, hf_tokenizer, load_config, load_meta, merges_from_ranks, mul_split_regex, mul_token_strings,
+    padded_vocab_size, progress, read_jsonl, read_shard, sample_text, token_dtype, token_str, write_shard)
+
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 # shared data for tests and local runs sits beside the repository (never copied into it)
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
-# what bad input raises (a config, a data file, a checkpoint): a stage reports these in one line, not a traceback
-EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
-
-
-def run_main(main, expected=()):
-    """A stage's `if __name__ == "__main__"`: run main(); bad input (EXPECTED_ERRORS and `expected`) ends in
-    one line `error: ...` on stderr and exit code 1."""
-    try:
-        main()
-    except EXPECTED_ERRORS + tuple(expected) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(1)
+def run_main(main, expected=(), preemptible=False):
+    """dataio.run_main with a diverged run among the expected endings (one line, exit 1)."""
+    dataio.run_main(main, tuple(expected) + (TrainingDiverged,), preemptible)
 
 
 # -----------------------------------------------------------------------------
@@ -129,14 +123,19 @@ def cleanup_dist(d):
 
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+SEED_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")  # the seeds' layout: checkpoint-5000/model.pt
+CHECKPOINT_LAYOUTS = ("ckpt", "seed")
 
 
-def checkpoint_path(out_dir, step):
+def checkpoint_path(out_dir, step, layout="ckpt"):
+    """ckpt_000100.pt (layout ckpt) or checkpoint-100/model.pt (layout seed: step numbers as the seeds count)."""
+    if layout == "seed":
+        return os.path.join(out_dir, f"checkpoint-{step}", "model.pt")
     return os.path.join(out_dir, f"ckpt_{step:06d}.pt")
 
 
 def list_checkpoints(out_dir):
-    """All finished checkpoints of a run folder, sorted by step: [(step, path), ...]."""
+    """All finished checkpoints of a run folder in either layout, sorted by step: [(step, path), ...]."""
     if not os.path.isdir(out_dir):
         return []
     found = []
@@ -144,7 +143,20 @@ def list_checkpoints(out_dir):
         m = CKPT_RE.match(name)
         if m:
             found.append((int(m.group(1)), os.path.join(out_dir, name)))
+        m = SEED_CKPT_RE.match(name)
+        if m and os.path.isfile(os.path.join(out_dir, name, "model.pt")):
+            found.append((int(m.group(1)), os.path.join(out_dir, name, "model.pt")))
     return sorted(found)
+
+
+def remove_checkpoint(path):
+    """A checkpoint file, or its checkpoint-N folder in the seed layout."""
+    import shutil
+    folder = os.path.dirname(path)
+    if os.path.basename(path) == "model.pt" and SEED_CKPT_RE.match(os.path.basename(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        os.remove(path)
 
 
 def save_checkpoint(path, state):
@@ -307,9 +319,10 @@ def nonfinite_tensors(state_dict):
     return [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-def save_training_checkpoint(out_dir, step, state, d, keep_last_k=0):
-    """Rank 0 writes ckpt_<step>.pt atomically, never with non-finite weights; keep_last_k > 0 prunes older ones."""
-    path = checkpoint_path(out_dir, step)
+def save_training_checkpoint(out_dir, step, state, d, keep_last_k=0, layout="ckpt"):
+    """Rank 0 writes the step's checkpoint atomically, never with non-finite weights; keep_last_k > 0 prunes
+    older ones."""
+    path = checkpoint_path(out_dir, step, layout)
     if d.master:
         bad = nonfinite_tensors(state["model"])
         if bad:
@@ -317,14 +330,16 @@ def save_training_checkpoint(out_dir, step, state, d, keep_last_k=0):
         save_checkpoint(path, state)
         if keep_last_k > 0:
             for _, old in list_checkpoints(out_dir)[:-keep_last_k]:
-                os.remove(old)
+                remove_checkpoint(old)
     barrier(d)
     return path
 
 
 class Preemption:
     """SIGTERM / SIGUSR1 (SLURM preemption or time limit) only set a flag; the loop saves and exits at a step
-    boundary. Under DDP the ranks agree (one may get the signal later) with an all_reduce at log points."""
+    boundary. A signal that came before (during the imports and set-up, remembered by dataio's handler) counts
+    as one received now. Under DDP the ranks agree (one may get the signal later) with an all_reduce at log
+    points. On exit the previous handlers return (in a stage: remember, never die)."""
 
     def __init__(self):
         self.signal = None
@@ -335,6 +350,9 @@ class Preemption:
         def handler(signum, frame):
             self.signal = signal.Signals(signum).name
 
+        if RECEIVED_SIGNALS:
+            self.signal = RECEIVED_SIGNALS[0]
+            RECEIVED_SIGNALS.clear()
         self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         return self
 
@@ -388,6 +406,206 @@ def diverged_message(out_dir, bad_step, what="loss or gradient norm", checkpoint
     good = [p for s, p in checkpoints if s < bad_step]
     return (f"{what} is not finite at step {bad_step}: training diverged. Last good checkpoint: "
             f"{good[-1] if good else 'none'}")
+
+
+# -----------------------------------------------------------------------------
+# what every trainer's loop calls: restore, the due-step flags, the step timer, the divergence stop, the ending
+
+
+def fingerprint(path):
+    """What a data path holds, however its name is spelled: for a folder of shards meta.json's bytes and each
+    file's name and size; for a file its bytes (past 64 MB its size and first and last MB)."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if name == "meta.json":
+                with open(full, "rb") as f:
+                    h.update(f.read())
+            elif os.path.isfile(full) and not TEMP_RE.search(name):
+                h.update(f"{name}:{os.path.getsize(full)};".encode())
+    elif os.path.isfile(path):
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size <= 64 << 20:
+                h.update(f.read())
+            else:
+                h.update(f.read(1 << 20))
+                f.seek(size - (1 << 20))
+                h.update(f.read() + str(size).encode())
+    else:
+        h.update(str(path).encode())  # a hub name: the name is what there is to compare
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg, keys, **extra):
+    """{name: value} of what defines a run: the config's `keys` (model, loss settings) and `extra` (e.g.
+    data=fingerprint(cfg.data_dir)). A checkpoint stores it; resume refuses a change of any entry."""
+    identity = {k: getattr(cfg, k) for k in keys}
+    identity.update(extra)
+    return json.loads(json.dumps(identity, default=str))  # lists, not tuples: compares equal after a round trip
+
+
+TEMP_RE = re.compile(r"\.tmp(\d*)$")
+
+
+def remove_orphaned_temps(out_dir):
+    """Temporary files and folders of a save killed halfway (NAME.tmpPID, NAME.tmp) are removed at the next
+    start, unless the process that writes them still runs."""
+    import shutil
+    if not os.path.isdir(out_dir):
+        return []
+    removed = []
+    names = sorted(os.listdir(out_dir))
+    names += [os.path.join(n, sub) for n in names if SEED_CKPT_RE.match(n) and os.path.isdir(os.path.join(out_dir, n))
+              for sub in sorted(os.listdir(os.path.join(out_dir, n)))]
+    for name in names:
+        m = TEMP_RE.search(name)
+        if not m:
+            continue
+        if m.group(1) and int(m.group(1)) != os.getpid():
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # its writer is alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        removed.append(name)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left by a killed save in {out_dir}: {', '.join(removed)}",
+              file=sys.stderr)
+    return removed
+
+
+def check_identity(ckpt, identity, resume):
+    """Refuse to continue a checkpoint whose run differs from this one in any entry of `identity`. Checkpoints
+    written before identities were stored are compared on the config keys they hold."""
+    saved = ckpt.get("identity")
+    if saved is None:
+        saved = {k: v for k, v in json.loads(json.dumps(ckpt.get("config") or {}, default=str)).items()
+                 if k in identity}
+    differ = [f"{k}={saved[k]!r} in the checkpoint but {identity[k]!r} now" for k in identity
+              if k in saved and saved[k] != identity[k]]
+    if differ:
+        raise ConfigError(f"resume={resume} continues {ckpt['path']}, which was another run: {'; '.join(differ)}. "
+                          "Use that run's settings, or another out_dir")
+
+
+def restore(out_dir, resume, kind, identity, master=True):
+    """Where a trainer starts: None (fresh) or the checkpoint to continue (start_or_resume), after removing a
+    killed save's temporary files and checking the run's identity; log.jsonl loses the records past it."""
+    if master:
+        remove_orphaned_temps(out_dir)
+    ckpt = start_or_resume(out_dir, resume, kind)
+    if ckpt is not None:
+        check_identity(ckpt, identity, resume)
+        if master:
+            trim_log(out_dir, ckpt["step"])
+    return ckpt
+
+
+@dataclasses.dataclass
+class Due:
+    """What a step is due for: last (the final step), log (a host sync and a record), ckpt, eval, stop_after
+    (stop_after_step: end this invocation here with a checkpoint, as if preempted)."""
+    last: bool
+    log: bool
+    ckpt: bool
+    eval: bool
+    stop_after: bool
+
+
+def due(step, max_steps, log_interval=1, ckpt_interval=0, eval_interval=0, stop_after_step=-1, first_step=-1):
+    """The flags of `step` (0-based): intervals count steps done (step + 1); 0 means only at the last step.
+    The first step of an invocation is always logged (it shows the run is alive)."""
+    last = step == max_steps - 1
+
+    def every(n):
+        return n > 0 and (step + 1) % n == 0
+
+    ckpt, evaluate, stop_after = last or every(ckpt_interval), last or every(eval_interval), step == stop_after_step
+    log = every(log_interval) or step == first_step or ckpt or evaluate or stop_after
+    return Due(last, log, ckpt, evaluate, stop_after)
+
+
+def peak_memory_gb(device_type):
+    """Peak GPU memory allocated by this process since the start (CUDA only, else None)."""
+    return torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None
+
+
+class StepTimer:
+    """Training throughput between log points: tokens/s, and MFU where the model gives FLOPs per token and the
+    device a peak. The first lap after a start (compile, allocator warm-up) stays out of the run's mean, and so
+    does the time spent evaluating or saving (call restart() after them)."""
+
+    def __init__(self, device_type, flops_per_token=None, peak=None, world_size=1):
+        self.device_type, self.flops_per_token, self.peak, self.world_size = device_type, flops_per_token, peak, world_size
+        self.total_tokens, self.total_seconds, self.first = 0.0, 0.0, True
+        self.restart()
+
+    def restart(self):
+        self.t0, self.steps, self.tokens = time.time(), 0, 0
+
+    def step(self, tokens):
+        """One optimizer step of `tokens` over all ranks (a number, or a device tensor: no host sync here)."""
+        self.steps += 1
+        self.tokens = self.tokens + tokens
+
+    def lap(self):
+        """{dt_ms, tokens_per_sec, mfu, peak_mem_gb} since the last lap (a host sync: call it at log points)."""
+        synchronize(self.device_type)
+        seconds, tokens = time.time() - self.t0, float(self.tokens)
+        rate = tokens / seconds if seconds > 0 else None
+        if not self.first:
+            self.total_tokens += tokens
+            self.total_seconds += seconds
+        self.first = False
+        figures = {"dt_ms": 1000 * seconds / max(self.steps, 1), "tokens_per_sec": rate,
+                   "mfu": mfu(rate, self.flops_per_token, self.peak, self.world_size) if self.flops_per_token else None,
+                   "peak_mem_gb": peak_memory_gb(self.device_type)}
+        self.restart()
+        return {k: v for k, v in figures.items() if v is not None}
+
+    def summary(self):
+        """The run's mean throughput (first lap left out) and peak memory, for results.json."""
+        rate = self.total_tokens / self.total_seconds if self.total_seconds > 0 else None
+        return {"tokens_per_sec": rate,
+                "mfu": mfu(rate, self.flops_per_token, self.peak, self.world_size) if self.flops_per_token else None,
+                "peak_mem_gb": peak_memory_gb(self.device_type)}
+
+
+def stop_if_diverged(watch, d, logger, out_dir, checkpoints=None):
+    """At a log point: if a loss or gradient norm was NaN/Inf since the start, log the error record (naming
+    the last good checkpoint) and raise TrainingDiverged."""
+    bad_step = watch.first_bad_step(d)
+    if bad_step is None:
+        return
+    msg = diverged_message(out_dir, bad_step, checkpoints=checkpoints)
+    logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
+    logger.close()
+    raise TrainingDiverged(msg)
+
+
+def early_exit(stop, due_now, signal_stop, step, path, logger):
+    """After a step's save: 'preempted' (a signal) or 'stopped' (stop_after_step) when the run ends here before
+    its last step, with the line that says how to continue; None when the loop goes on (or ends anyway)."""
+    if not (signal_stop or due_now.stop_after) or due_now.last:
+        return None
+    why = f"received {stop.signal}" if signal_stop else f"stop_after_step={step}"
+    logger.close()
+    logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+    return "preempted" if signal_stop else "stopped"
+
+
+def finish(out_dir, results, d, logger):
+    """The end of a run on rank 0: results.json written atomically, the bar and the writers closed."""
+    logger.close()
+    if d.master:
+        atomic_write_json(os.path.join(out_dir, "results.json"), results)
+    return results
 
 
 def lr_at(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine"):

@@ -4,14 +4,64 @@ with extra and multiplication tokens, and its HF twin) and logging. prepare_data
 workers import only this module: torch costs ~3 s and ~225 MB per process, and the data path needs none
 of it. common.py re-exports every name, so the other stages keep writing common.X.
 """
-import dataclasses
-import json
 import os
-import re
+import signal
 import sys
-import typing
 
-import numpy as np
+# -----------------------------------------------------------------------------
+# signals from the first moment of a stage's process: SLURM sends SIGTERM / SIGUSR1 to preempt a job or at its
+# time limit, and the default handler would kill the process mid-import (rc -15) or mid-save. A stage script
+# imports this module first (through common), so the handler is in place before the slow imports (torch);
+# until run_main knows what the stage does with a signal, it is only remembered.
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RECEIVED_SIGNALS = []  # names of the signals received, in order (read by common.Preemption and run_main)
+
+
+class Interrupted(BaseException):
+    """A stop signal in a stage that has no step boundary to stop at (an evaluation, an export): run_main
+    ends the process with 128 + the signal number and one line, without a traceback."""
+
+    def __init__(self, signum):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+_signal_mode = {"raise": False}
+
+
+_STAGE_PID = os.getpid()
+
+
+def _on_stop_signal(signum, frame):
+    if os.getpid() != _STAGE_PID:  # a forked worker (a Pool's): it ends as by default when its parent ends it
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    RECEIVED_SIGNALS.append(signal.Signals(signum).name)
+    if _signal_mode["raise"]:
+        raise Interrupted(signum)
+
+
+def _is_stage_process():
+    """The main process of a stage script of this repository (not pytest, not a multiprocessing worker)."""
+    import multiprocessing
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    here = os.path.dirname(os.path.abspath(__file__))
+    return (main is not None and os.path.dirname(os.path.abspath(main)) == here
+            and multiprocessing.parent_process() is None)
+
+
+if _is_stage_process():
+    for _sig in STOP_SIGNALS:
+        signal.signal(_sig, _on_stop_signal)
+
+import dataclasses  # noqa: E402  (after the handlers, on purpose)
+import json  # noqa: E402
+import re  # noqa: E402
+import typing  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config: `python stage.py [CONFIG.yaml] key=value ...`
@@ -96,15 +146,76 @@ def _convert(value, typ, key):
     return value
 
 
+# the seeds' names for settings that have one name here (what their users type keeps working), in one place
+CONFIG_ALIASES = {
+    "save_steps": "ckpt_interval",  # sigma-GPT's guide, TRL / HF Trainer
+    "save_interval": "ckpt_interval",
+    "save_total_limit": "keep_last_k",  # HF Trainer
+    "per_device_train_batch_size": "micro_batch_size",  # HF Trainer / TRL: sequences per forward pass per rank
+    "logging_steps": "log_interval",  # HF Trainer
+}
+
+
+def field_comments(cls):
+    """{field: the first line of its comment} read from the source of `cls` and its dataclass bases."""
+    import ast
+    import inspect
+    import tokenize
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        text = "".join(lines)
+        by_line = {}
+        for tok in tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__):
+            if tok.type == tokenize.COMMENT:
+                by_line.setdefault(tok.start[0], tok.string.lstrip("#").strip())
+        body = ast.parse(inspect.cleandoc(text) if text[:1].isspace() else text).body[0].body
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                comment = by_line.get(node.end_lineno) or by_line.get(node.lineno)
+                if comment:
+                    comments[node.target.id] = comment
+    return comments
+
+
+def config_help(cls, prog=None):
+    """`--help`: every key with its type, default and the first line of its comment."""
+    prog = prog or os.path.basename(sys.argv[0])
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    out = [f"usage: python {prog} [CONFIG.yaml] key=value ... (also --key value)", "", "keys:"]
+    for f in dataclasses.fields(cls):
+        typ = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        line = f"  {f.name} ({typ}, default {default!r})"
+        out.append(line + (f": {comments[f.name]}" if f.name in comments else ""))
+    aliases = [f"{a} -> {t}" for a, t in CONFIG_ALIASES.items() if t in hints and a not in hints]
+    if aliases:
+        out += ["", "also accepted: " + ", ".join(aliases)]
+    return "\n".join(out)
+
+
 def load_config(cls, argv=None):
     """Build the dataclass `cls` from defaults, then an optional YAML file, then key=value overrides.
-    Unknown keys, wrong types and missing files raise ConfigError naming the problem."""
+    Unknown keys, wrong types and missing files raise ConfigError naming the problem. `--help` prints the keys
+    and exits 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(config_help(cls))
+        raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {}
 
     def put(key, value, where):
+        if key not in fields and CONFIG_ALIASES.get(key) in fields:
+            key = CONFIG_ALIASES[key]
         if key not in fields:
             raise ConfigError(f"unknown config key '{key}' ({where}); valid keys: {', '.join(sorted(fields))}")
         values[key] = _convert(value, hints[key], key)
@@ -153,6 +264,36 @@ def load_config(cls, argv=None):
 
 def config_dict(cfg):
     return dataclasses.asdict(cfg)
+
+
+# what bad input raises (a config, a data file, a checkpoint): a stage reports these in one line, not a traceback
+EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                   IsADirectoryError, PermissionError)
+
+
+def run_main(main, expected=(), preemptible=False):
+    """A stage's `if __name__ == "__main__"`. Bad input (EXPECTED_ERRORS and `expected`) ends in one line
+    `error: ...` on stderr and exit code 1. SIGTERM / SIGUSR1: a trainer (preemptible) reads the signal at its
+    next step boundary (common.Preemption), saves and exits 0; a signal before or after its loop is remembered,
+    never fatal. Any other stage stops at once with one line and exit code 128 + the signal number."""
+    import pickle
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_stop_signal)
+    try:
+        if not preemptible:
+            if RECEIVED_SIGNALS:
+                raise Interrupted(getattr(signal, RECEIVED_SIGNALS[0]))
+            _signal_mode["raise"] = True
+        main()
+    except Interrupted as e:
+        print(f"stopped: received {e} before the work was done (finished files are kept, nothing half-written)",
+              file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except EXPECTED_ERRORS + (pickle.UnpicklingError,) + tuple(expected) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(1)
+    finally:
+        _signal_mode["raise"] = False
 
 
 # -----------------------------------------------------------------------------
@@ -566,14 +707,49 @@ def format_record(record):
 
 
 class Logger:
-    def __init__(self, out_dir, master=True, resume=False):
-        self.master = master
-        self.out_dir = out_dir
-        if master:
-            os.makedirs(out_dir, exist_ok=True)
-            mode = "a" if resume else "w"
-            self.jsonl = open(os.path.join(out_dir, "log.jsonl"), mode)
-            self.txt = open(os.path.join(out_dir, "log.txt"), mode)
+    """One run's log, on rank 0: log.jsonl (one record per line, for machines), log.txt (for people), lines
+    on stdout flushed at once (a SLURM log stays in order), the run's progress bar (which it owns, so a line is
+    written above the bar, not through it), and optionally TensorBoard (out_dir/tensorboard, tags
+    `<record type>/<key>`) and W&B (imported only when wandb_project is set)."""
+
+    def __init__(self, out_dir, master=True, resume=False, tensorboard=False, wandb_project=None, run_config=None):
+        self.master, self.out_dir, self.bar, self.tb, self.wandb = master, out_dir, None, None, None
+        if not master:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        mode = "a" if resume else "w"
+        self.jsonl = open(os.path.join(out_dir, "log.jsonl"), mode)
+        self.txt = open(os.path.join(out_dir, "log.txt"), mode)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                self.info("warning: tensorboard is not installed (pip install tensorboard); logging to log.jsonl only")
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("wandb_project is set but wandb is not installed: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, name=os.path.basename(os.path.normpath(out_dir)),
+                                    dir=out_dir, config=run_config, resume="allow")
+
+    def progress(self, total=None, initial=0, desc="train", unit="step"):
+        """The run's bar (tqdm on rank 0; plain lines every 30 s where stderr is not a terminal)."""
+        self.bar = progress(total=total, initial=initial, master=self.master, desc=desc, unit=unit)
+        return self.bar
+
+    def postfix(self, **values):
+        """Figures beside the bar, shown at its next refresh (never a refresh per batch: one line each in SLURM)."""
+        if self.bar is not None:
+            self.bar.set_postfix(values, refresh=False)
+
+    def write(self, line):
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line)
+        sys.stdout.flush()
 
     def log(self, record, echo=True):
         if not self.master:
@@ -587,13 +763,33 @@ class Logger:
         self.txt.write(line + "\n")
         self.txt.flush()
         if echo:
-            print(line, flush=True)
+            self.write(line)
+        numbers = {f"{record.get('type', 'log')}/{k}": v for k, v in record.items()
+                   if k not in ("step", "type") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "step" in record and numbers:
+            if self.tb is not None:
+                for tag, v in numbers.items():
+                    self.tb.add_scalar(tag, v, record["step"])
+            if self.wandb is not None:
+                self.wandb.log(numbers, step=record["step"])
 
     def info(self, msg):
         if self.master:
             self.txt.write(msg + "\n")
             self.txt.flush()
-            print(msg, flush=True)
+            self.write(msg)
+
+    def close(self):
+        """The bar and the writers (the log files stay open for a last line; they close with the process)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 class PlainLines:

@@ -17,14 +17,7 @@ flag; at the next step boundary the run saves a checkpoint and exits with code 0
 start to exit: a signal during start-up (the imports take seconds) ends the run before its first step with
 exit code 0 (nothing new to save), and one after the last checkpoint lets the run finish and exit 0.
 """
-import signal
-
-# installed before the slow imports below, so that no moment of the process is left to the default handler
-# (which kills with -15): a signal here is remembered and honoured in main, and after main it is ignored
-EARLY_SIGNALS = []
-if __name__ == "__main__":
-    for _sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signal.Signals(signum).name))
+import common  # first: its import installs the stop-signal handlers, before torch is imported
 
 import contextlib
 import dataclasses
@@ -38,7 +31,6 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-import common
 from model import GPT, GPTConfig, MODEL_SIZES, from_hf, model_config
 from tasks.hellaswag import encode_items, hellaswag_eval, load_hellaswag
 
@@ -88,6 +80,8 @@ class Config:
     keep_last_k: int = 0  # keep only the newest k checkpoints (0 = keep all)
     resume: Optional[str] = None  # latest (newest in out_dir, or a fresh start if none) | a checkpoint path
     stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
+    tensorboard: bool = False  # also log to out_dir/tensorboard (tags <record type>/<key>)
+    wandb_project: Optional[str] = None  # also log to this W&B project (wandb imported only when set)
     # benchmark: time bench_steps steps after bench_warmup, print tokens/s and MFU, write results.json, exit
     bench: bool = False
     bench_steps: int = 20
@@ -114,8 +108,13 @@ def check_config(cfg):
         raise common.ConfigError(f"tokenizer '{cfg.tokenizer}' is not one of gpt2, byte")
 
 
-# what the weights are: a resumed run cannot change these (the rest, e.g. max_steps or the lr, it may)
-SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data_dir")
+# what the weights are: a resumed run cannot change these, nor the data (compared by content, not by the path's
+# spelling); the rest, e.g. max_steps or the lr, it may
+SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from")
+
+
+def identity(cfg):
+    return common.run_identity(cfg, SHAPE_KEYS, data=common.fingerprint(cfg.data_dir))
 
 
 def grad_accum_steps(cfg, world_size):
@@ -132,6 +131,9 @@ def build_model(cfg, vocab_size):
     if cfg.init_from == "scratch":
         return GPT(model_config(cfg.model, vocab_size, cfg.block_size, cfg.dropout,
                                 cfg.n_layer or None, cfg.n_head or None, cfg.n_embd or None))
+    if os.path.isfile(cfg.init_from):
+        raise common.ConfigError(f"init_from={cfg.init_from} is a file: init_from takes an HF GPT-2 hub id or a local "
+                                 "HF folder; to continue a checkpoint of this repository use resume=PATH")
     pretrained = from_hf(cfg.init_from)
     pc = pretrained.config
     if cfg.block_size > pc.block_size:
@@ -200,7 +202,6 @@ def main(argv=None):
     d = common.setup_dist(cfg.device)
     try:
         with common.preemption_handlers() as stop:
-            stop.signal = stop.signal or (EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
             return train(cfg, d, stop)
     finally:
         common.cleanup_dist(d)
@@ -215,9 +216,8 @@ def train(cfg, d, stop):
     vocab_size = common.padded_vocab_size(meta["vocab_size"])
 
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, step, data position, RNG)
-    ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, kind="gpt")
-    if ckpt:
-        common.check_resume_config(cfg, ckpt, SHAPE_KEYS)
+    run_identity = identity(cfg)
+    ckpt = None if cfg.bench else common.restore(cfg.out_dir, cfg.resume, "gpt", run_identity, d.master)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= cfg.max_steps:
         if d.master:
@@ -265,9 +265,8 @@ def train(cfg, d, stop):
         hellaswag_items = encode_items(tokenizer, load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None),
                                        max_len=raw_model.config.block_size)
 
-    if ckpt and d.master:
-        common.trim_log(cfg.out_dir, ckpt["step"])  # records after the checkpoint are about to be redone
-    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None)
+    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
+                           wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
     n_params = raw_model.num_params()
@@ -308,7 +307,7 @@ def train(cfg, d, stop):
     def save(step):
         return common.save_training_checkpoint(cfg.out_dir, step, {
             "kind": "gpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
-            "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "step": step,
+            "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "identity": run_identity, "step": step,
             "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
             "val_loss": val_loss, "val_bpb": val_bpb}, d, cfg.keep_last_k)
 
@@ -319,83 +318,59 @@ def train(cfg, d, stop):
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
+    timer = common.StepTimer(d.device_type, flops_per_token, peak, d.world_size)
     run_t0 = time.time()
-    interval_t0, interval_steps = time.time(), 0
-    timed_tokens, timed_seconds = 0, 0.0  # throughput, leaving out the first (warm-up/compile) step
     train_loss, hellaswag, status, step = None, None, "done", start_step - 1
-    bar = common.progress(total=cfg.max_steps, initial=start_step, master=d.master, desc="train", unit="step")
-
-    def log(record):  # log.jsonl + log.txt, and a line above the bar
-        logger.log(record, echo=False)
-        if d.master:
-            bar.write(common.format_record(record))
-
+    logger.progress(total=cfg.max_steps, initial=start_step)
     for step in range(start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
         loss_accum, grad_norm, lr = train_step(step)
-        interval_steps += 1
+        timer.step(cfg.total_batch_size)
         watch.update(step, loss_accum, grad_norm)
-        bar.update(1)
-
-        val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
-        ckpt_now = last_step or (cfg.ckpt_interval > 0 and (step + 1) % cfg.ckpt_interval == 0)
+        logger.bar.update(1)
+        due = common.due(step, cfg.max_steps, cfg.log_interval, cfg.ckpt_interval, cfg.val_interval,
+                         cfg.stop_after_step, first_step=start_step)
         hella_now = hellaswag_items is not None and (
-            (ckpt_now if cfg.hellaswag_interval == 0 else last_step or (step + 1) % cfg.hellaswag_interval == 0))
-        user_stop = step == cfg.stop_after_step
-        log_now = ((step + 1) % cfg.log_interval == 0 or step == start_step or val_now or hella_now
-                   or ckpt_now or user_stop)
+            due.ckpt if cfg.hellaswag_interval == 0 else due.last or (step + 1) % cfg.hellaswag_interval == 0)
         # a signal stops the run at a step boundary; under DDP the ranks agree on it at log points
-        signal_stop = stop.check(d, sync=log_now)
-        if not (log_now or signal_stop):
+        signal_stop = stop.check(d, sync=due.log or hella_now)
+        if not (due.log or hella_now or signal_stop):
             continue
 
         # the rank average and the host sync of this interval (gradients are already all-reduced)
         train_loss, norm = common.all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
-        bad_step = watch.first_bad_step(d)
-        if bad_step is not None:
-            bar.close()
-            msg = common.diverged_message(cfg.out_dir, bad_step)
-            logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
-            raise TrainingDiverged(msg)
-        common.synchronize(d.device_type)
-        dt = (time.time() - interval_t0) / interval_steps
-        tokens_per_sec = cfg.total_batch_size / dt
-        if step != start_step:
-            timed_tokens += cfg.total_batch_size * interval_steps
-            timed_seconds += dt * interval_steps
-        log({"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": norm, "dt_ms": dt * 1000,
-             "tokens_per_sec": tokens_per_sec, "tokens": (step + 1) * cfg.total_batch_size})
-        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
-        if val_now and cfg.val_steps > 0:
+        common.stop_if_diverged(watch, d, logger, cfg.out_dir)
+        speed = timer.lap()
+        logger.log({"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": norm, **speed,
+                    "tokens": (step + 1) * cfg.total_batch_size})
+        logger.postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed.get('tokens_per_sec', 0):,.0f}")
+        if due.eval and cfg.val_steps > 0:
             val_loss, val_bpb = evaluate_val_loss(raw_model, val_rows, token_bytes, cfg, d, autocast)
-            log({"type": "val", "step": step, "val_loss": val_loss, "val_bpb": val_bpb, "val_rows": len(val_rows)})
+            logger.log({"type": "val", "step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                        "val_rows": len(val_rows)})
         if hella_now:
             hellaswag = evaluate_hellaswag(raw_model, hellaswag_items, cfg, d, autocast)
-            log({"type": "hellaswag", "step": step, **hellaswag})
-        if ckpt_now or user_stop or signal_stop:
+            logger.log({"type": "hellaswag", "step": step, **hellaswag})
+        if due.ckpt or due.stop_after or signal_stop:
             path = save(step)
-        if (signal_stop or user_stop) and not last_step:
-            status = "preempted" if signal_stop else "stopped"
-            why = f"received {stop.signal}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
-            bar.close()
-            logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+        status = common.early_exit(stop, due, signal_stop, step, path if signal_stop or due.stop_after else None,
+                                   logger) or status
+        if status != "done":
             break
-        interval_t0, interval_steps = time.time(), 0  # evaluation and saving are not training time
-    bar.close()
+        timer.restart()  # evaluation and saving are not training time
 
-    tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
+    speed = timer.summary()
     results = {
         "status": status, "steps": step + 1, "final_train_loss": train_loss, "final_val_loss": val_loss,
         "final_val_bpb": val_bpb,
-        "tokens_seen": (step + 1) * cfg.total_batch_size, "tokens_per_sec": tokens_per_sec,
-        "tokens_per_sec_per_device": tokens_per_sec / d.world_size if tokens_per_sec else None,
-        "mfu": common.mfu(tokens_per_sec, flops_per_token, peak, d.world_size),
+        "tokens_seen": (step + 1) * cfg.total_batch_size, "tokens_per_sec": speed["tokens_per_sec"],
+        "tokens_per_sec_per_device": speed["tokens_per_sec"] / d.world_size if speed["tokens_per_sec"] else None,
+        "mfu": speed["mfu"], "peak_mem_gb": speed["peak_mem_gb"],
         "seconds": time.time() - run_t0, "n_params": n_params, "world_size": d.world_size, "device": device_name,
         "hellaswag_acc_norm": hellaswag["acc_norm"] if hellaswag else None,
         "resumed_from_step": start_step - 1 if ckpt else None,
     }
+    common.finish(cfg.out_dir, results, d, logger)
     if d.master:
-        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
         plot_curves(cfg.out_dir)
         if status == "done":
             logger.info(f"done: {step + 1} steps, train loss {train_loss:.4f}, val loss "
@@ -443,4 +418,4 @@ def bench(cfg, d, train_step, logger, n_params, flops_per_token, peak, device_na
 
 
 if __name__ == "__main__":
-    common.run_main(main, expected=(TrainingDiverged,))
+    common.run_main(main, preemptible=True)
