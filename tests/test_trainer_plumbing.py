@@ -241,3 +241,16 @@ def test_help_lists_every_key_with_its_default_and_comment(name):
     for f in dataclasses.fields(module.Config):
         assert f"  {f.name} (" in run.stdout, f.name
     assert run.stdout.count(": ") > len(dataclasses.fields(module.Config)) // 2  # most keys carry their comment
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_tensorboard_in_one_folder_with_one_tag_scheme(name, inputs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / "run")
+    importlib.import_module(name).main(trainer_args(name, inputs, out, 2, tensorboard="true"))
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "train/loss" in scalars and [e.step for e in events.Scalars("train/loss")] == [0, 1]
+    rows = [r for r in common.read_jsonl(os.path.join(out, "log.jsonl")) if r.get("type") == "train"]
+    assert {f"train/{k}" for k, v in rows[-1].items() if isinstance(v, float)} <= set(scalars)
