@@ -699,6 +699,7 @@ class ShardLoader:
         window = B * T * world_size + 1
         # and ids outside the vocabulary of meta.json (shards of another tokenizer) stop the run here too
         vocab_size = load_meta(data_dir)["vocab_size"] if os.path.isfile(os.path.join(data_dir, "meta.json")) else None
+        self.vocab_size = vocab_size  # and each shard's ids are scanned when it is opened (its header may lie)
         short = [p for p in self.shards if len(read_shard(p, vocab_size)) < window]
         self.shards = [p for p in self.shards if p not in short]
         if not self.shards:
@@ -724,10 +725,10 @@ class ShardLoader:
                              f"here ({len(names)} shards; a shard shorter than one batch window of this geometry is "
                              "left out): resume with the batch geometry of the run, or start afresh")
         self.shard, self.pos = names.index(state["file"]), state["pos"]
-        self.tokens = read_shard(self.shards[self.shard])
+        self.tokens = read_shard(self.shards[self.shard], self.vocab_size, scan=True)
         if self.pos + self.B * self.T * self.world_size + 1 > len(self.tokens):  # another geometry: next file
             self.shard, self.pos = (self.shard + 1) % len(self.shards), 0
-            self.tokens = read_shard(self.shards[self.shard])
+            self.tokens = read_shard(self.shards[self.shard], self.vocab_size, scan=True)
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -746,8 +747,9 @@ def validation_rows(data_dir, n_rows, T):
     """The first n_rows (T+1)-token windows of the val split: one fixed validation set, whatever the world size
     (each rank scores rows rank, rank + W, ...). Fewer rows when the split is shorter."""
     rows = []
+    vocab_size = load_meta(data_dir)["vocab_size"] if os.path.isfile(os.path.join(data_dir, "meta.json")) else None
     for path in find_shards(data_dir, "val"):
-        tokens = read_shard(path)
+        tokens = read_shard(path, vocab_size, scan=True)
         for start in range(0, len(tokens) - T, T):
             if len(rows) == n_rows:
                 return torch.from_numpy(np.stack(rows).astype(np.int64))

@@ -342,9 +342,10 @@ def write_shard(path, tokens, vocab_size=None):
     os.replace(tmp, path)
 
 
-def read_shard(path, vocab_size=None):
+def read_shard(path, vocab_size=None, scan=False):
     """Memory-map a shard's tokens after checking its header and length, and (given vocab_size) that its
-    ids are below it: from the header's id bound, or a scan for shards written without one."""
+    ids are below it: from the header's id bound, or a scan for shards written without one. scan=True reads
+    every id whatever the header says (a header can lie: a loader scans each shard as it opens it)."""
     if not os.path.isfile(path):
         raise ShardError(f"shard not found: {path}")
     size = os.path.getsize(path)
@@ -363,7 +364,7 @@ def read_shard(path, vocab_size=None):
         raise ShardError(f"{path}: header promises {ntok} tokens ({expected} bytes) but the file has {size} bytes")
     tokens = np.memmap(path, dtype=np.uint16 if width == 2 else np.uint32, mode="r", offset=HEADER_BYTES, shape=(ntok,))
     if vocab_size is not None:
-        id_bound = int(header[4]) or (int(tokens.max()) + 1 if ntok else 0)
+        id_bound = int(header[4]) if header[4] and not scan else (int(tokens.max()) + 1 if ntok else 0)
         if id_bound > vocab_size:
             raise ShardError(f"{path}: token id {id_bound - 1} is outside the vocabulary of {vocab_size} "
                              "(shards from another tokenizer?)")

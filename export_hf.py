@@ -28,6 +28,8 @@ on GSM8K and on the edge cases in tests/test_tokenizer_mul.py. Remaining, docume
   - HF always recognises special tokens in text (our encode(..., allow_special=True));
   - the per-product normalizer makes HF encoding slower than ours (~1 MB/s), fine for eval/SFT prompts.
 """
+import common  # first: its import installs the stop-signal handlers, before the slow imports
+
 import dataclasses
 import json
 import os
@@ -36,7 +38,6 @@ import time
 
 import torch
 
-import common
 import model as model_lib
 
 

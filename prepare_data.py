@@ -44,6 +44,8 @@ not tokenized (synthetic_math jumps there directly), then the stream continues. 
 missing or damaged one are written again; the stream is deterministic, so they come out identical.
 A rerun with different settings in the same out_dir stops with an error (overwrite=true starts afresh).
 """
+import dataio  # first: its import installs the stop-signal handlers, before the slow imports
+
 import contextlib
 import dataclasses
 import glob
@@ -59,7 +61,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import dataio
 from dataio import ConfigError
 from tasks import gsm8k, synthetic, text_sets
 
@@ -605,8 +606,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError) as e:  # ConfigError, DataError, ShardError, bad JSON, missing files
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(1)
+    # ConfigError, DataError, ShardError, bad JSON, missing files; OSError and RuntimeError: a hub or disk failure
+    dataio.run_main(main, expected=(OSError, RuntimeError))

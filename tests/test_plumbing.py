@@ -142,3 +142,72 @@ def test_loader_position_survives_a_change_of_batch_geometry(tmp_path):
         big.set_state(state)
     big.set_state({"file": "train_000000.bin", "pos": 4900})  # past the end for this geometry: next file
     assert big.state() == {"file": "train_000002.bin", "pos": 0}
+
+
+def test_a_shard_whose_header_lies_about_its_ids_is_refused_when_opened(tmp_path):
+    import numpy as np
+    tokens = np.arange(3000) % 300  # ids up to 299 in a folder whose vocabulary is 257
+    common.write_shard(str(tmp_path / "train_000000.bin"), tokens, 512)
+    common.write_shard(str(tmp_path / "val_000000.bin"), tokens % 257, 512)
+    with open(tmp_path / "train_000000.bin", "r+b") as f:  # the header's id bound says every id is below 257
+        f.seek(4 * 4)
+        f.write(np.int32(257).tobytes())
+    common.atomic_write_json(str(tmp_path / "meta.json"), {"tokenizer": {"kind": "byte"}, "vocab_size": 257})
+    with pytest.raises(common.ShardError, match="token id 299 is outside the vocabulary of 257"):
+        common.ShardLoader(str(tmp_path), "train", 2, 16)
+    assert common.validation_rows(str(tmp_path), 2, 16).max() < 257
+
+
+def test_orphaned_temp_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    out = str(tmp_path)
+    common.save_training_checkpoint(out, 1, state(1), SINGLE)
+    dead = subprocess_pid_that_exited()
+    for name in (f"ckpt_000002.pt.tmp{dead}", "log.jsonl.tmp", f"results.json.tmp{os.getpid()}"):
+        open(os.path.join(out, name), "w").write("half")
+    os.makedirs(os.path.join(out, "checkpoint-5"))
+    open(os.path.join(out, "checkpoint-5", f"model.pt.tmp{dead}"), "w").write("half")
+    alive = os.path.join(out, f"ckpt_000003.pt.tmp{os.getppid()}")  # a live writer's file stays
+    open(alive, "w").write("being written")
+    ckpt = common.restore(out, "latest", "gpt", {})
+    assert ckpt["step"] == 1
+    left = sorted(os.listdir(out)) + os.listdir(os.path.join(out, "checkpoint-5"))
+    assert left == ["checkpoint-5", "ckpt_000001.pt", os.path.basename(alive)]
+
+
+def subprocess_pid_that_exited():
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_restore_refuses_another_run_naming_the_key_and_allows_the_rest(tmp_path):
+    out = str(tmp_path)
+    identity = {"n_layer": 2, "data": "abc", "order": "random"}
+    common.save_training_checkpoint(out, 1, {**state(1), "identity": identity}, SINGLE)
+    assert common.restore(out, "latest", "gpt", identity)["step"] == 1
+    with pytest.raises(common.ConfigError, match="order='random' in the checkpoint but 'left_to_right' now"):
+        common.restore(out, "latest", "gpt", {**identity, "order": "left_to_right"})
+
+
+def test_due_flags():
+    flags = [common.due(s, 10, log_interval=4, ckpt_interval=5, eval_interval=0, stop_after_step=6, first_step=2)
+             for s in range(2, 10)]
+    assert [f.log for f in flags] == [True, True, True, False, True, True, False, True]
+    assert [s for s, f in zip(range(2, 10), flags) if f.ckpt] == [4, 9]
+    assert [s for s, f in zip(range(2, 10), flags) if f.eval] == [9]  # eval_interval 0: only at the end
+    assert [s for s in range(10) if common.due(s, 10, eval_interval=3).eval] == [2, 5, 8, 9]
+    assert [s for s, f in zip(range(2, 10), flags) if f.stop_after] == [6] and flags[-1].last
+
+
+def test_step_timer_leaves_out_the_first_lap():
+    timer = common.StepTimer("cpu", flops_per_token=6.0, peak=1e3)
+    timer.step(100)
+    first = timer.lap()
+    assert first["tokens_per_sec"] > 0 and "peak_mem_gb" not in first  # no CUDA here
+    timer.step(50)
+    timer.step(torch.tensor(50))  # a device count: summed without a host sync until the lap
+    second = timer.lap()
+    assert second["mfu"] == pytest.approx(second["tokens_per_sec"] * 6.0 / 1e3)
+    assert timer.summary()["tokens_per_sec"] == pytest.approx(100 / (second["dt_ms"] * 2 / 1000), rel=1e-6)
