@@ -211,3 +211,46 @@ def test_step_timer_leaves_out_the_first_lap():
     second = timer.lap()
     assert second["mfu"] == pytest.approx(second["tokens_per_sec"] * 6.0 / 1e3)
     assert timer.summary()["tokens_per_sec"] == pytest.approx(100 / (second["dt_ms"] * 2 / 1000), rel=1e-6)
+
+
+def test_logger_in_a_slurm_log_no_line_per_batch_and_records_in_order(tmp_path):
+    """stdout and stderr are files (as in a SLURM log): 300 batches with figures beside the bar give a few bar
+    lines, not one per batch, and every record line is on stdout as soon as it is logged."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = (
+        "import sys, common\n"
+        f"logger = common.Logger({str(tmp_path)!r})\n"
+        "logger.progress(total=300)\n"
+        "for step in range(300):\n"
+        "    logger.bar.update(1)\n"
+        "    logger.postfix(loss=f'{1 / (step + 1):.4f}')\n"
+        "    if step % 100 == 0:\n"
+        "        logger.log({'type': 'train', 'step': step, 'loss': 1.0})\n"
+        "        print('MARK', step, file=sys.stderr, flush=True)\n"
+        "logger.close()\n")
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        subprocess.run([sys.executable, "-c", script], cwd=ROOT, stdout=out, stderr=err, check=True, timeout=60)
+    err_lines = (tmp_path / "err").read_text().splitlines()
+    assert len([line for line in err_lines if "MARK" not in line]) <= 4, err_lines
+    assert (tmp_path / "out").read_text().count("type train") == 3
+
+
+def test_logger_writes_wandb_and_tensorboard_with_one_tag_scheme(tmp_path, monkeypatch):
+    import sys
+    import types
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or fake_run)
+    fake_run = types.SimpleNamespace(log=lambda values, step: calls.append(("log", values, step)),
+                                     finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logger = common.Logger(str(tmp_path), tensorboard=True, wandb_project="mathgpt", run_config={"lr": 1.0})
+    logger.log({"type": "val", "step": 3, "val_loss": 2.5, "note": "text is not a scalar"})
+    logger.close()
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "mathgpt" and calls[0][1]["config"] == {"lr": 1.0}
+    assert calls[1] == ("log", {"val/val_loss": 2.5}, 3) and calls[2] == ("finish",)
+    assert os.listdir(tmp_path / "tensorboard")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a one-line config error
+    with pytest.raises(common.ConfigError, match="pip install wandb"):
+        common.Logger(str(tmp_path / "b"), wandb_project="mathgpt")
