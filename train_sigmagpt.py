@@ -32,12 +32,16 @@ conditional model that sees a random subset and predicts the rest. mode=eval: pe
 in eval_orders random orders (fixed seed), and fair-mode conditional. mode=sample: generation in any
 order, infilling (`<missing>N</missing>` in the prompt), and token-based rejection sampling.
 
-Training loop as train_gpt.py: DDP, bf16 autocast or fp16 with a grad scaler, torch.compile on CUDA,
-gradient accumulation, epochs of max_samples sequences (or max_steps), exact resume, SIGTERM/SIGUSR1
-save-and-exit, a stop on a non-finite loss. Outputs (the users' guide layout):
+Training loop as train_gpt.py, on common's plumbing: DDP, bf16 autocast or fp16 with a grad scaler,
+torch.compile on CUDA, gradient accumulation, epochs of max_samples sequences (or max_steps), exact resume
+that refuses another run (model, data, mode, order, scored_share, curriculum; a larger max_steps continues),
+SIGTERM/SIGUSR1 from process start to exit (save at the next step boundary, exit 0), a stop on a non-finite
+loss. Outputs (the users' guide layout, checkpoints in common's layout="seed"):
     experiments/<name>_<timestamp>/config.json, logs/training_log.csv, checkpoint-N/model.pt,
-    log.jsonl, log.txt, loss.png, results.json
+    log.jsonl, log.txt, loss.png, results.json (and tensorboard/ with tensorboard=true)
 """
+import common  # first: its import installs the stop-signal handlers, before torch is imported
+
 import contextlib
 import csv
 import dataclasses
@@ -45,8 +49,6 @@ import glob
 import math
 import os
 import re
-import shutil
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -56,7 +58,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import common
 from model import GPT, GPTConfig, MODEL_SIZES, double_position_table, from_hf, model_config
 
 
@@ -64,61 +65,63 @@ from model import GPT, GPTConfig, MODEL_SIZES, double_position_table, from_hf, m
 class Config:
     mode: str = "full"  # full | fair (train) | eval | sample
     # data: token shards + meta.json written by prepare_data.py (WikiText-103: source=wikitext)
-    data_dir: str = "data/wikitext103"
+    data_dir: str = "data/wikitext103"  # token shards and meta.json (prepare_data.py)
     tokenizer_file: Optional[str] = None  # GPT-2 ranks file for offline use (eval/sample text, prompts)
     block_size: int = 1024  # tokens per sequence, all of them in one permutation
     max_samples: int = 0  # sequences per epoch (0 = all the train shards hold)
-    epochs: int = 1
-    max_steps: int = 0  # > 0 overrides epochs
+    epochs: int = 1  # passes over max_samples sequences (unless max_steps > 0)
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
     # model: HF GPT-2 weights (hub id or folder), a train_gpt.py / train_sigmagpt.py checkpoint, or scratch
-    init_from: str = "distilgpt2"
+    init_from: str = "distilgpt2"  # HF hub id or folder | a checkpoint file, checkpoint-N, run folder or RUN/latest | scratch
     model: str = "gpt2"  # size when init_from=scratch (model.MODEL_SIZES)
-    n_layer: int = 0
-    n_head: int = 0
-    n_embd: int = 0
-    dropout: float = 0.0
+    n_layer: int = 0  # 0 = the size's default (init_from=scratch)
+    n_head: int = 0  # 0 = the size's default (init_from=scratch)
+    n_embd: int = 0  # 0 = the size's default (init_from=scratch; even: two position halves)
+    dropout: float = 0.0  # dropout probability in the model
     # sigma-GPT
     order: str = "random"  # random | left_to_right | curriculum
     curriculum_start: float = 0.0  # curriculum: share of random orders at step 0
     curriculum_steps: int = 0  # curriculum: steps to reach 1.0 (0 = the whole run)
     scored_share: float = 0.4  # fair mode (and fair evaluation): share of each sequence that is scored
     # batch: sequences per optimizer step = micro_batch_size * grad_accum_steps * world_size
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 64
+    micro_batch_size: int = 8  # sequences per forward pass per rank (the guide's BATCH_SIZE)
+    grad_accum_steps: int = 64  # micro batches per optimizer step (the guide's GRAD_ACCUM)
     # optimisation (the paper's)
-    learning_rate: float = 2.5e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 1337
+    learning_rate: float = 2.5e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 10000  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay (matrices only)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # gradient norm clip
+    seed: int = 1337  # weights and the orders of every step
     # system
-    device: str = "auto"
+    device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16 | fp16 (with a grad scaler)
     compile: bool = True  # torch.compile on cuda
     # output: experiments/<name>_<timestamp>/ unless out_dir is given
-    out_root: str = "experiments"
-    name: str = "sigmagpt"
-    out_dir: str = ""
+    out_root: str = "experiments"  # where <name>_<timestamp>/ run folders go (without out_dir)
+    name: str = "sigmagpt"  # run name: out_root/<name>_<timestamp>/ (no path separators)
+    out_dir: str = ""  # the run folder; empty = out_root/<name>_<timestamp>
     resume: Optional[str] = None  # latest (newest checkpoint; with no out_dir, the newest <name>_* run) | a path
-    log_interval: int = 10
+    log_interval: int = 10  # steps between train records
     val_interval: int = 500  # 0 = only at the end
     val_batches: int = 8  # the val set: the first val_batches x micro_batch_size rows (split over ranks)
     eval_orders: int = 3  # K random orders for the random-order perplexity
-    eval_seed: int = 1234
-    save_steps: int = 5000  # 0 = only at the end
-    save_total_limit: int = 3  # keep the newest N checkpoint-* folders (0 = all)
+    eval_seed: int = 1234  # seed of the fixed validation orders
+    ckpt_interval: int = 5000  # steps between checkpoint-N/model.pt (the guide's save_steps; 0 = only at the end)
+    keep_last_k: int = 3  # keep the newest k checkpoint-N folders (the guide's save_total_limit; 0 = all)
     stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
-    # eval / sample: the model to load (a run folder, checkpoint-N folder or model.pt)
-    ckpt: str = ""
+    tensorboard: bool = False  # also log to out_dir/tensorboard (tags <record type>/<key>)
+    wandb_project: Optional[str] = None  # also log to this W&B project (wandb imported only when set)
+    # eval / sample
+    ckpt: str = ""  # eval / sample: a run folder, RUN/latest, checkpoint-N folder or model.pt
     prompt: str = ""  # text; <missing>N</missing> marks N unknown tokens; without any, max_new_tokens follow
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # unknown tokens after a prompt without <missing>
     sampler: str = "rejection"  # rejection | sequential
     sample_order: str = "random"  # random | left_to_right: the order unknown tokens are generated in
-    num_samples: int = 4
-    temperature: float = 1.0
+    num_samples: int = 4  # completions of the prompt
+    temperature: float = 1.0  # sampling temperature
 
 
 MODES = ("full", "fair", "eval", "sample")
@@ -144,6 +147,9 @@ def check_config(cfg):
         raise common.ConfigError(f"block_size must be at least 2 (one given token, one predicted), got {cfg.block_size}")
     if cfg.init_from == "scratch" and cfg.model not in MODEL_SIZES:
         raise common.ConfigError(f"model '{cfg.model}' is not a known size; choose from {', '.join(MODEL_SIZES)}")
+    if not cfg.name or "/" in cfg.name or os.sep in cfg.name or ".." in cfg.name:
+        raise common.ConfigError(f"name '{cfg.name}' must be a plain folder name (no '/' or '..'): the run goes to "
+                                 f"{cfg.out_root}/<name>_<timestamp>; use out_dir= for another place")
     if cfg.mode in ("eval", "sample") and not cfg.ckpt and cfg.init_from == "scratch":
         raise common.ConfigError(f"mode={cfg.mode} needs ckpt=RUN_DIR|checkpoint-N|model.pt (or init_from=)")
 
@@ -224,8 +230,9 @@ def build_model(cfg, meta):
         c = model_config(cfg.model, data_vocab, cfg.block_size, cfg.dropout,
                          cfg.n_layer or None, cfg.n_head or None, cfg.n_embd or None)
         return GPT(dataclasses.replace(c, double_position=True))
-    if os.path.exists(cfg.init_from) and not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-        ckpt = load_any_checkpoint(cfg.init_from)
+    path = checkpoint_file(cfg.init_from)
+    if path:
+        ckpt = load_any_checkpoint(path)
         if ckpt.get("tokenizer") != spec:
             raise common.ConfigError(f"init_from {cfg.init_from} was trained with tokenizer {ckpt.get('tokenizer')}, "
                                      f"but {cfg.data_dir} holds {spec}: another vocabulary")
@@ -248,84 +255,53 @@ def build_model(cfg, meta):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints in the guide's layout: <run>/checkpoint-<step>/model.pt
+# checkpoints in the guide's layout, <run>/checkpoint-<step>/model.pt (common's layout="seed")
 
 
-def checkpoint_dirs(run_dir):
-    """[(step, folder)] of the finished checkpoints of a run (a folder without model.pt is unfinished)."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "checkpoint-*")):
-        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
-        if m and os.path.isfile(os.path.join(path, "model.pt")):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def load_any_checkpoint(path):
-    """A run folder (its newest checkpoint), a checkpoint-N folder or a .pt file; train_gpt.py's ckpt_*.pt too."""
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "model.pt")):
-            path = os.path.join(path, "model.pt")
-        elif checkpoint_dirs(path):
-            path = os.path.join(checkpoint_dirs(path)[-1][1], "model.pt")
-    try:
-        ckpt = common.load_checkpoint(path)
-    except ValueError as e:  # not ours, truncated, or unsafe to unpickle
-        raise common.ConfigError(str(e)) from e
-    if ckpt.get("kind", "gpt") not in ("gpt", "sigmagpt"):
-        raise common.ConfigError(f"{path} holds a '{ckpt['kind']}' model, not a GPT or sigma-GPT")
-    return ckpt
-
-
-def save_checkpoint(run_dir, step, state, d, keep):
-    """Rank 0 writes checkpoint-<step>/model.pt atomically (common.save_checkpoint), never with non-finite
-    weights, and keeps the newest `keep` folders (save_total_limit); all ranks wait for it."""
-    if d.master:
-        bad = common.nonfinite_tensors(state["model"])
-        if bad:
-            raise common.TrainingDiverged(f"not saving step {step}: non-finite weights in {', '.join(bad[:3])}")
-        common.save_checkpoint(os.path.join(run_dir, f"checkpoint-{step}", "model.pt"), state)
-        if keep > 0:
-            for _, old in checkpoint_dirs(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    common.barrier(d)
-    return os.path.join(run_dir, f"checkpoint-{step}")
-
-
-def start_or_resume(run_dir, resume):
-    """common.start_or_resume for the guide's folder layout: None = fresh (refusing a folder with
-    checkpoints), 'latest' = the newest checkpoint that loads (or fresh), else that checkpoint."""
-    if not resume:
-        if checkpoint_dirs(run_dir):
-            raise common.ConfigError(f"{run_dir} already holds checkpoints; continue with resume=latest, "
-                                     "or choose another out_dir")
+def checkpoint_file(path):
+    """The checkpoint file `path` names: a .pt file, a checkpoint-N folder, a run folder (its newest checkpoint)
+    or RUN/latest; None for an HF model (a hub id, or a folder holding HF weights)."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(path, "model.pt")):
+        return os.path.join(path, "model.pt")
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
         return None
-    paths = [p for _, p in reversed(checkpoint_dirs(run_dir))] if resume == "latest" else [resume]
-    for path in paths:
-        try:
-            ckpt = load_any_checkpoint(path)
-        except ValueError as e:  # a truncated or unreadable file: step back to an older one
-            if resume != "latest":
-                raise common.ConfigError(str(e)) from e
-            print(f"warning: cannot read {path} ({str(e)[:200]}); trying an older checkpoint", file=sys.stderr)
-            continue
-        if ckpt.get("kind") != "sigmagpt":
-            raise common.ConfigError(f"resume: {ckpt['path']} is not a sigma-GPT training checkpoint")
-        return ckpt
+    if os.path.isdir(path) or os.path.basename(path) == "latest":
+        return common.resolve_checkpoint(path)  # FileNotFoundError for a run folder without checkpoints
     return None
 
 
-# what the weights and the loss are: a resumed run cannot change these (the rest, e.g. the lr, it may)
-SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data_dir", "mode", "scored_share")
+def load_any_checkpoint(path):
+    """A train_gpt.py or train_sigmagpt.py checkpoint (any form checkpoint_file takes)."""
+    ckpt = common.load_checkpoint(checkpoint_file(path) or path)
+    if ckpt.get("kind", "gpt") not in ("gpt", "sigmagpt"):
+        raise common.ConfigError(f"{ckpt['path']} holds a '{ckpt['kind']}' model, not a GPT or sigma-GPT")
+    return ckpt
+
+
+# what defines the run: the weights' shape and start, the data (by content), the loss and the orders. A resumed
+# run cannot change these; the rest (max_steps, epochs, the lr, the intervals) it may
+IDENTITY_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "mode", "scored_share", "order",
+                 "curriculum_start", "curriculum_steps")
+
+
+def identity(cfg):
+    return common.run_identity(cfg, IDENTITY_KEYS, data=common.fingerprint(cfg.data_dir))
 
 
 def run_folder(cfg, d):
     """out_dir, or experiments/<name>_<timestamp>; resume=latest without out_dir takes the newest <name>_* run."""
     if cfg.out_dir:
+        if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+            raise common.ConfigError(f"out_dir {cfg.out_dir} is a file, not a folder: choose another out_dir")
         return cfg.out_dir
     folder = None
     if d.master:
-        runs = sorted(p for p in glob.glob(os.path.join(cfg.out_root, f"{cfg.name}_*")) if checkpoint_dirs(p))
+        runs = sorted(p for p in glob.glob(os.path.join(cfg.out_root, f"{cfg.name}_*")) if common.list_checkpoints(p))
         if cfg.resume == "latest" and runs:
             folder = runs[-1]
         else:
@@ -605,9 +581,8 @@ def train(cfg, d, stop):
     out_dir = run_folder(cfg, d)
 
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, scaler, step, data position, RNG)
-    ckpt = start_or_resume(out_dir, cfg.resume)
-    if ckpt:
-        common.check_resume_config(cfg, ckpt, SHAPE_KEYS)
+    run_identity = identity(cfg)
+    ckpt = common.restore(out_dir, cfg.resume, "sigmagpt", run_identity, d.master)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= max_steps:
         if d.master:
@@ -637,26 +612,28 @@ def train(cfg, d, stop):
         common.set_rng_state(ckpt["rng"])
         val = ckpt.get("val", {})
 
+    logger = common.Logger(out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
+                           wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
+    # the guide's CSV log beside log.jsonl: rows past the checkpoint (a crash between checkpoints) are redone
     csv_path = os.path.join(out_dir, "logs", "training_log.csv")
     csv_fields = ["step", "epoch", "loss", "lr", "scored_tokens", "tokens_per_sec", "val_loss_l2r",
                   "val_loss_random", "val_loss_fair"]
     if d.master:
         os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-        if ckpt:  # records logged after the checkpoint (a crash between checkpoints) are about to be redone
-            common.trim_log(out_dir, ckpt["step"])
+        if ckpt:
             trim_csv(csv_path, ckpt["step"])
         else:
             with open(csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(csv_fields)
-    logger = common.Logger(out_dir, d.master, resume=ckpt is not None)
-    if d.master:
         common.atomic_write_json(os.path.join(out_dir, "config.json"), common.config_dict(cfg))
     n_scored = num_scored(cfg, T)
     scored_per_step = n_scored * sequences_per_step
+    peak, device_name = common.peak_flops(d.device_type)
     logger.info(f"sigma-GPT {cfg.mode} mode, order {cfg.order}: {raw_model.num_params() / 1e6:.2f}M non-embedding "
-                f"params from {cfg.init_from} | {d.device} x{d.world_size}, {dtype}, {sequences_per_step} sequences "
-                f"of {T} tokens/step = {B} x {accum} accum x {d.world_size} ranks | {scored_per_step} scored "
-                f"tokens/step | {max_steps} steps ({steps_per_epoch}/epoch of {samples_per_epoch} sequences) | {out_dir}")
+                f"params from {cfg.init_from} | {d.device} x{d.world_size} ({device_name}), {dtype}, "
+                f"{sequences_per_step} sequences of {T} tokens/step = {B} x {accum} accum x {d.world_size} ranks | "
+                f"{scored_per_step} scored tokens/step | {max_steps} steps ({steps_per_epoch}/epoch of "
+                f"{samples_per_epoch} sequences) | {out_dir}")
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
 
@@ -688,81 +665,70 @@ def train(cfg, d, stop):
         return loss_accum, grad_norm, lr
 
     def save(step):
-        return save_checkpoint(out_dir, step, {
-                "kind": "sigmagpt", "model": raw_model.state_dict(),
-                "model_config": dataclasses.asdict(raw_model.config), "tokenizer": meta["tokenizer"],
-                "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
-                "val": val}, d, cfg.save_total_limit)
+        return common.save_training_checkpoint(out_dir, step, {
+            "kind": "sigmagpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
+            "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "identity": run_identity, "step": step,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "loader": train_loader.state(),
+            "rng": common.rng_state(), "val": val}, d, cfg.keep_last_k, layout="seed")
+
+    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
+        logger.info(f"received {stop.signal} before the first step: exiting without training "
+                    f"(continue with resume=latest)")
+        logger.close()
+        return {"status": "preempted", "step": start_step - 1}
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
+    # tokens through the model, scored or not (fair mode masks only the loss)
+    tokens_per_step = sequences_per_step * (T - 1)
+    timer = common.StepTimer(d.device_type, raw_model.flops_per_token(T - 1), peak, d.world_size)
     run_t0 = time.time()
-    interval_t0, interval_steps = time.time(), 0
-    timed_tokens, timed_seconds = 0, 0.0
     train_loss, status, step = None, "done", start_step - 1
-    bar = common.progress(total=max_steps, initial=start_step, master=d.master, desc="train", unit="step")
+    logger.progress(total=max_steps, initial=start_step)
     for step in range(start_step, max_steps):
-        last_step = step == max_steps - 1
         loss_accum, grad_norm, lr = train_step(step)
-        interval_steps += 1
+        timer.step(tokens_per_step)
         # under fp16 an overflowing gradient is the grad scaler's business (it skips that step), not divergence
         watch.update(step, loss_accum, None if scaler.is_enabled() else grad_norm)
-        bar.update(1)
-
-        val_now = last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0)
-        save_now = last_step or (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0)
-        user_stop = step == cfg.stop_after_step
-        log_now = (step + 1) % cfg.log_interval == 0 or step == start_step or val_now or save_now or user_stop
-        signal_stop = stop.check(d, sync=log_now)  # under DDP the ranks agree on a signal at log points
-        if not (log_now or signal_stop):
+        logger.bar.update(1)
+        due = common.due(step, max_steps, cfg.log_interval, cfg.ckpt_interval, cfg.val_interval, cfg.stop_after_step,
+                         first_step=start_step)
+        signal_stop = stop.check(d, sync=due.log)  # under DDP the ranks agree on a signal at log points
+        if not (due.log or signal_stop):
             continue
 
         train_loss, norm = common.all_reduce(loss_accum, "avg", d).item(), grad_norm.item()
-        bad_step = watch.first_bad_step(d)
-        if bad_step is not None:
-            bar.close()
-            msg = common.diverged_message(out_dir, bad_step, checkpoints=checkpoint_dirs(out_dir))
-            logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
-            raise common.TrainingDiverged(msg)
-        common.synchronize(d.device_type)
-        dt = (time.time() - interval_t0) / interval_steps
-        tokens_per_sec = sequences_per_step * (T - 1) / dt  # tokens through the model, scored or not
-        if step != start_step:
-            timed_tokens += sequences_per_step * (T - 1) * interval_steps
-            timed_seconds += dt * interval_steps
+        common.stop_if_diverged(watch, d, logger, out_dir)
+        speed = timer.lap()
         record = {"type": "train", "step": step, "epoch": step // steps_per_epoch, "loss": train_loss, "lr": lr,
-                  "grad_norm": norm, "scored_tokens": scored_per_step, "random_share": random_share(cfg, step, max_steps),
-                  "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_sec}
-        logger.log(record, echo=False)
-        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+                  "grad_norm": norm, "scored_tokens": scored_per_step,
+                  "random_share": random_share(cfg, step, max_steps), **speed}
+        logger.log(record)
+        logger.postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed.get('tokens_per_sec', 0):,.0f}")
         row = {k: record.get(k, "") for k in csv_fields}
-        if val_now and cfg.val_batches > 0:
+        if due.eval and cfg.val_batches > 0:
             val = evaluate(raw_model, val_rows, token_bytes, cfg, d, autocast)
-            logger.log({"type": "val", "step": step, **val}, echo=False)
-            if d.master:
-                bar.write(common.format_record({"step": step, **val}))
+            logger.log({"type": "val", "step": step, **val})
             row.update({k: val[k] for k in ("val_loss_l2r", "val_loss_random", "val_loss_fair")})
         if d.master:
             with open(csv_path, "a", newline="") as f:
                 csv.writer(f).writerow([row[k] for k in csv_fields])
-        path = save(step) if save_now or user_stop or signal_stop else None
-        if (signal_stop or user_stop) and not last_step:
-            status = "preempted" if signal_stop else "stopped"
-            why = f"received {stop.signal}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
-            bar.close()
-            logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
+        if due.ckpt or due.stop_after or signal_stop:
+            path = save(step)
+        status = common.early_exit(stop, due, signal_stop, step, path if signal_stop or due.stop_after else None,
+                                   logger) or status
+        if status != "done":
             break
-        interval_t0, interval_steps = time.time(), 0  # evaluation and saving are not training time
-    bar.close()
+        timer.restart()  # evaluation and saving are not training time
 
+    speed = timer.summary()
     results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, **val,
-               "scored_tokens_per_step": scored_per_step,
-               "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds > 0 else None,
-               "seconds": time.time() - run_t0, "world_size": d.world_size, "out_dir": out_dir,
+               "scored_tokens_per_step": scored_per_step, "tokens_per_sec": speed["tokens_per_sec"],
+               "mfu": speed["mfu"], "peak_mem_gb": speed["peak_mem_gb"], "seconds": time.time() - run_t0,
+               "world_size": d.world_size, "device": device_name, "out_dir": out_dir,
                "resumed_from_step": start_step - 1 if ckpt else None}
+    common.finish(out_dir, results, d, logger)
     if d.master:
-        common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
         common.plot_log_curves(out_dir, [
             ("sigma-GPT " + os.path.basename(os.path.normpath(out_dir)), "loss (nats/token)",
              [("train", "loss", "train"), ("val", "val_loss_l2r", "val, left to right"),
@@ -785,8 +751,4 @@ def trim_csv(csv_path, step):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, common.TrainingDiverged, FileNotFoundError, common.ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, preemptible=True)

@@ -40,7 +40,7 @@ def tiny_args(data_dir, out_dir, **overrides):
     args = dict(data_dir=data_dir, out_dir=out_dir, init_from="scratch", model="tiny", n_embd=32, block_size=32,
                 micro_batch_size=8, grad_accum_steps=2, max_steps=6, warmup_steps=2, learning_rate=3e-3,
                 dtype="fp32", device="cpu", log_interval=1, val_interval=3, val_batches=2, eval_orders=2,
-                save_steps=0, seed=7)
+                ckpt_interval=0, seed=7)
     args.update(overrides)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -135,7 +135,7 @@ def trained_run(shakespeare_dir, tmp_path_factory):
     """40 steps of a tiny model in random orders, full mode: shared by the learning and eval/sample tests."""
     out = str(tmp_path_factory.mktemp("trained") / "run")
     results = sg.main(tiny_args(shakespeare_dir, out, max_steps=40, learning_rate=1e-2, val_interval=20,
-                                log_interval=10, save_total_limit=1, save_steps=20))
+                                log_interval=10, keep_last_k=1, ckpt_interval=20))
     return out, results
 
 
@@ -145,8 +145,8 @@ def test_loss_falls_on_tinyshakespeare_in_random_orders(trained_run):
     assert val[-1]["val_loss_random"] < math.log(257) - 2.0  # from ~5.6 (uniform over bytes) to below 3.6
     assert val[-1]["val_loss_random"] < val[0]["val_loss_random"]
     assert results["status"] == "done" and results["scored_tokens_per_step"] == 8 * 2 * 31
-    # the guide's layout: config, CSV log, checkpoint-N/model.pt pruned to save_total_limit, and the PNG
-    assert [os.path.basename(p) for _, p in sg.checkpoint_dirs(out)] == ["checkpoint-39"]
+    # the guide's layout: config, CSV log, checkpoint-N/model.pt pruned to keep_last_k, and the PNG
+    assert [os.path.relpath(p, out) for _, p in common.list_checkpoints(out)] == ["checkpoint-39/model.pt"]
     for name in ("config.json", "logs/training_log.csv", "log.jsonl", "loss.png", "results.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     rows = open(os.path.join(out, "logs", "training_log.csv")).read().splitlines()
@@ -223,12 +223,24 @@ def test_init_from_a_train_gpt_checkpoint_starts_as_the_ar_model(shakespeare_dir
     path = str(tmp_path / "ar" / "ckpt_000000.pt")
     common.save_checkpoint(path, {"kind": "gpt", "model": ar.state_dict(), "model_config": dataclasses.asdict(ar.config),
                                   "tokenizer": common.Tokenizer("byte").spec, "step": 0})
-    cfg = common.load_config(sg.Config, tiny_args(shakespeare_dir, str(tmp_path / "x"), init_from=path))
-    sigma = sg.build_model(cfg, common.load_meta(shakespeare_dir)).eval()
+    # train_gpt.py's run folder holds config.json beside its checkpoints: a run, not an HF folder
+    common.atomic_write_json(str(tmp_path / "ar" / "config.json"), {"model": "tiny"})
     x = torch.randint(0, 257, (2, 31))
-    with torch.no_grad():
-        assert torch.allclose(sigma(x, position_ids=torch.arange(31), target_position_ids=torch.arange(1, 32))[0],
-                              ar(x)[0], atol=1e-5)
+    for init_from in (path, str(tmp_path / "ar"), str(tmp_path / "ar" / "latest")):
+        cfg = common.load_config(sg.Config, tiny_args(shakespeare_dir, str(tmp_path / "x"), init_from=init_from))
+        sigma = sg.build_model(cfg, common.load_meta(shakespeare_dir)).eval()
+        with torch.no_grad():
+            assert torch.allclose(sigma(x, position_ids=torch.arange(31), target_position_ids=torch.arange(1, 32))[0],
+                                  ar(x)[0], atol=1e-5), init_from
+
+
+def test_init_from_a_sigmagpt_run_takes_its_newest_checkpoint(shakespeare_dir, trained_run, tmp_path):
+    out, _ = trained_run
+    saved = common.load_checkpoint(out)["model"]
+    for init_from in (out, os.path.join(out, "latest"), os.path.join(out, "checkpoint-39")):
+        cfg = common.load_config(sg.Config, tiny_args(shakespeare_dir, str(tmp_path / "x"), init_from=init_from))
+        weights = sg.build_model(cfg, common.load_meta(shakespeare_dir)).state_dict()
+        assert all(torch.equal(weights[k], saved[k]) for k in saved), init_from
 
 
 def test_fp16_trains_with_a_grad_scaler_that_the_checkpoint_keeps(shakespeare_dir, tmp_path):
@@ -247,7 +259,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(shakespeare
                           log_interval=4))
     bad_step = records(out, "error")[0]["step"]
     assert bad_step >= 2 and f"at step {bad_step}" in str(e.value) and "checkpoint-1" in str(e.value)
-    assert [s for s, _ in sg.checkpoint_dirs(out)] == [1]  # nothing non-finite was saved
+    assert [s for s, _ in common.list_checkpoints(out)] == [1]  # nothing non-finite was saved
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(shakespeare_dir, tmp_path):
@@ -268,11 +280,59 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(shakespeare_dir, tmp_path):
             proc.kill()
     assert proc.returncode == 0, (tmp_path / "stderr").read_text()[-2000:]
     assert "received SIGTERM" in (tmp_path / "stdout").read_text()
-    step, _ = sg.checkpoint_dirs(out)[-1]
+    step, _ = common.list_checkpoints(out)[-1]
     assert records(out, "train")[-1]["step"] == step
 
 
 # ---------------------------------------------------------------------------- bad input
+
+
+def one_line_error(argv, capsys):
+    """Run main(argv) as the script's entry point does (common.run_main): exit 1, one `error:` line, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: sg.main(argv), preemptible=True)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+ENTRY_CASES = {  # name: (arguments from (data, a trained run, tmp_path), words the error line must hold)
+    "out_dir is a file": (lambda data, run, tmp: tiny_args(data, str(tmp / "a_file")), "is a file, not a folder"),
+    "name escapes out_root": (lambda data, run, tmp: tiny_args(data, "", out_root=str(tmp / "root"), name="../../x"),
+                              "must be a plain folder name"),
+    "name with a slash": (lambda data, run, tmp: tiny_args(data, "", out_root=str(tmp / "root"), name="a/b"),
+                          "must be a plain folder name"),
+    "init_from RUN/latest without checkpoints": (
+        lambda data, run, tmp: tiny_args(data, str(tmp / "o"), init_from=str(tmp / "empty_run" / "latest")),
+        "no checkpoints"),
+    "init_from RUN/latest of no run": (
+        lambda data, run, tmp: tiny_args(data, str(tmp / "o"), init_from=str(tmp / "nowhere" / "latest")),
+        "checkpoint not found"),
+    "resume with another order": (
+        lambda data, run, tmp: tiny_args(data, run, max_steps=40, resume="latest", order="left_to_right"),
+        "order='random' in the checkpoint but 'left_to_right' now"),
+    "resume with another curriculum": (
+        lambda data, run, tmp: tiny_args(data, run, max_steps=40, resume="latest", curriculum_steps=5),
+        "curriculum_steps=0 in the checkpoint but 5 now"),
+    "scored_share above 1": (lambda data, run, tmp: tiny_args(data, str(tmp / "o"), scored_share=2),
+                             "scored_share must be in (0, 1], got 2.0"),
+}
+
+
+@pytest.mark.parametrize("case", ENTRY_CASES)
+def test_bad_inputs_at_the_entry_point_are_one_line_errors(case, shakespeare_dir, trained_run, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "config.json").write_text("{}")
+    before = sorted(os.listdir(trained_run[0]))
+    args, words = ENTRY_CASES[case]
+    assert words in one_line_error(args(shakespeare_dir, trained_run[0], tmp_path), capsys)
+    assert sorted(os.listdir(trained_run[0])) == before  # a refused resume writes nothing
+    assert not os.path.exists(tmp_path.parent / "x") and not os.path.exists(tmp_path / "root")
 
 
 def test_bad_inputs_stop_with_one_line_errors(shakespeare_dir, tmp_path):
