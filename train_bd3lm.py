@@ -28,21 +28,22 @@ Hierarchical data (data=hierarchical) lays a problem out as [question | plan | e
 lengths; blocks restart at every segment boundary, so the segments are causal by segment with block
 diffusion inside, and the loss of each segment is logged apart.
 """
+import common  # first: its import installs the stop-signal handlers, before torch is imported
+
 import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
 from tasks import gsm8k as gsm8k_task, synthetic
 from model import GPT, GPTConfig, MODEL_SIZES, block_diffusion_mask, flex_block_diffusion_mask, model_config
 
@@ -55,7 +56,7 @@ PLAN_FIELDS = ("question", "plan", "execution")
 class Config:
     mode: str = "train"  # train | ppl_eval | sample | gsm8k_eval | compare
     # data: gsm8k (flat Question/Answer rows) | hierarchical (plans JSON) | shards (prepare_data.py)
-    data: str = "gsm8k"
+    data: str = "gsm8k"  # gsm8k | hierarchical | shards
     data_path: str = ""  # GSM8K train jsonl (empty: the HF hub)
     val_data_path: str = ""  # GSM8K test jsonl, for validation, ppl_eval and gsm8k_eval
     plans_path: str = ""  # hierarchical: gen_plans.py JSON (train)
@@ -67,82 +68,84 @@ class Config:
     seq_len: int = 512  # L, tokens per row
     block_size: int = 16  # diffusion block size; 1 = autoregressive, seq_len = one diffusion block
     question_len: int = 128  # hierarchical segment lengths; they must sum to seq_len
-    plan_len: int = 128
-    exec_len: int = 256
+    plan_len: int = 128  # hierarchical: tokens of the plan segment
+    exec_len: int = 256  # hierarchical: tokens of the execution segment
     flat_plans: bool = False  # hierarchical JSON laid out flat as [question | execution] (the flat baseline)
     synthetic_plans: int = 0  # hierarchical offline: N synthetic problems with abstract plans (tasks/synthetic.py)
     synthetic_max_steps: int = 4  # their most solution steps (1..synthetic_max_steps)
-    # their word-problem families (names in tasks/synthetic.py TEMPLATES; empty = all): the transfer demo trains
-    # on some families and fine-tunes on held-out ones
-    synthetic_templates: List[str] = field(default_factory=list)
+    # (names in tasks/synthetic.py TEMPLATES): the transfer demo trains on some families, fine-tunes on held-out ones
+    synthetic_templates: List[str] = field(default_factory=list)  # their word-problem families (empty = all)
     # model
-    model: str = "gpt2"
-    n_layer: int = 0
-    n_head: int = 0
-    n_embd: int = 0
-    dropout: float = 0.0
-    tie_embeddings: bool = False
+    model: str = "gpt2"  # a size from model.MODEL_SIZES
+    n_layer: int = 0  # 0 = the size's default
+    n_head: int = 0  # 0 = the size's default
+    n_embd: int = 0  # 0 = the size's default
+    dropout: float = 0.0  # dropout probability
+    tie_embeddings: bool = False  # share the input embedding and the output head
     init_from: str = "scratch"  # scratch | a train_gpt.py or train_bd3lm.py checkpoint (file, run folder, RUN/latest)
     # transfer (hierarchical): the top exec_layers get a second copy, the execution module, which computes the
     # execution positions; the shared lower layers and the first copy are the plan module (question and plan)
-    exec_layers: int = 0
+    exec_layers: int = 0  # top layers with a second copy for the execution positions (0 = none)
     freeze: str = "none"  # none | plan: train only the execution module (fine-tuning on a new task)
     # noise schedule: log-linear; a mask rate per block, stratified over batch x blocks, clipped to [beta, omega]
-    noise_beta: float = 1e-3
-    noise_omega: float = 1.0
-    antithetic: bool = True
+    noise_beta: float = 1e-3  # lowest mask rate
+    noise_omega: float = 1.0  # highest mask rate
+    antithetic: bool = True  # stratified mask rates over batch x blocks (lower loss variance)
     # clipped-schedule search: every clip_search_interval steps, the [beta, omega] of lowest NELBO variance on
     # validation batches among ranges of these widths (the paper's data-driven schedule); 0 = fixed by config
-    clip_search_interval: int = 0
-    clip_search_widths: List[float] = field(default_factory=lambda: [0.5, 0.7, 1.0])
-    clip_search_batches: int = 4
+    clip_search_interval: int = 0  # steps between clip-range searches (0 = the configured range throughout)
+    clip_search_widths: List[float] = field(default_factory=lambda: [0.5, 0.7, 1.0])  # widths of the searched ranges
+    clip_search_batches: int = 4  # validation batches per search
     # optimisation
     batch_size: int = 128  # sequences per optimizer step over all ranks
     micro_batch_size: int = 32  # sequences per forward pass per rank
-    max_steps: int = 50000
-    warmup_steps: int = 2500
-    max_lr: float = 3e-4
+    max_steps: int = 50000  # optimizer steps of the run (a larger value continues a finished run)
+    warmup_steps: int = 2500  # linear lr warmup
+    max_lr: float = 3e-4  # peak learning rate
     lr_schedule: str = "constant"  # constant | cosine (to max_lr * min_lr_ratio)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # cosine: the final lr as a fraction of max_lr
+    weight_decay: float = 0.0  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    grad_clip: float = 1.0  # gradient norm clip
     ema: float = 0.9999  # EMA decay of the weights used for evaluation and sampling (0 = off)
-    seed: int = 1337
+    seed: int = 1337  # weights, data order and noise (and the synthetic problems)
     # system
-    device: str = "auto"
+    device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 on cuda, else fp32) | float32 | bfloat16 | float16 (or fp32 | bf16 | fp16)
     compile: bool = True  # torch.compile on cuda
     flex_attention: bool = True  # FlexAttention block mask on cuda; the dense SDPA mask elsewhere
     # output
-    out_dir: str = "out/bd3lm"
-    log_interval: int = 10
-    val_interval: int = 500
-    val_batches: int = 8
-    ckpt_interval: int = 2000
-    keep_last_k: int = 0
-    resume: Optional[str] = None  # latest | a checkpoint path
-    stop_after_step: int = -1
+    out_dir: str = "out/bd3lm"  # the run folder (checkpoints, log.jsonl, results.json)
+    log_interval: int = 10  # steps between train-loss records (the only per-step host syncs)
+    val_interval: int = 500  # steps between validation NELBOs (0 = only at the end)
+    val_batches: int = 8  # micro batches per validation
+    ckpt_interval: int = 2000  # steps between checkpoints (0 = only at the end)
+    keep_last_k: int = 0  # keep only the newest k checkpoints (0 = keep all)
+    resume: Optional[str] = None  # latest (newest in out_dir, or a fresh start if none) | a checkpoint path
+    stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
+    tensorboard: bool = False  # also log to out_dir/tensorboard (tags <record type>/<key>)
+    wandb_project: Optional[str] = None  # also log to this W&B project (wandb imported only when set)
     # evaluation and sampling (modes ppl_eval, sample, gsm8k_eval)
-    checkpoint: str = ""
-    runs: List[str] = field(default_factory=list)  # compare: run folders (hierarchical, flat, AR ...), each with
-    labels: List[str] = field(default_factory=list)  # its results.json and optional ppl/ and gsm8k/ subfolders
-    use_ema: bool = True
-    eval_batch_size: int = 16
+    checkpoint: str = ""  # ppl_eval / sample / gsm8k_eval: a checkpoint file, run folder or RUN/latest
+    # compare: run folders (hierarchical, flat, AR ...), each with its results.json and optional ppl/, gsm8k/
+    runs: List[str] = field(default_factory=list)  # compare: the run folders
+    labels: List[str] = field(default_factory=list)  # compare: one label per run (default: the folder names)
+    use_ema: bool = True  # evaluate the EMA weights
+    eval_batch_size: int = 16  # rows per evaluation / generation batch
     eval_batches: int = 0  # ppl_eval: 0 = the whole evaluation set
     eval_noise_beta: float = 1e-3  # ppl_eval draws t ~ U[eval_noise_beta, 1]
     sampler: str = "first_hitting"  # first_hitting | ancestral
     sample_steps: int = 16  # ancestral: T steps per block
-    top_p: float = 0.9
-    kv_cache: bool = True
-    num_samples: int = 4
+    top_p: float = 0.9  # nucleus sampling
+    kv_cache: bool = True  # cache the clean blocks while sampling
+    num_samples: int = 4  # sample: how many
     limit: int = 0  # gsm8k_eval: first `limit` test problems (0 = all)
     # benchmark: time bench_steps steps, write results.json, exit
-    bench: bool = False
-    bench_steps: int = 10
-    bench_warmup: int = 3
-    two_pass: bool = False  # bench: noisy and clean halves in two passes (what the vectorized pass replaces)
+    bench: bool = False  # time bench_steps training steps, write results.json, exit (no checkpoints)
+    bench_steps: int = 10  # timed steps
+    bench_warmup: int = 3  # untimed steps first
+    two_pass: bool = False  # noisy and clean halves in two passes (what the vectorized pass replaces; same loss)
 
 
 MODES = ("train", "ppl_eval", "sample", "gsm8k_eval", "compare")
@@ -188,10 +191,30 @@ def check_config(cfg):
         raise common.ConfigError(f"mode={cfg.mode} needs checkpoint=PATH (a file, run folder or RUN/latest)")
 
 
-# what the weights and their data layout are: a resumed run cannot change these (max_steps, the lr etc. it may)
-SHAPE_KEYS = ("model", "n_layer", "n_head", "n_embd", "tie_embeddings", "exec_layers", "init_from", "data", "seq_len",
-              "block_size", "question_len", "plan_len", "exec_len", "flat_plans", "synthetic_plans",
-              "synthetic_templates", "tokenizer", "data_dir")
+# what defines a run: a resumed run cannot change these (max_steps, the lr, the intervals it may). The weights and
+# what of them trains; the loss, by its configured clip range (a clip search moves the range during the run, and
+# the checkpoint carries the moved one); the data by its layout and the files' contents, not their paths' spelling
+MODEL_KEYS = ("model", "n_layer", "n_head", "n_embd", "tie_embeddings", "exec_layers", "init_from", "freeze")
+LOSS_KEYS = ("noise_beta", "noise_omega", "antithetic", "two_pass", "clip_search_interval")
+CLIP_SEARCH_KEYS = ("clip_search_widths", "clip_search_batches")  # only while a search runs
+
+
+def identity(cfg):
+    keys = list(MODEL_KEYS + LOSS_KEYS) + (list(CLIP_SEARCH_KEYS) if cfg.clip_search_interval > 0 else [])
+    keys += ["data", "seq_len", "block_size"]
+    files = {}
+    if cfg.data == "gsm8k":
+        keys += ["tokenizer", "wrap"]
+        files = {"train_data": cfg.data_path, "val_data": cfg.val_data_path}
+    elif cfg.data == "hierarchical":
+        keys += ["tokenizer", "flat_plans", "question_len", "exec_len"] + ([] if cfg.flat_plans else ["plan_len"])
+        if cfg.synthetic_plans:  # the problems are drawn from the seed
+            keys += ["synthetic_plans", "synthetic_max_steps", "synthetic_templates", "seed"]
+        else:
+            files = {"train_data": cfg.plans_path, "val_data": cfg.val_plans_path or cfg.plans_path}
+    else:  # shards: meta.json (the tokenizer) and the shards
+        files = {"train_data": cfg.data_dir}
+    return common.run_identity(cfg, keys, **{k: common.fingerprint(p) for k, p in files.items()})
 
 
 def segment_lengths(cfg):
@@ -249,7 +272,7 @@ def gsm8k_rows(rows, tok, L, wrap):
         n = len(stream) // L
         if n == 0:
             raise common.ConfigError(f"the GSM8K text holds {len(stream)} tokens, less than one row of {L}")
-        x = torch.tensor(stream[:n * L]).view(n, L)
+        x = torch.from_numpy(np.array(stream[:n * L], dtype=np.int64)).view(n, L)
         return x, torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x), 0
     x, valid, truncated = [], [], 0
     for d in docs:
@@ -690,10 +713,27 @@ def read_published_bd3lm(name):
         for n in files:
             state.update(load_file(os.path.join(folder, n)))
     elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        state = read_weights_bin(os.path.join(folder, "pytorch_model.bin"))
     else:
         raise common.ConfigError(f"{name}: no *.safetensors or pytorch_model.bin beside its config.json")
     return state, config
+
+
+def read_weights_bin(path):
+    """A pytorch_model.bin: a pickle, so only tensors may come out of it (weights_only); a file that would build
+    other objects, or run code, is refused with what it asked for."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        raise ValueError(f"{path} holds objects other than tensors; refusing to load it (a .bin file is a pickle "
+                         f"and could run code){': ' + blocked[0] if blocked else ''}") from e
+    except Exception as e:  # truncated, not a torch file
+        raise ValueError(f"could not read {path}: {' '.join(str(e).split())[:200]}") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (names -> tensors)")
+    return state
 
 
 def published_bd3lm(name, vocab_size, mask_id):
@@ -813,7 +853,8 @@ def main(argv=None):
     d = common.setup_dist(cfg.device)
     try:
         if cfg.mode == "train":
-            return train(cfg, d)
+            with common.preemption_handlers() as stop:
+                return train(cfg, d, stop)
         if cfg.mode == "ppl_eval":
             return ppl_eval(cfg, d)
         if cfg.mode == "sample":
@@ -834,26 +875,35 @@ def data_setup(cfg, spec=None):
     return tok, tok.spec, tok.vocab_size, tok.vocab_size  # [MASK] is the first id after the vocabulary
 
 
-def train(cfg, d):
+def flops_per_token(model, L):
+    """Training FLOPs per data token of the vectorized pass: the network reads 2L tokens (x_t and x_0, the
+    attention over 2L keys), the head only the noisy half."""
+    return 2 * model.flops_per_token(2 * L) - 6 * model.lm_head.weight.numel()
+
+
+def train(cfg, d, stop):
     per_step = cfg.micro_batch_size * d.world_size
     if cfg.batch_size % per_step:
         raise common.ConfigError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size * world_size "
                                  f"= {cfg.micro_batch_size} * {d.world_size}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise NotADirectoryError(f"out_dir {cfg.out_dir} is a file; a run needs a folder")
     accum = cfg.batch_size // per_step
+
+    # ---- where to start: fresh (or from pretrained weights), or from a checkpoint of this run
+    run_identity = identity(cfg)
+    ckpt = None if cfg.bench else common.restore(cfg.out_dir, cfg.resume, KIND, run_identity, d.master)
+    start_step = ckpt["step"] + 1 if ckpt else 0
+    if ckpt and start_step >= cfg.max_steps:
+        if d.master:
+            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {cfg.max_steps} steps")
+        return {"status": "already_finished", "step": ckpt["step"]}
     tok, spec, n_vocab, mask_id = data_setup(cfg)
     vocab_size = common.padded_vocab_size(n_vocab + 1)
     block_ids = make_block_ids(segment_lengths(cfg), cfg.block_size)
     seg_names = segment_names(cfg) if cfg.data == "hierarchical" else ["all"]
     dtype = common.resolve_dtype(cfg.dtype, d.device)
     autocast = common.autocast(d.device_type, dtype)
-
-    # ---- where to start: fresh (or from pretrained weights), or from a checkpoint of this run
-    ckpt = None if cfg.bench else common.start_or_resume(cfg.out_dir, cfg.resume, KIND)
-    if ckpt:
-        common.check_resume_config(cfg, ckpt, SHAPE_KEYS)
-    start_step = ckpt["step"] + 1 if ckpt else 0
-    if ckpt and start_step >= cfg.max_steps:
-        return {"status": "already_finished", "step": ckpt["step"]}
     common.seed_everything(cfg.seed, d.device_type)
     if ckpt:
         model = GPT(GPTConfig(**ckpt["model_config"]))
@@ -878,7 +928,7 @@ def train(cfg, d):
     attn_mask = attention_mask_for(block_ids, d.device, use_flex)
     block_ids = block_ids.to(d.device)
     val_loss = None
-    noise = [cfg.noise_beta, cfg.noise_omega]  # the clip range; the search moves it
+    noise = [cfg.noise_beta, cfg.noise_omega]  # the clip range the loss uses now; a clip search moves it
     if ckpt:
         noise = list(ckpt.get("noise_range", noise))
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -887,16 +937,16 @@ def train(cfg, d):
         if ema is not None and ckpt.get("ema"):
             ema.model.load_state_dict(ckpt["ema"])
         val_loss = ckpt.get("val_loss")
-        if d.master:
-            common.trim_log(cfg.out_dir, ckpt["step"])  # records after the checkpoint are about to be redone
 
-    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None)
+    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
+                           wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    peak, device_name = common.peak_flops(d.device_type)
     logger.info(f"bd3lm {cfg.model}: {raw_model.num_params() / 1e6:.2f}M non-embedding params, vocab "
                 f"{raw_model.config.vocab_size} ([MASK] = {mask_id}) | L {cfg.seq_len}, block {cfg.block_size}, "
-                f"{int(block_ids[-1]) + 1} blocks | device {d.device} x{d.world_size}, {dtype}, "
+                f"{int(block_ids[-1]) + 1} blocks | device {d.device} x{d.world_size} ({device_name}), {dtype}, "
                 f"{'flex' if use_flex else 'dense'} mask | {cfg.batch_size} rows/step = {cfg.micro_batch_size} x "
                 f"{d.world_size} ranks x {accum} accum")
     if ckpt:
@@ -947,9 +997,9 @@ def train(cfg, d):
             "ema": ema.model.state_dict() if ema is not None else None, "tokenizer": spec,
             "bd3lm": {"mask_id": mask_id, "n_vocab": n_vocab, "block_size": cfg.block_size, "seq_len": cfg.seq_len,
                       "segment_lens": segment_lengths(cfg), "segment_names": seg_names, "data": cfg.data},
-            "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
-            "loader": train_loader.state(), "rng": common.rng_state(), "val_loss": val_loss, "noise_range": noise},
-            d, cfg.keep_last_k)
+            "config": common.config_dict(cfg), "identity": run_identity, "step": step,
+            "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
+            "val_loss": val_loss, "noise_range": noise}, d, cfg.keep_last_k)
 
     def evaluate():
         """The validation NELBO per token with the EMA weights: the same batches and the same noise every time."""
@@ -970,89 +1020,77 @@ def train(cfg, d):
         totals = common.all_reduce(totals, "sum", d)
         return (totals[0] / totals[1]).item()
 
-    # ---- the loop
-    watch = common.NonFiniteWatch(d.device)
-    run_t0 = time.time()
-    interval_t0, interval_steps, interval_stats = time.time(), 0, None
-    timed_tokens, timed_seconds = 0, 0.0
-    train_loss, status, step, path, seg_losses = None, "done", start_step - 1, None, {}
-    bar = common.progress(total=cfg.max_steps, initial=start_step, master=d.master, desc="train", unit="step")
-    with common.preemption_handlers() as stop:
-        for step in range(start_step, cfg.max_steps):
-            last_step = step == cfg.max_steps - 1
-            stats, grad_norm, lr = train_step(step)
-            watch.update(step, stats[0], grad_norm)
-            interval_stats = stats if interval_stats is None else interval_stats + stats
-            interval_steps += 1
-            bar.update(1)
-            val_now = val_loader is not None and cfg.val_batches > 0 and (
-                last_step or (cfg.val_interval > 0 and (step + 1) % cfg.val_interval == 0))
-            ckpt_now = last_step or (cfg.ckpt_interval > 0 and (step + 1) % cfg.ckpt_interval == 0)
-            user_stop = step == cfg.stop_after_step
-            clip_now = val_loader is not None and cfg.clip_search_interval > 0 and \
-                (step + 1) % cfg.clip_search_interval == 0
-            log_now = ((step + 1) % cfg.log_interval == 0 or step == start_step or val_now or ckpt_now or user_stop
-                       or clip_now)
-            signal_stop = stop.check(d, sync=log_now)
-            if not (log_now or signal_stop):
-                continue
-            bad_step = watch.first_bad_step(d)
-            if bad_step is not None:
-                bar.close()
-                msg = common.diverged_message(cfg.out_dir, bad_step)
-                logger.log({"type": "error", "step": bad_step, "message": msg}, echo=False)
-                raise common.TrainingDiverged(msg)
-            s = common.all_reduce(interval_stats, "sum", d).tolist()
-            train_loss = s[0] / max(s[1], 1)
-            common.synchronize(d.device_type)
-            dt = (time.time() - interval_t0) / interval_steps
-            if step != start_step:  # the first step (allocator, compilation) is not timed
-                timed_tokens += tokens_per_step * interval_steps
-                timed_seconds += dt * interval_steps
-            record = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                      "dt_ms": dt * 1000, "tokens_per_sec": tokens_per_step / dt,
-                      "tokens": (step + 1) * tokens_per_step}
-            if len(seg_names) > 1:
-                seg_losses = {f"loss_{n}": s[2 + 2 * i] / max(s[3 + 2 * i], 1) for i, n in enumerate(seg_names)}
-                record.update(seg_losses)
-            logger.log(record, echo=False)
-            if d.master:
-                bar.write(common.format_record(record))
-            bar.set_postfix(loss=f"{train_loss:.4f}")
-            if val_now:
-                val_loss = evaluate()
-                logger.log({"type": "val", "step": step, "val_loss": val_loss}, echo=False)
-                if d.master:
-                    bar.write(f"step {step} | val NELBO {val_loss:.4f}")
-            if clip_now:
-                val_loader.reset()
-                batches = [val_loader.next_batch() for _ in range(cfg.clip_search_batches)]
-                noise[0], noise[1], variances = search_noise_range(
-                    ema.model if ema is not None else raw_model, batches, block_ids, attn_mask, mask_id, n_vocab,
-                    cfg.clip_search_widths, cfg.seed + 29, autocast, d, exec_pos)
-                logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
-                            "variance": variances[tuple(noise)], "candidates": len(variances)}, echo=False)
-            if ckpt_now or user_stop or signal_stop:
-                path = save(step)
-            if (signal_stop or user_stop) and not last_step:
-                status = "preempted" if signal_stop else "stopped"
-                bar.close()
-                why = f"received {stop.signal}" if signal_stop else f"stop_after_step={cfg.stop_after_step}"
-                logger.info(f"{why}: saved {path} at step {step}; exiting (continue with resume=latest)")
-                break
-            interval_t0, interval_steps, interval_stats = time.time(), 0, None
-    bar.close()
+    def search_clip_range(step):
+        """The clip range of lowest NELBO variance on the first validation batches; the loss uses it from now."""
+        val_loader.reset()
+        batches = [val_loader.next_batch() for _ in range(cfg.clip_search_batches)]
+        noise[0], noise[1], variances = search_noise_range(
+            ema.model if ema is not None else raw_model, batches, block_ids, attn_mask, mask_id, n_vocab,
+            cfg.clip_search_widths, cfg.seed + 29, autocast, d, exec_pos)
+        logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
+                    "variance": variances[tuple(noise)], "candidates": len(variances)})
 
-    tokens_per_sec = timed_tokens / timed_seconds if timed_seconds > 0 else None
+    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
+        logger.info(f"received {stop.signal} before the first step: exiting without training "
+                    f"(continue with resume=latest)")
+        return {"status": "preempted", "step": start_step - 1}
+
+    # ---- the loop
+    watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
+    timer = common.StepTimer(d.device_type, flops_per_token(raw_model, cfg.seq_len), peak, d.world_size)
+    run_t0 = time.time()
+    interval_stats, train_loss, status, step, seg_losses = None, None, "done", start_step - 1, {}
+    logger.progress(total=cfg.max_steps, initial=start_step)
+    for step in range(start_step, cfg.max_steps):
+        stats, grad_norm, lr = train_step(step)
+        timer.step(tokens_per_step)
+        watch.update(step, stats[0], grad_norm)
+        interval_stats = stats if interval_stats is None else interval_stats + stats
+        logger.bar.update(1)
+        due = common.due(step, cfg.max_steps, cfg.log_interval, cfg.ckpt_interval, cfg.val_interval,
+                         cfg.stop_after_step, first_step=start_step)
+        val_now = due.eval and val_loader is not None and cfg.val_batches > 0
+        clip_now = val_loader is not None and cfg.clip_search_interval > 0 and \
+            (step + 1) % cfg.clip_search_interval == 0
+        # a signal stops the run at a step boundary; under DDP the ranks agree on it at log points
+        signal_stop = stop.check(d, sync=due.log or clip_now)
+        if not (due.log or clip_now or signal_stop):
+            continue
+
+        # the NELBO per token since the last record, over all ranks (one host sync per interval)
+        s = common.all_reduce(interval_stats, "sum", d).tolist()
+        interval_stats = None
+        common.stop_if_diverged(watch, d, logger, cfg.out_dir)
+        train_loss = s[0] / max(s[1], 1)
+        speed = timer.lap()
+        if len(seg_names) > 1:
+            seg_losses = {f"loss_{n}": s[2 + 2 * i] / max(s[3 + 2 * i], 1) for i, n in enumerate(seg_names)}
+        logger.log({"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                    **seg_losses, **speed, "tokens": (step + 1) * tokens_per_step})
+        logger.postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed.get('tokens_per_sec', 0):,.0f}")
+        if val_now:
+            val_loss = evaluate()
+            logger.log({"type": "val", "step": step, "val_loss": val_loss})
+        if clip_now:
+            search_clip_range(step)
+        if due.ckpt or due.stop_after or signal_stop:
+            # a signal or stop_after_step ends the run here, after its checkpoint (the last step ends it anyway)
+            status = common.early_exit(stop, due, signal_stop, step, save(step), logger) or status
+            if status != "done":
+                break
+        timer.restart()  # evaluation and saving are not training time
+
+    speed = timer.summary()
     results = {"status": status, "steps": step + 1, "noise_range": noise, "final_train_loss": train_loss,
                "final_val_loss": val_loss,
                "final_val_ppl_bound": math.exp(val_loss) if val_loss is not None else None, **seg_losses,
-               "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_sec": tokens_per_sec,
+               "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_sec": speed["tokens_per_sec"],
+               "mfu": speed["mfu"], "peak_mem_gb": speed["peak_mem_gb"],
                "seconds": time.time() - run_t0, "n_params": raw_model.num_params(), "world_size": d.world_size,
-               "block_size": cfg.block_size, "seq_len": cfg.seq_len, "truncated": truncated,
+               "device": device_name, "block_size": cfg.block_size, "seq_len": cfg.seq_len, "truncated": truncated,
                "resumed_from_step": start_step - 1 if ckpt else None}
+    common.finish(cfg.out_dir, results, d, logger)
     if d.master:
-        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
         lines = [("train", "loss", "train NELBO"), ("val", "val_loss", "val NELBO")]
         segs = [("train", f"loss_{n}", n) for n in seg_names] if len(seg_names) > 1 else []
         common.plot_log_curves(cfg.out_dir, [("NELBO", "nats per token", lines)] +
@@ -1327,8 +1365,4 @@ def compare(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, common.TrainingDiverged, FileNotFoundError, common.ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, preemptible=True)

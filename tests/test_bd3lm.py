@@ -262,6 +262,84 @@ def test_bad_inputs_are_refused_with_the_setting_named(gsm8k_files, tmp_path):
         bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "d"), mode="sample"))
 
 
+def one_line_error(argv, capsys):
+    """bd.main(argv) as the script's entry point runs it (common.run_main): exit 1 and one `error:` line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: bd.main(argv))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+class RunsCode:
+    def __reduce__(self):  # unpickling this would call os.makedirs(marker): the load must refuse it first
+        return (os.makedirs, (self.marker,))
+
+
+def crafted(path, marker, **entries):
+    """A torch file whose unpickling would run code (it creates `marker`)."""
+    evil = RunsCode()
+    evil.marker = marker
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({**entries, "model": {"transformer.wte.weight": evil}}, path)
+    return path
+
+
+def test_bad_inputs_end_in_one_line_through_the_entry_point(gsm8k_files, tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "ans\n')
+    assert "broken.jsonl:2: not a JSON line" in one_line_error(
+        gsm8k_args(gsm8k_files, str(tmp_path / "a"), data_path=str(broken)), capsys)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert "is a file" in one_line_error(gsm8k_args(gsm8k_files, str(a_file)), capsys)
+    marker = str(tmp_path / "the_payload_ran")
+    # a published-BD3-LM folder whose pytorch_model.bin is a crafted pickle
+    folder = tmp_path / "published"
+    crafted(str(folder / "pytorch_model.bin"), marker)
+    (folder / "config.json").write_text(json.dumps({"n_heads": 2, "model_length": 64, "block_size": 8}))
+    assert "refusing to load it" in one_line_error(
+        gsm8k_args(gsm8k_files, str(tmp_path / "b"), init_from=str(folder)), capsys)
+    # a crafted checkpoint to resume, to start from and to evaluate
+    ckpt = crafted(str(tmp_path / "evil" / "ckpt_000001.pt"), marker, kind="bd3lm", model_config={}, step=1)
+    for args in (dict(resume=ckpt), dict(init_from=ckpt), dict(mode="ppl_eval", checkpoint=ckpt)):
+        assert "refusing to load it" in one_line_error(gsm8k_args(gsm8k_files, str(tmp_path / "c"), **args), capsys)
+    assert not os.path.exists(marker)
+
+
+def test_resume_refuses_another_loss_or_data_naming_the_key_and_continues_a_longer_run(gsm8k_files, tmp_path):
+    import re
+    import shutil
+    out = str(tmp_path / "run")
+    bd.main(gsm8k_args(gsm8k_files, out, max_steps=2, val_interval=0))
+    for change, words in ((dict(noise_beta=0.2), "noise_beta=0.001 in the checkpoint but 0.2 now"),
+                          (dict(noise_omega=0.9), "noise_omega=1.0 in the checkpoint but 0.9 now"),
+                          (dict(antithetic="false"), "antithetic=True in the checkpoint but False now"),
+                          (dict(two_pass="true"), "two_pass=False"),
+                          (dict(clip_search_interval=2), "clip_search_interval=0"),
+                          (dict(wrap="false"), "wrap=True"),
+                          (dict(tokenizer="gpt2"), "tokenizer='byte'"),
+                          (dict(n_embd=64), "n_embd=32")):
+        with pytest.raises(common.ConfigError, match=re.escape(words)):
+            bd.main(gsm8k_args(gsm8k_files, out, max_steps=4, resume="latest", **change))
+    # the data by content: other rows in a file of the same name are refused, the same rows elsewhere continue
+    edited = tmp_path / "edited" / "train.jsonl"
+    edited.parent.mkdir()
+    rows = common.read_jsonl(gsm8k_files[0])
+    edited.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(common.ConfigError, match="train_data="):
+        bd.main(gsm8k_args(gsm8k_files, out, max_steps=4, resume="latest", data_path=str(edited)))
+    same = tmp_path / "same" / "train.jsonl"
+    same.parent.mkdir()
+    shutil.copy(gsm8k_files[0], same)
+    res = bd.main(gsm8k_args(gsm8k_files, out, max_steps=4, resume="latest", data_path=str(same), val_interval=0))
+    assert res["status"] == "done" and res["resumed_from_step"] == 1 and res["steps"] == 4
+
+
 def test_entry_point_prints_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_bd3lm.py"), "data=hierarchical",
                         f"plans_path={PLANS}", "seq_len=512", "question_len=128", "plan_len=128", "exec_len=128",
@@ -288,6 +366,9 @@ def test_clip_search_picks_the_lowest_variance_range_and_resumes_with_it(tmp_pat
     assert [r["step"] for r in searches] == [1, 3, 5] and all(r["candidates"] == 9 for r in searches)
     assert all(r["omega"] - r["beta"] in (pytest.approx(0.3), pytest.approx(1.0)) for r in searches)
     bd.main(plans_args(split, stop_after_step=3, **args))
+    # the checkpoint carries the moved range, its identity the configured one (which the resume compares)
+    ckpt = common.load_checkpoint(split)
+    assert ckpt["noise_range"] != [1e-3, 1.0] and ckpt["identity"]["noise_beta"] == 1e-3
     bd.main(plans_args(split, resume="latest", **args))
     assert records(full, "train")[-1]["loss"] == records(split, "train")[-1]["loss"]
 

@@ -72,8 +72,8 @@ def trainer_args(name, inputs, out, max_steps, **overrides):
                     reward_funcs="arithmetic,format", num_generations=4, micro_batch_size=8,
                     max_completion_length=6, eval_examples=4, eval_steps=0, learning_rate=2e-3, device="cpu")
     elif name == "train_bd3lm":
-        args = dict(data="gsm8k", data_path=inputs["gsm8k"][0], val_data_path=inputs["gsm8k"][1], data_limit=200,
-                    wrap="true", tokenizer="byte", seq_len=64, block_size=8, model="tiny", n_embd=32, batch_size=8,
+        args = dict(data="gsm8k", data_path=inputs["gsm8k"][0], val_data_path=inputs["gsm8k"][1], wrap="true",
+                    tokenizer="byte", seq_len=64, block_size=8, model="tiny", n_embd=32, batch_size=8,
                     micro_batch_size=8, warmup_steps=2, max_lr=3e-3, val_interval=0, val_batches=1, device="cpu",
                     dtype="fp32")
     else:
