@@ -1,7 +1,8 @@
 """
 GRPO (Group Relative Policy Optimization, DeepSeekMath, arXiv 2402.03300) on verifiable tasks, in one file:
-read it top to bottom. Names and defaults follow TRL's GRPOConfig, so a user moves between the two easily;
-where we differ, the notes of the README say so.
+read it top to bottom. Names and defaults follow TRL's GRPOConfig, so a user moves between the two easily
+(TRL's per_device_train_batch_size / logging_steps / save_steps are accepted for micro_batch_size /
+log_interval / ckpt_interval); where we differ, docs/grpo.md says so.
 
     python grpo.py configs/grpo_demo.yaml                       # tiny CPU run: one-step arithmetic
     python grpo.py configs/grpo_gsm8k.yaml                      # the 124M model after sft_gsm8k, on GSM8K
@@ -14,24 +15,26 @@ What happens in a step (on every rank, for its own prompts; a group never spans 
   2. rewards: every reward function of tasks/rewards.py scores every completion; their weighted sum is the
      reward, and within each group of G the advantage is (reward - group mean) / (std + 1e-4);
   3. update: num_iterations optimizer steps on this batch, each over gradient_accumulation_steps micro
-     batches of per_device_train_batch_size completions. Per token, the ratio r = pi / pi_old is clipped to
+     batches of micro_batch_size completions. Per token, the ratio r = pi / pi_old is clipped to
      [1 - epsilon, 1 + epsilon_high], the loss is -min(r A, clip(r) A) + beta * KL(pi || pi_ref) (the k3
      estimator), summed over the completion's tokens and normalised as loss_type says.
 The model in is an HF folder (sft.py, export_hf.py), an HF hub id or a native checkpoint (engine.load_model);
-the model out is an HF folder (out_dir/hf) plus resumable checkpoints.
+the model out is an HF folder (out_dir/hf) plus resumable checkpoints. SIGTERM / SIGUSR1 (SLURM preemption or
+time limit) only set a flag: at the next step boundary the run saves a checkpoint and exits with code 0.
 """
+import common  # first: its import installs the stop-signal handlers, before torch is imported
+
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 
-import common
 import engine as engine_lib
 import model as model_lib
 import tasks
@@ -44,7 +47,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 @dataclass
 class Config:
     # model: an HF folder / hub id, or a native checkpoint (file, run folder, RUN/latest)
-    model: str = ""
+    model: str = ""  # the policy to start from: an HF folder or hub id, or a native checkpoint
     tokenizer_file: Optional[str] = None  # GPT-2 ranks file for native checkpoints on offline machines
     ref_model: str = ""  # the frozen reference for the KL term; "" = the starting model (beta > 0 only)
     # task and rewards (tasks/ and tasks/rewards.py)
@@ -56,61 +59,68 @@ class Config:
     # generation
     num_generations: int = 8  # G: completions per prompt
     max_prompt_length: int = 512  # longer prompts keep their last tokens, as TRL
-    max_completion_length: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_completion_length: int = 256  # new tokens per completion at most
+    temperature: float = 1.0  # sampling temperature (the log-probs are those of logits / temperature, as TRL)
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off
     top_k: int = 0  # 0 = off (TRL: None)
     stop: Optional[List[str]] = None  # None = the task's stop strings
     generation_batch_size: int = 64  # rows per batch of the PyTorch sampler
     use_vllm: bool = False  # colocated vLLM on the training GPU (CUDA only)
-    vllm_gpu_memory_utilization: float = 0.3
-    # batch: completions per rank per step = per_device_train_batch_size * gradient_accumulation_steps
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    vllm_gpu_memory_utilization: float = 0.3  # the share of GPU memory vLLM may take
+    # batch: completions per rank per step = micro_batch_size * gradient_accumulation_steps
+    micro_batch_size: int = 8  # completions per forward pass per rank (TRL: per_device_train_batch_size)
+    gradient_accumulation_steps: int = 1  # micro batches per optimizer step
     # the GRPO loss
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
-    epsilon: float = 0.2
+    epsilon: float = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
     epsilon_high: Optional[float] = None  # None = epsilon (DAPO's clip-higher sets it above)
     num_iterations: int = 1  # mu: optimizer steps per batch of rollouts (old log-probs kept for all of them)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     mask_truncated_completions: bool = False  # completions cut at max_completion_length leave the loss
     # optimisation (AdamW, HF TrainingArguments' defaults)
-    learning_rate: float = 1e-6
+    learning_rate: float = 1e-6  # peak learning rate of AdamW
     lr_scheduler_type: str = "linear"  # linear (to 0) | cosine | constant
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.0  # share of the optimizer steps spent warming up linearly
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    max_grad_norm: float = 1.0  # gradient clipping norm
     max_steps: int = 500  # rollout steps (each one takes num_iterations optimizer steps)
-    seed: int = 42
+    seed: int = 42  # seeds the prompt order and the sampling of every step
     # system
-    device: str = "auto"
+    device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 autocast on cuda, else fp32) | float32 | bfloat16 (weights stay fp32)
     # output, evaluation, checkpoints
-    out_dir: str = "out/grpo"
-    logging_steps: int = 1
+    out_dir: str = "out/grpo"  # the run's folder: checkpoints, logs, results.json, hf/
+    log_interval: int = 1  # steps between train records (TRL: logging_steps)
     eval_steps: int = 50  # test accuracy (greedy) every eval_steps steps and at the end; 0 = only at the end
     eval_examples: int = 200  # the fixed subset: the first eval_examples of the task's test split
-    save_steps: int = 100  # checkpoint every save_steps steps and at the end
-    keep_last_k: int = 2
-    resume: Optional[str] = None  # latest | a checkpoint path
+    ckpt_interval: int = 100  # steps between checkpoints, and one at the end (0 = only at the end; TRL: save_steps)
+    keep_last_k: int = 2  # keep only the newest k checkpoints (0 = keep all)
+    resume: Optional[str] = None  # latest (newest in out_dir, or a fresh start if none) | a checkpoint path
     stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
-    tensorboard: bool = True
+    tensorboard: bool = True  # also log to out_dir/tensorboard (tags <record type>/<key>)
+    wandb_project: Optional[str] = None  # also log to this W&B project (wandb imported only when set)
 
 
 def check_config(cfg, world_size=1):
     """Mistakes that need no model: one-line errors naming the setting."""
     if not cfg.model:
         raise common.ConfigError("model= is required (an HF folder or hub id, or a native checkpoint)")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise common.ConfigError(f"out_dir={cfg.out_dir} is a file; out_dir is the run's folder")
+    for key in ("max_steps", "num_iterations", "max_completion_length", "max_prompt_length", "log_interval",
+                "micro_batch_size", "gradient_accumulation_steps"):
+        if getattr(cfg, key) <= 0:
+            raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
     if cfg.num_generations < 2:
         raise common.ConfigError(f"num_generations must be at least 2 (a group needs a spread), got {cfg.num_generations}")
-    per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps
     if per_rank % cfg.num_generations:
         raise common.ConfigError(
             f"num_generations={cfg.num_generations} does not divide the completions per rank per step, "
-            f"per_device_train_batch_size * gradient_accumulation_steps = {cfg.per_device_train_batch_size} * "
+            f"micro_batch_size * gradient_accumulation_steps = {cfg.micro_batch_size} * "
             f"{cfg.gradient_accumulation_steps} = {per_rank} (each group stays whole on one rank)")
     if cfg.temperature <= 0:
         raise common.ConfigError(f"temperature must be > 0 (GRPO learns from sampled groups), got {cfg.temperature}")
@@ -146,9 +156,6 @@ def check_config(cfg, world_size=1):
         raise common.ConfigError("use_vllm=true needs a CUDA GPU; none is visible (use_vllm=false samples in PyTorch)")
     if cfg.use_vllm and not common.vllm_available():
         raise common.ConfigError("use_vllm=true but vllm is not installed (pip install -r requirements-gpu.txt)")
-    for key in ("max_steps", "num_iterations", "max_completion_length", "max_prompt_length", "logging_steps"):
-        if getattr(cfg, key) <= 0:
-            raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
     if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
         raise common.ConfigError(f"lr_scheduler_type '{cfg.lr_scheduler_type}' is not one of linear, cosine, constant")
     common.resolve_dtype(cfg.dtype, "cpu")
@@ -163,6 +170,39 @@ def reference_available(name):
     if os.path.exists(name):
         return True
     return not (name.startswith((".", "/", "~")) or name.endswith(".pt") or name.count("/") > 1)
+
+
+# what defines a run: the task, the rewards and the loss (these settings), and the model it starts from, the
+# reference and the task's data files (compared by content, not by the path's spelling). A resumed run cannot
+# change them; max_steps, the lr, the intervals and the generation budget it may
+RUN_KEYS = ("task", "reward_funcs", "reward_model", "reward_weights", "num_generations", "temperature", "loss_type",
+            "beta", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "mask_truncated_completions")
+
+
+def content_id(name):
+    """A model or data path by what it holds (common.fingerprint; an HF folder file by file, since a folder's
+    fingerprint compares sizes only); anything else (a hub id, a number) by its value."""
+    if not isinstance(name, str) or not name:
+        return name
+    if engine_lib.is_native(name):
+        try:
+            return common.fingerprint(common.resolve_checkpoint(name))
+        except FileNotFoundError:  # engine.load_model says what is missing
+            return name
+    if os.path.isdir(name):
+        h = hashlib.sha256()
+        for sub in sorted(os.listdir(name)):
+            if os.path.isfile(os.path.join(name, sub)):
+                h.update(f"{sub}:{common.fingerprint(os.path.join(name, sub))};".encode())
+        return h.hexdigest()[:16]
+    return common.fingerprint(name) if os.path.isfile(name) else name
+
+
+def identity(cfg):
+    # the content entries have names of their own: a checkpoint written before identities compares the rest
+    return common.run_identity(cfg, RUN_KEYS, model_files=content_id(cfg.model),
+                               ref_model_files=content_id(cfg.ref_model),
+                               task_data={k: content_id(v) for k, v in sorted(cfg.task_args.items())})
 
 
 # -----------------------------------------------------------------------------
@@ -284,6 +324,16 @@ def completion_logprobs(model, ids, attention, where, native, temperature=1.0):
     return torch.stack(rows)
 
 
+@torch.no_grad()
+def frozen_logprobs(model, native, micro, temperature, autocast):
+    """Log-probs of each micro batch's completions under a model that is not trained on them (pi_old, pi_ref)."""
+    out = []
+    for mb in micro:
+        with autocast:
+            out.append(completion_logprobs(model, mb["ids"], mb["attention"], mb["where"], native, temperature))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # data: prompts in a fixed order per epoch (seeded), so the position is a function of the step
 
@@ -345,6 +395,203 @@ def save_hf(lm, raw_model, folder, info):
 
 
 # -----------------------------------------------------------------------------
+# set-up: the task's data, the policy, the reference, the sampler
+
+
+def load_task(cfg):
+    """The task, its training examples, the fixed evaluation subset and the stop strings."""
+    try:
+        task = tasks.get_task(cfg.task, **cfg.task_args)
+    except TypeError as e:  # a keyword the task does not take
+        raise common.ConfigError(f"task_args {cfg.task_args} do not fit task '{cfg.task}': {e}") from e
+    train_examples = task.examples("train")
+    if not train_examples:
+        where = cfg.task_args.get("train_path")
+        raise common.ConfigError(f"task '{cfg.task}' has no training examples"
+                                 + (f" (train_path={where} holds none)" if where else "") + ": GRPO needs prompts")
+    eval_examples = task.examples("test")[:cfg.eval_examples]
+    stop = list(task.stop() if cfg.stop is None else cfg.stop)
+    return task, train_examples, eval_examples, stop
+
+
+def load_policy(cfg, d, ckpt):
+    """The policy in fp32 (its weights from the checkpoint when resuming), DDP-wrapped, and its AdamW."""
+    try:
+        lm = engine_lib.load_model(cfg.model, cfg.tokenizer_file, device=d.device, dtype=torch.float32)
+    except ValueError as e:
+        if "holds a '" not in str(e):
+            raise
+        raise common.ConfigError(f"model={cfg.model}: {e}; grpo.py trains causal LMs: a GPT checkpoint "
+                                 f"(train_gpt.py), an HF folder or an HF hub id") from e
+    if ckpt:
+        lm.model.load_state_dict(ckpt["model"])
+    lm.model.eval()  # dropout off throughout: rollouts, old and new log-probs see the same function
+    model = common.wrap_model(lm.model, d, compile=False)  # varying shapes every step: no torch.compile
+    optimizer = torch.optim.AdamW(lm.model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return lm, model, optimizer
+
+
+def load_reference(cfg, d, dtype):
+    """The frozen reference of the KL term (beta > 0), else None."""
+    if cfg.beta <= 0:
+        return None
+    ref = engine_lib.load_model(cfg.ref_model or cfg.model, cfg.tokenizer_file, device=d.device, dtype=dtype)
+    ref.model.requires_grad_(False)
+    return ref
+
+
+def make_sampler(cfg, lm, d, dtype):
+    if not cfg.use_vllm:
+        return engine_lib.Engine(lm, batch_size=cfg.generation_batch_size)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # load_weights reaches the in-process runner
+    sampler = engine_lib.VLLMEngine(lm, dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    lm.model.to(d.device)  # VLLMEngine moves the PyTorch copy away; training needs it back
+    sampler.load_weights(lm.model)  # the policy of the checkpoint, not the folder's weights
+    return sampler
+
+
+def prompt_budget(cfg, lm):
+    """Prompts keep their last tokens, so that prompt + completion fit the model's positions."""
+    if not lm.max_positions:
+        return cfg.max_prompt_length
+    if cfg.max_completion_length >= lm.max_positions:
+        raise common.ConfigError(f"max_completion_length={cfg.max_completion_length} leaves no room for a prompt "
+                                 f"in the model's {lm.max_positions} positions")
+    return min(cfg.max_prompt_length, lm.max_positions - cfg.max_completion_length)
+
+
+# -----------------------------------------------------------------------------
+# one step: rollouts, then num_iterations optimizer steps on them
+
+
+def rollout(cfg, step, lm, sampler, task, examples, budget, stop, rewards, d, autocast):
+    """This rank's prompts of the step, G completions each, their rewards and advantages."""
+    G = cfg.num_generations
+    per_rank = cfg.micro_batch_size * cfg.gradient_accumulation_steps // G
+    idx = prompt_indices(len(examples), step, per_rank * d.world_size, cfg.seed)
+    mine = [examples[i] for i in idx[d.rank * per_rank:(d.rank + 1) * per_rank]]
+    prompt_texts, prompt_ids = encode_prompts(lm, task, mine, budget)
+    common.synchronize(d.device_type)
+    t0 = time.time()
+    with autocast:
+        outs = sampler.generate(prompt_ids, cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                                top_k=cfg.top_k, stop=stop, num_samples=G,
+                                seed=cfg.seed * 1000003 + step * 1009 + d.rank)
+    common.synchronize(d.device_type)
+    seconds = time.time() - t0
+    completions = [c for group in outs for c in group]  # group after group
+    examples_rep = [e for e in mine for _ in range(G)]
+    funcs, weights = rewards
+    per_func = score(funcs, examples_rep, [p for p in prompt_texts for _ in range(G)], [c.text for c in completions])
+    total = rewards_lib.combine(per_func, weights)
+    batch_std = global_std(total.to(d.device), d).cpu() if cfg.scale_rewards == "batch" else None
+    return dict(prompt_ids=[p for p in prompt_ids for _ in range(G)], completions=completions, examples=examples_rep,
+                per_func=per_func, rewards=total, advantages=group_advantages(total, G, cfg.scale_rewards, batch_std),
+                rollout_seconds=seconds)
+
+
+def micro_batches(cfg, batch, pad_id, device):
+    """The step's completions in micro batches of micro_batch_size rows, packed for one forward pass each."""
+    lengths = [len(c.ids) for c in batch["completions"]]
+    truncated = [c.finish_reason == "length" for c in batch["completions"]]
+    B = cfg.micro_batch_size
+    micro = []
+    for s in range(0, len(lengths), B):
+        rows = range(s, s + B)
+        ids, attention, where = pack_sequences([batch["prompt_ids"][i] for i in rows],
+                                               [batch["completions"][i].ids for i in rows], pad_id)
+        mask = completion_mask([lengths[i] for i in rows], [truncated[i] for i in rows], where.size(1),
+                               cfg.mask_truncated_completions)
+        micro.append(dict(ids=ids.to(device), attention=attention.to(device), where=where.to(device),
+                          mask=mask.to(device), advantages=batch["advantages"][s:s + B].to(device)))
+    return micro
+
+
+def update(cfg, step, batch, lm, model, optimizer, ref, watch, d, autocast):
+    """num_iterations optimizer steps on the batch; returns summed stats (device tensors) and the tokens seen."""
+    native = lm.kind == "native"
+    micro = micro_batches(cfg, batch, lm.tok.pad_id, d.device)
+    # dapo: the summed loss over the active tokens of the whole step (all micro batches, all ranks);
+    # DDP averages gradients over ranks, so each rank divides by the global count / world size
+    active = torch.tensor(sum(m["mask"].sum().item() for m in micro), device=d.device)
+    num_items = (common.all_reduce(active, "sum", d) / d.world_size).clamp(min=1)
+    old = frozen_logprobs(model, native, micro, cfg.temperature, autocast) if cfg.num_iterations > 1 else None
+    refs = frozen_logprobs(ref.model, ref.kind == "native", micro, cfg.temperature, autocast) if ref else None
+    epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    total_updates = cfg.max_steps * cfg.num_iterations
+    totals, tokens = {}, 0
+    for it in range(cfg.num_iterations):
+        lr = common.lr_at(step * cfg.num_iterations + it, cfg.learning_rate, 0.0, int(cfg.warmup_ratio * total_updates),
+                          total_updates, cfg.lr_scheduler_type)
+        common.set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        for k, mb in enumerate(micro):
+            # DDP all-reduces gradients only on the last micro batch (no_sync covers the forward too)
+            with model.no_sync() if d.ddp and k < len(micro) - 1 else contextlib.nullcontext():
+                with autocast:
+                    logp = completion_logprobs(model, mb["ids"], mb["attention"], mb["where"], native, cfg.temperature)
+                old_logp = old[k] if old is not None else logp.detach()  # mu = 1: ratio 1, clip inert
+                loss, stats = policy_loss(
+                    logp, old_logp, mb["advantages"], mb["mask"], cfg.loss_type, cfg.epsilon, epsilon_high, cfg.beta,
+                    refs[k] if refs is not None else None, cfg.max_completion_length, num_items)
+                if cfg.loss_type != "dapo":  # dapo's normaliser already counts every micro batch
+                    loss = loss / len(micro)
+                loss.backward()
+            tokens += int(mb["attention"].sum())
+            for key, v in {"loss": loss.detach(), **stats}.items():
+                totals[key] = totals.get(key, 0.0) + v / (len(micro) if key != "loss" else 1) / cfg.num_iterations
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), cfg.max_grad_norm)
+        watch.update(step, totals["loss"], grad_norm)
+        optimizer.step()
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.detach() / cfg.num_iterations
+    totals["lr"] = lr
+    return totals, tokens
+
+
+def step_record(step, batch, totals, task, names, G, d, rollout_tps, update_tps):
+    """The step's train record: metrics averaged (max for the longest completion) over ranks."""
+    comps = batch["completions"]
+    lengths = torch.tensor([float(len(c.ids)) for c in comps])
+    truncated = torch.tensor([float(c.finish_reason == "length") for c in comps])
+    accuracy = torch.tensor([float(task.reward(e, c.text) > 0) for e, c in zip(batch["examples"], comps)])
+    groups = batch["rewards"].view(-1, G)
+    means = {"reward": batch["rewards"].mean(), "reward_std": batch["rewards"].std(),
+             "frac_reward_zero_std": (groups.std(dim=1) < 1e-6).float().mean(),
+             "accuracy": accuracy.mean(), "completion_length": lengths.mean(), "truncated_share": truncated.mean(),
+             "rollout_tokens_per_s": torch.tensor(rollout_tps), "update_tokens_per_s": torch.tensor(update_tps)}
+    for j, name in enumerate(names):
+        means[f"rewards/{name}/mean"] = batch["per_func"][:, j].mean()
+        means[f"rewards/{name}/std"] = batch["per_func"][:, j].std()
+    for k, v in totals.items():
+        means[k] = torch.as_tensor(v, dtype=torch.float32)
+    keys = list(means)
+    avg = common.all_reduce(torch.stack([means[k].float().to(d.device) for k in keys]), "avg", d).tolist()
+    longest = common.all_reduce(lengths.max().to(d.device), "max", d).item()
+    return {"type": "train", "step": step, **dict(zip(keys, avg)), "completion_length_max": longest}
+
+
+def save(cfg, step, lm, optimizer, run_identity, d):
+    return common.save_training_checkpoint(cfg.out_dir, step, {
+        "kind": "grpo", "model": lm.model.state_dict(), "source_model": cfg.model,
+        "model_config": dataclasses.asdict(lm.model.config) if lm.kind == "native" else lm.model.config.to_dict(),
+        "config": common.config_dict(cfg), "identity": run_identity, "step": step,
+        "optimizer": optimizer.state_dict(), "rng": common.rng_state()}, d, cfg.keep_last_k)
+
+
+def plot_curves(out_dir, names):
+    common.plot_log_curves(out_dir, [
+        ("reward", "mean reward", [("train", "reward", "reward")] + [("train", f"rewards/{n}/mean", n) for n in names]),
+        ("accuracy", "accuracy", [("train", "accuracy", "train samples"), ("eval", "accuracy", "test (greedy)")]),
+        ("policy", "value", [("train", "kl", "KL"), ("train", "clip_ratio", "clip fraction")]),
+        ("completions", "tokens", [("train", "completion_length", "mean length"),
+                                   ("train", "completion_length_max", "max length")]),
+    ], filename="grpo.png")
+
+
+# -----------------------------------------------------------------------------
 # the run
 
 
@@ -359,8 +606,11 @@ def main(argv=None):
         common.cleanup_dist(d)
 
 
-def train(cfg, d, stop_signal):
-    ckpt = common.start_or_resume(cfg.out_dir, cfg.resume, kind="grpo")
+def train(cfg, d, stop):
+    # ---- where to start: fresh, or from a checkpoint (policy, optimizer, step, RNG; the prompts and the
+    # sampling seeds follow from the step)
+    run_identity = identity(cfg)
+    ckpt = common.restore(cfg.out_dir, cfg.resume, "grpo", run_identity, d.master)
     start_step = ckpt["step"] + 1 if ckpt else 0
     if ckpt and start_step >= cfg.max_steps:
         if d.master:
@@ -370,262 +620,104 @@ def train(cfg, d, stop_signal):
     dtype = common.resolve_dtype(cfg.dtype, d.device)
     autocast = common.autocast(d.device_type, dtype)
 
-    # ---- models: the policy (fp32 weights), the frozen reference (beta > 0), the sampler
-    lm = engine_lib.load_model(cfg.model, cfg.tokenizer_file, device=d.device, dtype=torch.float32)
-    native = lm.kind == "native"
-    raw_model = lm.model
+    task, train_examples, eval_examples, stop_strings = load_task(cfg)
+    rewards = load_rewards(cfg, d.device)
+    names = [n for n, _ in rewards[0]]
+    lm, model, optimizer = load_policy(cfg, d, ckpt)
     if ckpt:
-        raw_model.load_state_dict(ckpt["model"])
-    raw_model.eval()  # dropout off throughout: rollouts, old and new log-probs see the same function
-    ref = None
-    if cfg.beta > 0:
-        ref = engine_lib.load_model(cfg.ref_model or cfg.model, cfg.tokenizer_file, device=d.device, dtype=dtype)
-        ref.model.requires_grad_(False)
-    model = common.wrap_model(raw_model, d, compile=False)  # varying shapes every step: no torch.compile
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
         common.set_rng_state(ckpt["rng"])
-    if cfg.use_vllm:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # load_weights reaches the in-process runner
-        sampler = engine_lib.VLLMEngine(lm, dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-        raw_model.to(d.device)  # VLLMEngine moves the PyTorch copy away; training needs it back
-        sampler.load_weights(raw_model)  # the policy of the checkpoint, not the folder's weights
-    else:
-        sampler = engine_lib.Engine(lm, batch_size=cfg.generation_batch_size)
+    ref = load_reference(cfg, d, dtype)
+    sampler = make_sampler(cfg, lm, d, dtype)
+    budget = prompt_budget(cfg, lm)
 
-    # prompts keep their last tokens, so that prompt + completion fit the model's positions
-    prompt_budget = cfg.max_prompt_length
-    if lm.max_positions:
-        if cfg.max_completion_length >= lm.max_positions:
-            raise common.ConfigError(f"max_completion_length={cfg.max_completion_length} leaves no room for a prompt "
-                                     f"in the model's {lm.max_positions} positions")
-        prompt_budget = min(prompt_budget, lm.max_positions - cfg.max_completion_length)
-
-    # ---- task, rewards, data
-    task = tasks.get_task(cfg.task, **cfg.task_args)
-    train_examples = task.examples("train")
-    eval_examples = task.examples("test")[:cfg.eval_examples]
-    stop = list(task.stop() if cfg.stop is None else cfg.stop)
-    funcs, weights = load_rewards(cfg, d.device)
-    names = [n for n, _ in funcs]
-    G = cfg.num_generations
-    completions_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    prompts_per_rank = completions_per_rank // G
-    epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-    total_updates = cfg.max_steps * cfg.num_iterations
-    warmup = int(cfg.warmup_ratio * total_updates)
-
-    if ckpt and d.master:
-        common.trim_log(cfg.out_dir, ckpt["step"])
-    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None)
-    writer = None
+    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
+                           wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    logger.info(f"policy {cfg.model} ({lm.kind}, {n_params / 1e6:.2f}M params) | reference "
-                f"{(cfg.ref_model or cfg.model) if ref else 'none (beta=0)'} | sampler {sampler.name} | task {cfg.task} "
-                f"({len(train_examples)} train prompts) | rewards {', '.join(f'{n} x{w:g}' for n, w in zip(names, weights))}"
-                f" | {prompts_per_rank} prompts x G={G} per rank x {d.world_size} ranks | loss {cfg.loss_type}, "
-                f"beta {cfg.beta}, eps [{cfg.epsilon}, {epsilon_high}], mu {cfg.num_iterations} | device {d.device}")
+    G = cfg.num_generations
+    logger.info(f"policy {cfg.model} ({lm.kind}, {sum(p.numel() for p in lm.model.parameters()) / 1e6:.2f}M params)"
+                f" | reference {(cfg.ref_model or cfg.model) if ref else 'none (beta=0)'} | sampler {sampler.name} | "
+                f"task {cfg.task} ({len(train_examples)} train prompts) | rewards "
+                f"{', '.join(f'{n} x{w:g}' for n, w in zip(names, rewards[1]))} | "
+                f"{cfg.micro_batch_size * cfg.gradient_accumulation_steps // G} prompts x G={G} per rank x "
+                f"{d.world_size} ranks | loss {cfg.loss_type}, beta {cfg.beta}, eps [{cfg.epsilon}, "
+                f"{cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high}], mu {cfg.num_iterations} | "
+                f"device {d.device}")
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
 
-    def save(step):
-        return common.save_training_checkpoint(cfg.out_dir, step, {
-            "kind": "grpo", "model": raw_model.state_dict(), "source_model": cfg.model,
-            "model_config": dataclasses.asdict(raw_model.config) if native else raw_model.config.to_dict(),
-            "config": common.config_dict(cfg), "step": step, "optimizer": optimizer.state_dict(),
-            "rng": common.rng_state()}, d, cfg.keep_last_k)
-
-    def log(record):
-        logger.log(record, echo=False)
-        if d.master:
-            bar.write(common.format_record(record))
-            if writer is not None:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        writer.add_scalar(k, v, record["step"])
-
-    def rollout(step):
-        """This rank's prompts, G completions each, their rewards and advantages."""
-        idx = prompt_indices(len(train_examples), step, prompts_per_rank * d.world_size, cfg.seed)
-        examples = [train_examples[i] for i in idx[d.rank * prompts_per_rank:(d.rank + 1) * prompts_per_rank]]
-        prompt_texts, prompt_ids = encode_prompts(lm, task, examples, prompt_budget)
-        common.synchronize(d.device_type)
-        t0 = time.time()
-        with autocast:
-            outs = sampler.generate(prompt_ids, cfg.max_completion_length, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, top_k=cfg.top_k, stop=stop, num_samples=G,
-                                    seed=cfg.seed * 1000003 + step * 1009 + d.rank)
-        common.synchronize(d.device_type)
-        seconds = time.time() - t0
-        completions = [c for group in outs for c in group]  # group after group
-        examples_rep = [e for e in examples for _ in range(G)]
-        prompts_rep = [p for p in prompt_texts for _ in range(G)]
-        per_func = score(funcs, examples_rep, prompts_rep, [c.text for c in completions])
-        rewards = rewards_lib.combine(per_func, weights)
-        batch_std = global_std(rewards.to(d.device), d).cpu() if cfg.scale_rewards == "batch" else None
-        advantages = group_advantages(rewards, G, cfg.scale_rewards, batch_std)
-        return dict(prompt_ids=[p for p in prompt_ids for _ in range(G)], completions=completions,
-                    examples=examples_rep, per_func=per_func, rewards=rewards, advantages=advantages,
-                    rollout_seconds=seconds)
-
-    @torch.no_grad()
-    def frozen_logprobs(which, is_native, micro_batches):
-        out = []
-        for mb in micro_batches:
-            with autocast:
-                out.append(completion_logprobs(which, mb["ids"], mb["attention"], mb["where"], is_native,
-                                               cfg.temperature))
-        return out
-
-    def update(step, batch):
-        """num_iterations optimizer steps on the batch; returns summed stats (device tensors) and token count."""
-        lengths = [len(c.ids) for c in batch["completions"]]
-        truncated = [c.finish_reason == "length" for c in batch["completions"]]
-        B = cfg.per_device_train_batch_size
-        micro = []
-        for s in range(0, completions_per_rank, B):
-            rows = range(s, s + B)
-            ids, attention, where = pack_sequences([batch["prompt_ids"][i] for i in rows],
-                                                   [batch["completions"][i].ids for i in rows], lm.tok.pad_id)
-            mask = completion_mask([lengths[i] for i in rows], [truncated[i] for i in rows], where.size(1),
-                                   cfg.mask_truncated_completions)
-            micro.append(dict(ids=ids.to(d.device), attention=attention.to(d.device), where=where.to(d.device),
-                              mask=mask.to(d.device), advantages=batch["advantages"][s:s + B].to(d.device)))
-        # dapo: the summed loss over the active tokens of the whole step (all micro batches, all ranks);
-        # DDP averages gradients over ranks, so each rank divides by the global count / world size
-        active = torch.tensor(sum(m["mask"].sum().item() for m in micro), device=d.device)
-        num_items = (common.all_reduce(active, "sum", d) / d.world_size).clamp(min=1)
-        old = frozen_logprobs(model, native, micro) if cfg.num_iterations > 1 else None  # pi_old: the sampling policy
-        refs = frozen_logprobs(ref.model, ref.kind == "native", micro) if ref is not None else None
-        totals = {}
-        tokens = 0
-        for it in range(cfg.num_iterations):
-            opt_step = step * cfg.num_iterations + it
-            lr = common.lr_at(opt_step, cfg.learning_rate, 0.0, warmup, total_updates, cfg.lr_scheduler_type)
-            common.set_lr(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
-            for k, mb in enumerate(micro):
-                last = k == len(micro) - 1
-                with model.no_sync() if d.ddp and not last else contextlib.nullcontext():
-                    with autocast:
-                        logp = completion_logprobs(model, mb["ids"], mb["attention"], mb["where"], native,
-                                                   cfg.temperature)
-                    old_logp = old[k] if old is not None else logp.detach()  # mu = 1: ratio 1, clip inert
-                    loss, stats = policy_loss(
-                        logp, old_logp, mb["advantages"], mb["mask"], cfg.loss_type, cfg.epsilon, epsilon_high,
-                        cfg.beta, refs[k] if refs is not None else None, cfg.max_completion_length, num_items)
-                    if cfg.loss_type != "dapo":  # dapo's normaliser already counts every micro batch
-                        loss = loss / len(micro)
-                    loss.backward()
-                tokens += int(mb["attention"].sum())
-                for key, v in {"loss": loss.detach(), **stats}.items():
-                    totals[key] = totals.get(key, 0.0) + v / (len(micro) if key != "loss" else 1) / cfg.num_iterations
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
-            watch.update(step, totals["loss"], grad_norm)
-            optimizer.step()
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.detach() / cfg.num_iterations
-        if cfg.use_vllm:
-            sampler.load_weights(raw_model)  # the next rollouts sample from the updated policy
-        totals["lr"] = lr
-        return totals, tokens
-
-    def step_record(step, batch, totals, rollout_tps, update_tps):
-        """Per-step metrics, averaged (max for the longest completion) over ranks."""
-        comps = batch["completions"]
-        lengths = torch.tensor([float(len(c.ids)) for c in comps])
-        truncated = torch.tensor([float(c.finish_reason == "length") for c in comps])
-        accuracy = torch.tensor([float(task.reward(e, c.text) > 0) for e, c in zip(batch["examples"], comps)])
-        groups = batch["rewards"].view(-1, G)
-        means = {"reward": batch["rewards"].mean(), "reward_std": batch["rewards"].std(),
-                 "frac_reward_zero_std": (groups.std(dim=1) < 1e-6).float().mean(),
-                 "accuracy": accuracy.mean(), "completion_length": lengths.mean(), "truncated_share": truncated.mean(),
-                 "rollout_tokens_per_s": torch.tensor(rollout_tps), "update_tokens_per_s": torch.tensor(update_tps)}
-        for j, name in enumerate(names):
-            means[f"rewards/{name}/mean"] = batch["per_func"][:, j].mean()
-            means[f"rewards/{name}/std"] = batch["per_func"][:, j].std()
-        for k, v in totals.items():
-            means[k] = torch.as_tensor(v, dtype=torch.float32)
-        keys = list(means)
-        avg = common.all_reduce(torch.stack([means[k].float().to(d.device) for k in keys]), "avg", d).tolist()
-        longest = common.all_reduce(lengths.max().to(d.device), "max", d).item()
-        return {"type": "train", "step": step, **dict(zip(keys, avg)), "completion_length_max": longest}
+    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
+        logger.info(f"received {stop.signal} before the first step: exiting without training "
+                    f"(continue with resume=latest)")
+        logger.close()
+        sampler.close()
+        return {"status": "preempted", "step": start_step - 1}
 
     # ---- the loop
-    watch = common.NonFiniteWatch(d.device)
-    bar = common.progress(total=cfg.max_steps, initial=start_step, master=d.master, desc="grpo", unit="step")
+    watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
+    timer = common.StepTimer(d.device_type, world_size=d.world_size)  # trained tokens/s of whole steps
+    phase_seconds, phase_tokens = [0.0, 0.0], [0, 0]  # rollout, update: after the first step (warm-up)
     status, step, accuracy = "done", start_step - 1, None
-    rollout_time = update_time = 0.0
-    rollout_tokens = update_tokens = 0
+    logger.progress(total=cfg.max_steps, initial=start_step, desc="grpo")
     if start_step == 0 and eval_examples:  # where the policy starts
-        accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, prompt_budget, stop, d, autocast)
-        log({"type": "eval", "step": -1, "accuracy": accuracy, "n": n_eval})
+        accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, budget, stop_strings, d, autocast)
+        logger.log({"type": "eval", "step": -1, "accuracy": accuracy, "n": n_eval})
+    timer.restart()
     for step in range(start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
-        batch = rollout(step)
-        generated = sum(len(c.ids) for c in batch["completions"])
-        common.synchronize(d.device_type)
+        batch = rollout(cfg, step, lm, sampler, task, train_examples, budget, stop_strings, rewards, d, autocast)
         t0 = time.time()
-        totals, tokens = update(step, batch)
+        totals, tokens = update(cfg, step, batch, lm, model, optimizer, ref, watch, d, autocast)
         common.synchronize(d.device_type)
-        seconds = time.time() - t0
-        if step > start_step:  # the first step warms up allocators and kernels
-            rollout_time, rollout_tokens = rollout_time + batch["rollout_seconds"], rollout_tokens + generated
-            update_time, update_tokens = update_time + seconds, update_tokens + tokens
-        bar.update(1)
-        if step % cfg.logging_steps == 0 or last_step:
-            bad = watch.first_bad_step(d)
-            if bad is not None:
-                raise common.TrainingDiverged(common.diverged_message(cfg.out_dir, bad, "GRPO loss or gradient norm"))
-            log(step_record(step, batch, totals, generated / batch["rollout_seconds"], tokens / seconds))
-        if eval_examples and (last_step or (cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0)):
-            accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, prompt_budget, stop, d, autocast)
-            log({"type": "eval", "step": step, "accuracy": accuracy, "n": n_eval})
-        preempted = stop_signal.check(d)
-        if last_step or preempted or step == cfg.stop_after_step or (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0):
-            path = save(step)
-            logger.info(f"step {step}: saved {path}")
-        if preempted or step == cfg.stop_after_step:
-            status = "preempted" if preempted else "stopped"
-            logger.info(f"{'signal ' + str(stop_signal.signal) if preempted else 'stop_after_step'}: "
-                        f"checkpoint at step {step} saved; continue with resume=latest")
-            break
-    bar.close()
-    if writer is not None:
-        writer.close()
+        update_seconds = time.time() - t0
+        if cfg.use_vllm:
+            sampler.load_weights(lm.model)  # the next rollouts sample from the updated policy
+        generated = sum(len(c.ids) for c in batch["completions"])
+        if step > start_step:
+            phase_seconds = [phase_seconds[0] + batch["rollout_seconds"], phase_seconds[1] + update_seconds]
+            phase_tokens = [phase_tokens[0] + generated, phase_tokens[1] + tokens]
+        timer.step(tokens * d.world_size)  # ranks train about equal batches
+        logger.bar.update(1)
+        due = common.due(step, cfg.max_steps, cfg.log_interval, cfg.ckpt_interval, cfg.eval_steps,
+                         cfg.stop_after_step, first_step=start_step)
+        # a signal stops the run at a step boundary; under DDP the ranks agree on it at log points
+        signal_stop = stop.check(d, sync=due.log)
+        if not (due.log or signal_stop):
+            continue
 
+        common.stop_if_diverged(watch, d, logger, cfg.out_dir)
+        record = step_record(step, batch, totals, task, names, G, d, generated / batch["rollout_seconds"],
+                             tokens / update_seconds)
+        logger.log({**record, **timer.lap()})
+        logger.postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+        if due.eval and eval_examples:
+            accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, budget, stop_strings, d, autocast)
+            logger.log({"type": "eval", "step": step, "accuracy": accuracy, "n": n_eval})
+        if due.ckpt or due.stop_after or signal_stop:
+            path = save(cfg, step, lm, optimizer, run_identity, d)
+        status = common.early_exit(stop, due, signal_stop, step, path if signal_stop or due.stop_after else None,
+                                   logger) or status
+        if status != "done":
+            break
+        timer.restart()  # evaluation and saving are not training time
+
+    speed = timer.summary()
     results = {"status": status, "step": step, "eval_accuracy": accuracy, "eval_examples": len(eval_examples),
-               "rollout_tokens_per_s": rollout_tokens / rollout_time if rollout_time else None,
-               "update_tokens_per_s": update_tokens / update_time if update_time else None,
-               "device": d.device, "world_size": d.world_size, "sampler": sampler.name}
+               "rollout_tokens_per_s": phase_tokens[0] / phase_seconds[0] if phase_seconds[0] else None,
+               "update_tokens_per_s": phase_tokens[1] / phase_seconds[1] if phase_seconds[1] else None,
+               "tokens_per_sec": speed["tokens_per_sec"], "peak_mem_gb": speed["peak_mem_gb"],
+               "device": d.device, "world_size": d.world_size, "sampler": sampler.name,
+               "resumed_from_step": start_step - 1 if ckpt else None}
     if status == "done" and d.master:
-        folder = os.path.join(cfg.out_dir, "hf")
-        save_hf(lm, raw_model, folder, {"source_model": cfg.model, "stage": "grpo", "step": step, "task": cfg.task,
-                                         "eval_accuracy": accuracy})
-        results["hf_folder"] = folder
-        common.plot_log_curves(cfg.out_dir, [
-            ("reward", "mean reward", [("train", "reward", "reward")] +
-             [("train", f"rewards/{n}/mean", n) for n in names]),
-            ("accuracy", "accuracy", [("train", "accuracy", "train samples"), ("eval", "accuracy", "test (greedy)")]),
-            ("policy", "value", [("train", "kl", "KL"), ("train", "clip_ratio", "clip fraction")]),
-            ("completions", "tokens", [("train", "completion_length", "mean length"),
-                                       ("train", "completion_length_max", "max length")]),
-        ], filename="grpo.png")
-        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        results["hf_folder"] = os.path.join(cfg.out_dir, "hf")
+        save_hf(lm, lm.model, results["hf_folder"], {"source_model": cfg.model, "stage": "grpo", "step": step,
+                                                     "task": cfg.task, "eval_accuracy": accuracy})
+    common.finish(cfg.out_dir, results, d, logger)
+    if status == "done" and d.master:
+        plot_curves(cfg.out_dir, names)
     sampler.close()
     common.barrier(d)
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, common.TrainingDiverged, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, preemptible=True)

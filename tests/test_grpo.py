@@ -15,6 +15,7 @@ import engine as engine_lib
 import grpo
 import model as model_lib
 import tasks
+from conftest import shared_path
 from tasks import rewards as rewards_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,9 +269,9 @@ def test_logprobs_at_a_temperature_are_those_of_the_sampling_distribution():
 
 def run_args(model, out_dir, *extra):
     return [f"model={model}", "task=arithmetic", "task_args={max_operand: 2, n: 500}",
-            "reward_funcs=arithmetic,format", "num_generations=8", "per_device_train_batch_size=32",
+            "reward_funcs=arithmetic,format", "num_generations=8", "micro_batch_size=32",
             "max_completion_length=8", "eval_examples=16", f"out_dir={out_dir}", "learning_rate=2e-3",
-            "warmup_ratio=0.2", "tensorboard=true", "logging_steps=1", *extra]
+            "warmup_ratio=0.2", "tensorboard=true", "log_interval=1", *extra]
 
 
 def train_rewards(out_dir):
@@ -282,7 +283,7 @@ def test_grpo_raises_the_reward_of_an_sft_warmed_tiny_model(warm_run, tmp_path):
     20 GRPO steps on the arithmetic + format reward must raise the mean sampled reward of the last 5 steps
     clearly above the first step's (by 0.4-0.55 over three seeds of the SFT warm-up)."""
     out = str(tmp_path / "rl")
-    results = grpo.main(run_args(warm_run, out, "max_steps=20", "eval_steps=0", "save_steps=0"))
+    results = grpo.main(run_args(warm_run, out, "max_steps=20", "eval_steps=0", "ckpt_interval=0"))
     rewards = train_rewards(out)
     assert len(rewards) == 20
     start, end = rewards[0], sum(rewards[-5:]) / 5
@@ -302,8 +303,8 @@ def test_grpo_raises_the_reward_of_an_sft_warmed_tiny_model(warm_run, tmp_path):
 
 def test_resume_is_exact(warm_run, tmp_path):
     """4 steps in one go == 2 steps, a stop, and 2 more with resume=latest (beta > 0 and mu = 2 included)."""
-    extra = ["max_steps=4", "num_generations=4", "per_device_train_batch_size=4", "gradient_accumulation_steps=2",
-             "num_iterations=2", "beta=0.04", "eval_steps=0", "eval_examples=4", "save_steps=0", "tensorboard=false"]
+    extra = ["max_steps=4", "num_generations=4", "micro_batch_size=4", "gradient_accumulation_steps=2",
+             "num_iterations=2", "beta=0.04", "eval_steps=0", "eval_examples=4", "ckpt_interval=0", "tensorboard=false"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     grpo.main(run_args(warm_run, straight, *extra))
     grpo.main(run_args(warm_run, split, *extra, "stop_after_step=1"))
@@ -315,6 +316,54 @@ def test_resume_is_exact(warm_run, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert train_rewards(straight) == train_rewards(split)
 
+
+
+def gsm8k_args(model, data, out_dir, *extra):
+    """A tiny run on a local GSM8K-format file (train and test split: the same file)."""
+    return [f"model={model}", "task=gsm8k", f"task_args={{train_path: {data}, test_path: {data}}}",
+            "reward_funcs=gsm8k,format", "num_generations=4", "micro_batch_size=4", "max_completion_length=4",
+            "max_prompt_length=48", "eval_examples=0", "max_steps=3", "tensorboard=false", "device=cpu",
+            f"out_dir={out_dir}", *extra]
+
+
+def test_resume_refuses_another_task_reward_loss_or_model_and_compares_files_by_content(warm_run, tmp_path):
+    """What defines a GRPO run (the starting model, the task's data, the rewards, the loss settings) is stored
+    in its checkpoints; resume refuses a change naming the key. A data file is compared by its bytes: another
+    spelling of the same path continues, new contents under the same name do not."""
+    rows = common.read_jsonl(shared_path("gsm8k", "train.jsonl"))[:24]
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other_data = tmp_path / "b.jsonl"
+    other_data.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    other_model = sft_warm(str(tmp_path / "other_sft"), steps=1, seed=1)
+    out = str(tmp_path / "run")
+    assert grpo.main(gsm8k_args(warm_run, data, out, "stop_after_step=0"))["status"] == "stopped"
+    for change, key in [("loss_type=grpo", "loss_type"), ("num_generations=2", "num_generations"),
+                        ("epsilon=0.3", "epsilon"), ("reward_funcs=gsm8k", "reward_funcs"),
+                        (f"model={other_model}", "model_files"), ("task=svamp", "task")]:
+        with pytest.raises(common.ConfigError, match=f"another run: {key}=.* in the checkpoint but"):
+            grpo.main(gsm8k_args(warm_run, data, out, "resume=latest", change))
+    with pytest.raises(common.ConfigError, match="another run: task_data=.* in the checkpoint but"):
+        grpo.main(gsm8k_args(warm_run, other_data, out, "resume=latest"))
+    data_copy = data.read_bytes()
+    data.write_bytes(other_data.read_bytes())  # the same name, other rows
+    with pytest.raises(common.ConfigError, match="another run: task_data=.* in the checkpoint but"):
+        grpo.main(gsm8k_args(warm_run, data, out, "resume=latest"))
+    data.write_bytes(data_copy)
+    respelled = f"{tmp_path}/./a.jsonl"
+    assert grpo.main(gsm8k_args(warm_run, respelled, out, "resume=latest"))["status"] == "done"
+    # the settings that do not define the run may change: a larger max_steps continues it
+    assert grpo.main(gsm8k_args(warm_run, data, out, "resume=latest", "max_steps=4", "learning_rate=1e-5",
+                                "max_completion_length=3"))["status"] == "done"
+    assert [s for s, _ in common.list_checkpoints(out)][-1] == 3
+
+
+def test_trl_setting_names_are_accepted_and_the_shipped_configs_load():
+    cfg = common.load_config(grpo.Config, ["per_device_train_batch_size=4", "logging_steps=2", "save_steps=7"])
+    assert (cfg.micro_batch_size, cfg.log_interval, cfg.ckpt_interval) == (4, 2, 7)
+    for name in ("grpo_demo", "grpo_gsm8k", "grpo_labels_demo", "grpo_qwen", os.path.join("demo", "grpo")):
+        cfg = common.load_config(grpo.Config, [os.path.join(ROOT, "configs", f"{name}.yaml")])
+        assert cfg.micro_batch_size * cfg.gradient_accumulation_steps % cfg.num_generations == 0, name
 
 def headline_rows(n):
     """adaptllm_headline rows in the hub schema (id, input, options, gold_index, class_id); the verb decides."""
@@ -339,9 +388,9 @@ def test_grpo_on_a_label_set_of_the_sft_registry(tmp_path):
     warm = sft_warm(str(tmp_path / "sft"), steps=40, seed=3, task=task)
     out = str(tmp_path / "rl")
     results = grpo.main([f"model={warm}", "task=sft:adaptllm_headline", f"task_args={{train_path: {path}}}",
-                         "reward_funcs=sft_set,label", "num_generations=8", "per_device_train_batch_size=32",
+                         "reward_funcs=sft_set,label", "num_generations=8", "micro_batch_size=32",
                          "max_completion_length=6", "eval_examples=24", "learning_rate=2e-3", "warmup_ratio=0.2",
-                         "max_steps=30", "eval_steps=0", "save_steps=0", "tensorboard=false", f"out_dir={out}"])
+                         "max_steps=30", "eval_steps=0", "ckpt_interval=0", "tensorboard=false", f"out_dir={out}"])
     log = common.read_jsonl(os.path.join(out, "log.jsonl"))
     records = [r for r in log if r["type"] == "train"]
     assert len(records) == 30
@@ -367,7 +416,7 @@ def test_grpo_on_a_label_set_of_the_sft_registry(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["num_generations=3", "per_device_train_batch_size=8"], "num_generations=3 does not divide"),
+    (["num_generations=3", "micro_batch_size=8"], "num_generations=3 does not divide"),
     (["reward_funcs=gsm8k,nope"], "reward_funcs: 'nope' is not in the rewards registry"),
     (["beta=0.04", "ref_model=./no/such/model"], "beta=0.04 needs a reference model"),
     (["reward_weights=[1.0]", "reward_funcs=gsm8k,format"], "reward_weights has 1 weights for 2 rewards"),
@@ -383,6 +432,60 @@ def test_bad_settings_raise_a_config_error_naming_them(args, message, warm_run):
         grpo.check_config(common.load_config(grpo.Config, [f"model={warm_run}", *args]))
 
 
+
+@pytest.fixture(scope="module")
+def bad_files(warm_run, tmp_path_factory):
+    """A malformed and an empty JSONL file, a BD3-LM checkpoint, a truncated one, a crafted pickle, a file."""
+    root = tmp_path_factory.mktemp("grpo_bad")
+    (root / "broken.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "ans\n')
+    (root / "empty.jsonl").write_text("")
+    (root / "a_file").write_text("not a folder")
+    ckpt = common.load_checkpoint(warm_run)
+    del ckpt["path"]
+    common.save_checkpoint(str(root / "bd3lm" / "ckpt_000000.pt"), {**ckpt, "kind": "bd3lm"})
+    whole = open(common.resolve_checkpoint(warm_run), "rb").read()
+    (root / "truncated.pt").write_bytes(whole[:len(whole) // 2])
+
+    class Crafted:  # unpickling it would run a command
+        def __reduce__(self):
+            return (os.system, (f"touch {root / 'ran'}",))
+
+    torch.save({"model": Crafted(), "model_config": {}}, str(root / "crafted.pt"))
+    return root
+
+
+BAD_INPUTS = [  # (arguments, words the one error line must hold)
+    (lambda f, m: [f"model={m}", "task=gsm8k", f"task_args={{train_path: {f / 'broken.jsonl'}}}",
+                   "reward_funcs=gsm8k"], "broken.jsonl:2: not a JSON line"),
+    (lambda f, m: [f"model={m}", "task=gsm8k", f"task_args={{train_path: {f / 'empty.jsonl'}}}",
+                   "reward_funcs=gsm8k"], "task 'gsm8k' has no training examples"),
+    (lambda f, m: [f"model={m}", "task=arithmetic", "task_args={max_operand: 2, n: 0}"],
+     "task 'arithmetic' has no training examples"),
+    (lambda f, m: [f"model={m}", "task=arithmetic", "task_args={nope: 1}"], "task_args {'nope': 1} do not fit"),
+    (lambda f, m: [f"model={f / 'bd3lm'}"], "holds a 'bd3lm' model, expected a 'gpt' checkpoint; grpo.py trains"),
+    (lambda f, m: [f"model={f / 'truncated.pt'}"], "could not read checkpoint"),
+    (lambda f, m: [f"model={f / 'crafted.pt'}"], "refusing to load it"),
+    (lambda f, m: [f"model={m}", f"out_dir={f / 'a_file'}"], "is a file; out_dir is the run's folder"),
+    (lambda f, m: [f"model={m}", "micro_batch_size=0"], "'micro_batch_size' must be positive"),
+    (lambda f, m: [f"model={f / 'no' / 'such' / 'run'}"], "no such checkpoint, run folder or HF folder"),
+]
+
+
+@pytest.mark.parametrize("args, words", BAD_INPUTS)
+def test_bad_inputs_end_in_one_line(args, words, bad_files, warm_run, tmp_path, capsys):
+    """Through common.run_main, as `python grpo.py ...` runs: exit 1, one `error:` line, no traceback."""
+    argv = ["task=arithmetic", "task_args={max_operand: 2, n: 50}", "reward_funcs=arithmetic,format",
+            "num_generations=4", "micro_batch_size=4", "max_completion_length=4", "eval_examples=0", "max_steps=1",
+            "device=cpu", "tensorboard=false", f"out_dir={tmp_path / 'run'}", *args(bad_files, warm_run)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: grpo.main(argv), preemptible=True)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and words in lines[0], err
+    assert not (bad_files / "ran").exists()  # the crafted pickle was refused, not run
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of use_vllm on a machine without CUDA")
 def test_vllm_without_cuda_is_a_one_line_error(warm_run):
     proc = subprocess.run([sys.executable, "grpo.py", f"model={warm_run}", "use_vllm=true"], cwd=ROOT,
@@ -395,7 +498,7 @@ def test_vllm_without_cuda_is_a_one_line_error(warm_run):
 @pytest.mark.skipif(not common.vllm_available(), reason="the vLLM rollout path needs CUDA and vllm installed")
 def test_vllm_rollouts_train_and_push_weights(warm_run, tmp_path):
     out = str(tmp_path / "vllm")
-    results = grpo.main(run_args(warm_run, out, "max_steps=3", "eval_steps=0", "save_steps=0", "use_vllm=true",
+    results = grpo.main(run_args(warm_run, out, "max_steps=3", "eval_steps=0", "ckpt_interval=0", "use_vllm=true",
                                  "vllm_gpu_memory_utilization=0.2", "device=cuda"))
     assert results["sampler"] == "vllm" and len(train_rewards(out)) == 3
     assert results["rollout_tokens_per_s"] > 0
