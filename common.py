@@ -124,6 +124,7 @@ def cleanup_dist(d):
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 SEED_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")  # the seeds' layout: checkpoint-5000/model.pt
+SHARDED_CKPT_RE = re.compile(r"^ckpt_(\d+)\.dcp$")  # FSDP: a torch.distributed.checkpoint folder
 CHECKPOINT_LAYOUTS = ("ckpt", "seed")
 
 
@@ -146,6 +147,9 @@ def list_checkpoints(out_dir):
         m = SEED_CKPT_RE.match(name)
         if m and os.path.isfile(os.path.join(out_dir, name, "model.pt")):
             found.append((int(m.group(1)), os.path.join(out_dir, name, "model.pt")))
+        m = SHARDED_CKPT_RE.match(name)
+        if m and os.path.isfile(os.path.join(out_dir, name, "extra.pt")):
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
     return sorted(found)
 
 
@@ -155,6 +159,8 @@ def remove_checkpoint(path):
     folder = os.path.dirname(path)
     if os.path.basename(path) == "model.pt" and SEED_CKPT_RE.match(os.path.basename(folder)):
         shutil.rmtree(folder, ignore_errors=True)
+    elif os.path.isdir(path):  # a sharded checkpoint
+        shutil.rmtree(path, ignore_errors=True)
     else:
         os.remove(path)
 
@@ -172,10 +178,14 @@ def resolve_checkpoint(path_or_dir):
     p = path_or_dir
     if os.path.basename(p) == "latest":
         p = os.path.dirname(p) or "."
+    if os.path.isfile(os.path.join(p, "extra.pt")):  # a sharded checkpoint is a folder
+        return p
+    if os.path.isfile(os.path.join(p, "model.pt")) and SEED_CKPT_RE.match(os.path.basename(os.path.normpath(p))):
+        return os.path.join(p, "model.pt")  # a checkpoint-N folder of the seed layout
     if os.path.isdir(p):
         ckpts = list_checkpoints(p)
         if not ckpts:
-            raise FileNotFoundError(f"no checkpoints (ckpt_*.pt) in {p}")
+            raise FileNotFoundError(f"no checkpoints (ckpt_*.pt, checkpoint-N/model.pt or ckpt_*.dcp) in {p}")
         return ckpts[-1][1]
     if not os.path.isfile(p):
         raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -185,6 +195,8 @@ def resolve_checkpoint(path_or_dir):
 def load_checkpoint(path, expected_kind=None, map_location="cpu"):
     """Load a checkpoint written by save_checkpoint; refuse files that are not ours or of another model."""
     path = resolve_checkpoint(path)
+    if os.path.isdir(path):
+        return load_sharded_extra(path, expected_kind)
     try:
         # weights_only: a checkpoint is a pickle, and only tensors, numbers, strings and containers may come out
         # of it; a file that would build other objects (or run code) is refused, not executed
@@ -474,6 +486,11 @@ def remove_orphaned_temps(out_dir):
         path = os.path.join(out_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         removed.append(name)
+    for name in os.listdir(out_dir):  # a seed-layout folder whose only file was a killed save's temp
+        folder = os.path.join(out_dir, name)
+        if SEED_CKPT_RE.match(name) and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+            removed.append(name + "/")
     if removed:
         print(f"removed {len(removed)} temporary file(s) left by a killed save in {out_dir}: {', '.join(removed)}",
               file=sys.stderr)
@@ -497,6 +514,8 @@ def check_identity(ckpt, identity, resume):
 def restore(out_dir, resume, kind, identity, master=True):
     """Where a trainer starts: None (fresh) or the checkpoint to continue (start_or_resume), after removing a
     killed save's temporary files and checking the run's identity; log.jsonl loses the records past it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir {out_dir} is a file, not a folder: choose another out_dir")
     if master:
         remove_orphaned_temps(out_dir)
     ckpt = start_or_resume(out_dir, resume, kind)
@@ -685,6 +704,106 @@ def plot_log_curves(out_dir, panels, filename="loss.png"):
     plt.close(fig)
     return path
 
+
+
+# -----------------------------------------------------------------------------
+# past one GPU's memory: FSDP2 (torch.distributed.fsdp.fully_shard) and sharded checkpoints
+# (torch.distributed.checkpoint): every rank holds 1/world of the weights, gradients and optimizer state
+
+
+def transformer_blocks(model):
+    """The repeated blocks of a causal LM (native GPT, any HF decoder, MoE or LoRA-wrapped): the ModuleList
+    holding the most parameters (an MoE layer's experts are a smaller list inside it)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ConfigError("fsdp=true: the model has no list of transformer blocks to shard")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def shard_model(model, d, param_dtype=torch.float32, cpu_offload=False):
+    """FSDP2 over the ranks: each transformer block is one unit (gathered for its forward and backward, then
+    freed), the root (embeddings, final norm, head) another. param_dtype bf16: weights are gathered and
+    computed in bf16, gradients reduced in fp32, the sharded master weights and AdamW state stay fp32.
+    cpu_offload: the sharded weights, gradients and optimizer state live in CPU memory between uses."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    if not d.ddp:
+        raise ConfigError("fsdp=true shards over the ranks of torchrun: launch with torchrun (one process has "
+                          "nothing to shard over)")
+    options = {}
+    if param_dtype != torch.float32:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def full_model_state(model):
+    """The whole (unsharded) state dict on rank 0's CPU, e.g. for an HF folder; {} on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_checkpoint(out_dir, step, model, optimizer, extra, d, keep_last_k=0):
+    """Every rank writes its shards of the model and optimizer with torch.distributed.checkpoint into
+    ckpt_<step>.dcp.tmp; rank 0 adds `extra` (step, config, identity, loader position) and each rank its RNG
+    state, and renames the folder into place once all have written: as atomic as a single-file checkpoint."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = os.path.join(out_dir, f"ckpt_{step:06d}.dcp")
+    tmp = final + ".tmp"
+    if d.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(d)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    local = {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in model_state.items()}
+    bad = torch.tensor(int(bool(nonfinite_tensors(local))))
+    if all_reduce(bad, "max", d).item():
+        raise TrainingDiverged(f"not saving step {step}: non-finite weights")
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_{d.rank}.pt"))
+    barrier(d)
+    if d.master:
+        torch.save({**extra, "step": step, "world_size": d.world_size}, os.path.join(tmp, "extra.pt"))
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again by a resumed run
+        os.replace(tmp, final)
+        if keep_last_k > 0:
+            for _, old in list_checkpoints(out_dir)[:-keep_last_k]:
+                remove_checkpoint(old)
+    barrier(d)
+    return final
+
+
+def load_sharded_extra(path, expected_kind=None):
+    """A sharded checkpoint's `extra` (what load_checkpoint returns for a single file, without the weights)."""
+    try:
+        ckpt = torch.load(os.path.join(path, "extra.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read sharded checkpoint {path}: {e}") from e
+    kind = ckpt.get("kind", "gpt")
+    if expected_kind is not None and kind != expected_kind:
+        raise ValueError(f"{path} holds a '{kind}' model, expected a '{expected_kind}' checkpoint")
+    return {**ckpt, "path": path, "sharded": True}
+
+
+def load_sharded_checkpoint(path, model, optimizer=None, rank=0):
+    """Load a sharded checkpoint into `model` (and `optimizer`), sharded or not, over any number of ranks (the
+    shards are re-cut for this world size), and this rank's RNG state where the checkpoint has it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (
+        get_state_dict(model, [])[0], None)
+    state = {"model": model_state} if optimizer is None else {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}))
+    rng = os.path.join(path, f"rng_{rank}.pt")
+    if os.path.isfile(rng):
+        set_rng_state(torch.load(rng, weights_only=True))
 
 
 class ShardLoader:

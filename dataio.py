@@ -294,6 +294,9 @@ def run_main(main, expected=(), preemptible=False):
         sys.exit(1)
     finally:
         _signal_mode["raise"] = False
+        if preemptible:  # the run is over; while Python shuts down it restores the default (fatal) handlers
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------
