@@ -608,6 +608,43 @@ def stop_if_diverged(watch, d, logger, out_dir, checkpoints=None):
     raise TrainingDiverged(msg)
 
 
+def launch(train, cfg):
+    """train(cfg, d, stop) in this process (one of torchrun's, or alone) with the stop-signal flag `stop`;
+    the process group is torn down however it ends."""
+    d = setup_dist(cfg.device)
+    try:
+        with preemption_handlers() as stop:
+            return train(cfg, d, stop)
+    finally:
+        cleanup_dist(d)
+
+
+def already_finished(ckpt, max_steps, d):
+    """The result of a resume whose checkpoint is already at max_steps (nothing to do), else None."""
+    if ckpt is None or ckpt["step"] + 1 < max_steps:
+        return None
+    if d.master:
+        print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {max_steps} steps")
+    return {"status": "already_finished", "step": ckpt["step"]}
+
+
+def stopped_before_start(stop, d, logger, start_step):
+    """A signal during start-up: no step taken yet, so nothing new to save; the result to return, else None."""
+    if not stop.check(d):
+        return None
+    logger.info(f"received {stop.signal} before the first step: exiting without training (continue with resume=latest)")
+    logger.close()
+    return {"status": "preempted", "step": start_step - 1}
+
+
+def save_or_exit(due_now, signal_stop, stop, step, save, logger):
+    """The end of a step: save(step) when a checkpoint is due or the run stops here; then 'preempted' /
+    'stopped' when it ends before its last step (early_exit), else None."""
+    if not (due_now.ckpt or due_now.stop_after or signal_stop):
+        return None
+    return early_exit(stop, due_now, signal_stop, step, save(step), logger)
+
+
 def early_exit(stop, due_now, signal_stop, step, path, logger):
     """After a step's save: 'preempted' (a signal) or 'stopped' (stop_after_step) when the run ends here before
     its last step, with the line that says how to continue; None when the loop goes on (or ends anyway)."""

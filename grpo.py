@@ -598,12 +598,7 @@ def plot_curves(out_dir, names):
 def main(argv=None):
     cfg = common.load_config(Config, argv)
     check_config(cfg)
-    d = common.setup_dist(cfg.device)
-    try:
-        with common.preemption_handlers() as stop:
-            return train(cfg, d, stop)
-    finally:
-        common.cleanup_dist(d)
+    return common.launch(train, cfg)
 
 
 def train(cfg, d, stop):
@@ -612,10 +607,9 @@ def train(cfg, d, stop):
     run_identity = identity(cfg)
     ckpt = common.restore(cfg.out_dir, cfg.resume, "grpo", run_identity, d.master)
     start_step = ckpt["step"] + 1 if ckpt else 0
-    if ckpt and start_step >= cfg.max_steps:
-        if d.master:
-            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {cfg.max_steps} steps")
-        return {"status": "already_finished", "step": ckpt["step"]}
+    finished = common.already_finished(ckpt, cfg.max_steps, d)
+    if finished:
+        return finished
     common.seed_everything(cfg.seed, d.device_type)
     dtype = common.resolve_dtype(cfg.dtype, d.device)
     autocast = common.autocast(d.device_type, dtype)
@@ -646,12 +640,10 @@ def train(cfg, d, stop):
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
 
-    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
-        logger.info(f"received {stop.signal} before the first step: exiting without training "
-                    f"(continue with resume=latest)")
-        logger.close()
+    stopped = common.stopped_before_start(stop, d, logger, start_step)
+    if stopped:
         sampler.close()
-        return {"status": "preempted", "step": start_step - 1}
+        return stopped
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
@@ -692,10 +684,8 @@ def train(cfg, d, stop):
         if due.eval and eval_examples:
             accuracy, n_eval = evaluate(lm, sampler, task, eval_examples, cfg, budget, stop_strings, d, autocast)
             logger.log({"type": "eval", "step": step, "accuracy": accuracy, "n": n_eval})
-        if due.ckpt or due.stop_after or signal_stop:
-            path = save(cfg, step, lm, optimizer, run_identity, d)
-        status = common.early_exit(stop, due, signal_stop, step, path if signal_stop or due.stop_after else None,
-                                   logger) or status
+        status = common.save_or_exit(due, signal_stop, stop, step,
+                                     lambda s: save(cfg, s, lm, optimizer, run_identity, d), logger) or status
         if status != "done":
             break
         timer.restart()  # evaluation and saving are not training time

@@ -894,10 +894,9 @@ def train(cfg, d, stop):
     run_identity = identity(cfg)
     ckpt = None if cfg.bench else common.restore(cfg.out_dir, cfg.resume, KIND, run_identity, d.master)
     start_step = ckpt["step"] + 1 if ckpt else 0
-    if ckpt and start_step >= cfg.max_steps:
-        if d.master:
-            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {cfg.max_steps} steps")
-        return {"status": "already_finished", "step": ckpt["step"]}
+    finished = common.already_finished(ckpt, cfg.max_steps, d)
+    if finished:
+        return finished
     tok, spec, n_vocab, mask_id = data_setup(cfg)
     vocab_size = common.padded_vocab_size(n_vocab + 1)
     block_ids = make_block_ids(segment_lengths(cfg), cfg.block_size)
@@ -1030,10 +1029,9 @@ def train(cfg, d, stop):
         logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
                     "variance": variances[tuple(noise)], "candidates": len(variances)})
 
-    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
-        logger.info(f"received {stop.signal} before the first step: exiting without training "
-                    f"(continue with resume=latest)")
-        return {"status": "preempted", "step": start_step - 1}
+    stopped = common.stopped_before_start(stop, d, logger, start_step)
+    if stopped:
+        return stopped
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
@@ -1073,11 +1071,10 @@ def train(cfg, d, stop):
             logger.log({"type": "val", "step": step, "val_loss": val_loss})
         if clip_now:
             search_clip_range(step)
-        if due.ckpt or due.stop_after or signal_stop:
-            # a signal or stop_after_step ends the run here, after its checkpoint (the last step ends it anyway)
-            status = common.early_exit(stop, due, signal_stop, step, save(step), logger) or status
-            if status != "done":
-                break
+        # a signal or stop_after_step ends the run here, after its checkpoint (the last step ends it anyway)
+        status = common.save_or_exit(due, signal_stop, stop, step, save, logger) or status
+        if status != "done":
+            break
         timer.restart()  # evaluation and saving are not training time
 
     speed = timer.summary()

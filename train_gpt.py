@@ -199,12 +199,7 @@ def evaluate_hellaswag(model, encoded_items, cfg, d, autocast):
 def main(argv=None):
     cfg = common.load_config(Config, argv)
     check_config(cfg)
-    d = common.setup_dist(cfg.device)
-    try:
-        with common.preemption_handlers() as stop:
-            return train(cfg, d, stop)
-    finally:
-        common.cleanup_dist(d)
+    return common.launch(train, cfg)
 
 
 def train(cfg, d, stop):
@@ -219,10 +214,9 @@ def train(cfg, d, stop):
     run_identity = identity(cfg)
     ckpt = None if cfg.bench else common.restore(cfg.out_dir, cfg.resume, "gpt", run_identity, d.master)
     start_step = ckpt["step"] + 1 if ckpt else 0
-    if ckpt and start_step >= cfg.max_steps:
-        if d.master:
-            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {cfg.max_steps} steps")
-        return {"status": "already_finished", "step": ckpt["step"]}
+    finished = common.already_finished(ckpt, cfg.max_steps, d)
+    if finished:
+        return finished
 
     common.seed_everything(cfg.seed, d.device_type)
     if ckpt:
@@ -311,10 +305,9 @@ def train(cfg, d, stop):
             "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
             "val_loss": val_loss, "val_bpb": val_bpb}, d, cfg.keep_last_k)
 
-    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
-        logger.info(f"received {stop.signal} before the first step: exiting without training "
-                    f"(continue with resume=latest)")
-        return {"status": "preempted", "step": start_step - 1}
+    stopped = common.stopped_before_start(stop, d, logger, start_step)
+    if stopped:
+        return stopped
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
@@ -350,10 +343,7 @@ def train(cfg, d, stop):
         if hella_now:
             hellaswag = evaluate_hellaswag(raw_model, hellaswag_items, cfg, d, autocast)
             logger.log({"type": "hellaswag", "step": step, **hellaswag})
-        if due.ckpt or due.stop_after or signal_stop:
-            path = save(step)
-        status = common.early_exit(stop, due, signal_stop, step, path if signal_stop or due.stop_after else None,
-                                   logger) or status
+        status = common.save_or_exit(due, signal_stop, stop, step, save, logger) or status
         if status != "done":
             break
         timer.restart()  # evaluation and saving are not training time

@@ -584,10 +584,9 @@ def train(cfg, d, stop):
     run_identity = identity(cfg)
     ckpt = common.restore(out_dir, cfg.resume, "sigmagpt", run_identity, d.master)
     start_step = ckpt["step"] + 1 if ckpt else 0
-    if ckpt and start_step >= max_steps:
-        if d.master:
-            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {max_steps} steps")
-        return {"status": "already_finished", "step": ckpt["step"]}
+    finished = common.already_finished(ckpt, max_steps, d)
+    if finished:
+        return finished
 
     common.seed_everything(cfg.seed, d.device_type)
     if ckpt:
@@ -671,11 +670,9 @@ def train(cfg, d, stop):
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "loader": train_loader.state(),
             "rng": common.rng_state(), "val": val}, d, cfg.keep_last_k, layout="seed")
 
-    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
-        logger.info(f"received {stop.signal} before the first step: exiting without training "
-                    f"(continue with resume=latest)")
-        logger.close()
-        return {"status": "preempted", "step": start_step - 1}
+    stopped = common.stopped_before_start(stop, d, logger, start_step)
+    if stopped:
+        return stopped
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
@@ -713,10 +710,7 @@ def train(cfg, d, stop):
         if d.master:
             with open(csv_path, "a", newline="") as f:
                 csv.writer(f).writerow([row[k] for k in csv_fields])
-        if due.ckpt or due.stop_after or signal_stop:
-            path = save(step)
-        status = common.early_exit(stop, due, signal_stop, step, path if signal_stop or due.stop_after else None,
-                                   logger) or status
+        status = common.save_or_exit(due, signal_stop, stop, step, save, logger) or status
         if status != "done":
             break
         timer.restart()  # evaluation and saving are not training time
