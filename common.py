@@ -777,6 +777,42 @@ def shard_model(model, d, param_dtype=torch.float32, cpu_offload=False):
     return model
 
 
+def estimate_memory(n_params, n_trainable, n_layer, d_model, vocab_size, micro_batch_size, seq_len, world_size,
+                    fsdp=False, weight_bytes=4, compute_bytes=2, activation_checkpointing=False, cpu_offload=False):
+    """GB per GPU before a run: weights, gradients, AdamW state (two fp32 moments per trainable weight) and
+    activations. Weights as stored (weight_bytes: 4 fp32 master weights, 2 bf16, ~0.5 4-bit); activations
+    ~34 * tokens * d_model bytes per layer in 16-bit with flash attention (Korthikanti et al. 2022, no s^2
+    term), 2 * tokens * d_model with activation checkpointing, plus fp32 logits. FSDP divides the first three
+    by the world size (and keeps one gathered block); CPU offload moves them to host memory. A rough figure:
+    it tells a run that cannot fit from one that may."""
+    gb = 1e9
+    shard = world_size if fsdp else 1
+    weights = n_params * weight_bytes / shard + (n_params / max(n_layer, 1) * compute_bytes if fsdp else 0)
+    grads = n_trainable * 4 / shard
+    optimizer = n_trainable * 8 / shard
+    if cpu_offload:
+        weights, grads, optimizer = (n_params / max(n_layer, 1) * compute_bytes if fsdp else 0), 0, 0
+    tokens = micro_batch_size * seq_len
+    per_layer = (2 if activation_checkpointing else 34) * tokens * d_model
+    activations = n_layer * per_layer + tokens * vocab_size * 4 * 2  # logits and their gradient in fp32
+    parts = {"weights": weights / gb, "grads": grads / gb, "optimizer": optimizer / gb, "activations": activations / gb}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_memory_fits(estimate, device_type, capacity_gb=None):
+    """A one-line error when the estimate obviously exceeds the GPU (1.5x its memory; None = ask CUDA)."""
+    if capacity_gb is None:
+        if device_type != "cuda":
+            return
+        capacity_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+    if estimate["total"] > 1.5 * capacity_gb:
+        raise ConfigError(f"this run needs ~{estimate['total']:.0f} GB per GPU (weights {estimate['weights']:.0f}, "
+                          f"grads {estimate['grads']:.0f}, optimizer {estimate['optimizer']:.0f}, activations "
+                          f"{estimate['activations']:.0f}) but the GPU has {capacity_gb:.0f} GB: use fsdp=true over "
+                          "more GPUs, lora=true, cpu_offload=true, gradient_checkpointing=true or a smaller micro batch")
+
+
 def full_model_state(model):
     """The whole (unsharded) state dict on rank 0's CPU, e.g. for an HF folder; {} on the other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

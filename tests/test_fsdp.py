@@ -55,3 +55,22 @@ def test_sharding_needs_torchrun():
     with pytest.raises(common.ConfigError, match="launch with torchrun"):
         common.shard_model(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)])),
                            common.Dist(False, 0, 0, 1, "cpu"))
+
+
+def test_memory_estimate_of_the_issue_figures():
+    """Full fine-tuning with AdamW: a 4B model needs ~64 GB of weights, gradients and optimizer state per GPU
+    under DDP (16 bytes a weight), a quarter of that sharded over 4 GPUs; a 7B run cannot start on one 80 GB H100."""
+    four_b = dict(n_params=4e9, n_trainable=4e9, n_layer=36, d_model=2560, vocab_size=151936, micro_batch_size=1,
+                  seq_len=2048, world_size=4)
+    ddp = common.estimate_memory(**four_b)
+    fsdp = common.estimate_memory(**four_b, fsdp=True)
+    assert abs(ddp["weights"] + ddp["grads"] + ddp["optimizer"] - 64) < 1e-6
+    assert fsdp["weights"] + fsdp["grads"] + fsdp["optimizer"] < 64 / 4 + 1
+    assert fsdp["activations"] == ddp["activations"]
+    lora = common.estimate_memory(**{**four_b, "n_trainable": 2e7})
+    assert lora["optimizer"] < 0.2 and lora["weights"] == ddp["weights"]
+    seven_b = dict(n_params=7e9, n_trainable=7e9, n_layer=28, d_model=3584, vocab_size=152064, micro_batch_size=2,
+                   seq_len=2048, world_size=1)
+    with pytest.raises(common.ConfigError, match="needs ~1.. GB per GPU"):
+        common.check_memory_fits(common.estimate_memory(**seven_b), "cuda", capacity_gb=80)
+    common.check_memory_fits(common.estimate_memory(**{**seven_b, "world_size": 8}, fsdp=True), "cuda", capacity_gb=80)
