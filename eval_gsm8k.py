@@ -41,18 +41,21 @@ greedy decoding with a KV cache in plain PyTorch (engine=hf): native checkpoints
 KV cache, HF models with transformers' cache. Every run writes config.json, log.jsonl/log.txt, results.json and
 predictions.jsonl to out_dir.
 """
+import common  # first: its import installs the stop-signal handlers, before torch is imported
+
 import dataclasses
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
 from typing import List
 
 import torch
 
-import common
 import engine as engine_lib
 from tasks import gsm8k, hellaswag, probes, synthetic
 
@@ -104,12 +107,89 @@ def task_data_path(cfg, task):
     return cfg.data_path or getattr(cfg, f"{task}_path", "")
 
 
+LOCAL_EXAMPLES = {"data_path": "../shared/data/gsm8k/test.jsonl", "svamp_path": "../shared/data/svamp/SVAMP.json",
+                  "fewshot_path": "../shared/data/gsm8k/train.jsonl",
+                  "hellaswag_path": "../shared/data/hellaswag/hellaswag_val_full.txt"}
+
+
+def local_or_hub(path, load, key):
+    """load() of a task's data. With no local file (path empty) it reads the HF hub; where that fails (offline),
+    say which setting takes a local file."""
+    try:
+        return load()
+    except OSError as e:  # tasks' HubUnreachable, datasets' ConnectionError
+        if path:
+            raise
+        reason = getattr(e, "reason", " ".join(str(e).split()))
+        raise common.ConfigError(f"{key} is not set, and the HF hub did not answer ({reason}): pass a local "
+                                 f"file, e.g. {key}={LOCAL_EXAMPLES[key]}") from None
+
+
 # -----------------------------------------------------------------------------
 # models and generation: engine.py (native checkpoints through model.GPT's KV cache, HF models, vLLM)
 
 
 def resolve_device(device):
     return common.autodetect_device() if device == "auto" else device
+
+
+# the checkpoints of this repository that are not a left-to-right LM this script evaluates, by the kind they
+# record, and what evaluates them ({ckpt}: the model= given, {run}: its run folder)
+OTHER_KINDS = {
+    "sigmagpt": ("a sigma-GPT checkpoint (any-order autoregression, double position encoding)",
+                 "python train_sigmagpt.py CONFIG.yaml mode=eval ckpt={ckpt}"),
+    "bd3lm": ("a BD3-LM checkpoint (block diffusion)",
+              "python train_bd3lm.py CONFIG.yaml mode=gsm8k_eval checkpoint={ckpt}"),
+    "sft": ("a training checkpoint of sft.py", "the HF folder the finished run writes: model={run}/hf"),
+    "grpo": ("a training checkpoint of grpo.py", "the HF folder the finished run writes: model={run}/hf"),
+}
+
+
+def checkpoint_kind(name):
+    """(kind, path) of the native checkpoint `name` points to (a file, run folder, RUN/latest or checkpoint-N
+    folder), read without its tensors; (None, None) where it holds none."""
+    path = os.path.join(name, "model.pt") if os.path.isfile(os.path.join(name, "model.pt")) else name
+    try:
+        path = common.resolve_checkpoint(path)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a checkpoint of ours: the loader's own error stands
+        return None, None
+    return (ckpt.get("kind", "gpt"), path) if isinstance(ckpt, dict) else (None, None)
+
+
+def hf_config_file(path):
+    """False only for a readable config.json without model_type: a training run's own config, not an HF model's."""
+    try:
+        with open(path) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return True
+
+
+def load_model(name, cfg, device, dtype):
+    """engine.load_model; a checkpoint of another trainer or a run folder without checkpoints is named for what
+    it is, with what evaluates it."""
+    try:
+        return engine_lib.load_model(name, cfg.tokenizer_file, device, dtype)
+    except pickle.UnpicklingError as e:  # transformers reading a pytorch_model.bin with torch's weights_only
+        why = re.search(r"WeightsUnpickler error: (.+?)(?= Check the documentation|$)", " ".join(str(e).split()))
+        raise common.ConfigError(f"model={name}: its weights file holds objects other than tensors, numbers, "
+                                 f"strings and lists; refusing to load it (a weights file is a pickle and could "
+                                 f"run code){': ' + why.group(1) if why else ''}") from None
+    except (ValueError, OSError):
+        kind, path = checkpoint_kind(name)
+        if kind in OTHER_KINDS:
+            what, how = OTHER_KINDS[kind]
+            run = os.path.dirname(path)
+            run = os.path.dirname(run) if common.SEED_CKPT_RE.match(os.path.basename(run)) else run
+            raise common.ConfigError(f"model={name} is {what}, kind '{kind}' in {path}; eval_gsm8k.py evaluates "
+                                     f"left-to-right LMs (train_gpt.py checkpoints, HF models): evaluate it with "
+                                     f"{how.format(ckpt=name, run=run)}") from None
+        if kind is None and not hf_config_file(os.path.join(name, "config.json")):
+            raise common.ConfigError(f"model={name} is neither an HF model folder (its config.json has no "
+                                     f"model_type: a training run's config?) nor a run folder with checkpoints "
+                                     f"(ckpt_*.pt, checkpoint-N/model.pt)") from None
+        raise
 
 
 def make_engine(cfg, lm, dtype):
@@ -172,7 +252,7 @@ def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
             n_correct += int(rec["correct"]["flexible"] if isinstance(rec["correct"], dict) else rec["correct"])
             n_done += 1
         bar.update(len(chunk))
-        bar.set_postfix(acc=f"{n_correct / n_done:.3f}")
+        bar.set_postfix(acc=f"{n_correct / n_done:.3f}", refresh=False)  # shown at the next refresh
     bar.close()
     return records, time.time() - t0, truncated
 
@@ -187,7 +267,8 @@ def exemplar_pool(cfg, task):
     """The train examples exemplars are drawn from: the synthetic train stream, else GSM8K train."""
     if task == "synthetic":
         return synthetic_task(cfg).examples("train")
-    return gsm8k.fewshot_pool(cfg.fewshot_path, near=(task_data_path(cfg, task), cfg.gsm8k_path))
+    return local_or_hub(cfg.fewshot_path, lambda: gsm8k.fewshot_pool(cfg.fewshot_path, near=(
+        task_data_path(cfg, task), cfg.gsm8k_path)), "fewshot_path")
 
 
 def synthetic_task(cfg):
@@ -237,7 +318,8 @@ def task_math(cfg, lm, engine, task):
         raise common.ConfigError(f"protocol=lm_eval reproduces lm-evaluation-harness's gsm8k task; task={task} "
                                  f"has only protocol=project")
     problems, exemplars = math_task(cfg, task)
-    data = problems.examples("test")
+    data = local_or_hub(task_data_path(cfg, task), lambda: problems.examples("test"),
+                        "svamp_path" if task == "svamp" and not cfg.data_path else "data_path")
     if cfg.limit:
         data = data[:cfg.limit]
     k = fewshot_k(cfg)
@@ -309,7 +391,10 @@ HELLASWAG_PROTOCOLS = {
 @torch.no_grad()
 def task_hellaswag(cfg, lm):
     """acc, acc_norm (per token) and acc_norm_char (per character), batch_size items per forward."""
-    items = hellaswag.load_hellaswag(task_data_path(cfg, "hellaswag"), cfg.limit or None)
+    path = task_data_path(cfg, "hellaswag")
+    items = local_or_hub(path, lambda: hellaswag.load_hellaswag(path, cfg.limit or None), "hellaswag_path")
+    if not items:
+        raise ValueError(f"{path or 'Rowan/hellaswag'}: no HellaSwag items (an empty data file)")
     encoded = hellaswag.encode_items(lm.tok, items, max_len=lm.max_positions)
     records, hits = [], {"correct": 0, "correct_norm": 0, "correct_norm_char": 0}
     t0 = time.time()
@@ -326,7 +411,7 @@ def task_hellaswag(cfg, lm):
                             "sum_loss": s.tolist(), "mean_loss": (s / t).tolist(), "ending_chars": e["chars"],
                             **{key: pred == e["label"] for key, pred in preds.items()}})
         bar.update(len(batch))
-        bar.set_postfix(acc_norm=f"{hits['correct_norm'] / len(records):.3f}")
+        bar.set_postfix(acc_norm=f"{hits['correct_norm'] / len(records):.3f}", refresh=False)
     bar.close()
     n = len(records)
     metrics = {"hellaswag_acc": hits["correct"] / n, "hellaswag_acc_norm": hits["correct_norm"] / n,
@@ -432,7 +517,7 @@ def sweep_checkpoint(cfg, step, path, tasks, device, dtype):
     """Evaluate one checkpoint on the sweep's tasks in this process: its row of checkpoint_results.json. Val loss
     and bits per byte come from the run's log at the checkpoint's step (what the report's curves read), else the
     val loss the checkpoint stores (measured at the last val step before it)."""
-    lm = engine_lib.load_model(path, cfg.tokenizer_file, device, dtype)
+    lm = load_model(path, cfg, device, dtype)
     metrics = logged_val(os.path.dirname(os.path.abspath(path)), step)
     if "val_loss" not in metrics and lm.info.get("val_loss") is not None:
         metrics["val_loss"] = lm.info["val_loss"]
@@ -830,7 +915,7 @@ def main(argv=None):
         return run_sweep(cfg)
     device = resolve_device(cfg.device)
     t0 = time.time()
-    lm = engine_lib.load_model(cfg.model, cfg.tokenizer_file, device, common.resolve_dtype(cfg.dtype, device))
+    lm = load_model(cfg.model, cfg, device, common.resolve_dtype(cfg.dtype, device))
     load_seconds = time.time() - t0
     results = evaluate(cfg, lm, cfg.task, cfg.out_dir)
     results["load_seconds"] = round(load_seconds, 2)

@@ -24,6 +24,8 @@ What counts as a number (for "numbers per plan"): a run of digits, optionally wi
 decimal part, so "1,200", "3.5", "$25" and "50%" are one number each, "2/3" is two, and "2nd" is one. Spelled-out
 numbers ("two", "half", "twice") do NOT count: a plan may say "add the two amounts" and still be abstract.
 """
+import common  # first: its import installs the stop-signal handlers, before torch is imported
+
 import dataclasses
 import json
 import math
@@ -32,7 +34,6 @@ import random
 import re
 import time
 
-import common
 from tasks import gsm8k
 
 # -----------------------------------------------------------------------------
@@ -186,9 +187,15 @@ def dataset_of(cfg):
 
 
 def load_problems(cfg):
-    if dataset_of(cfg) == "svamp":
-        return load_svamp(cfg.split, cfg.data_path, cfg.num_examples)
-    return load_gsm8k(cfg.split, cfg.data_path, cfg.num_examples)
+    svamp = dataset_of(cfg) == "svamp"
+    try:
+        if svamp:
+            return load_svamp(cfg.split, cfg.data_path, cfg.num_examples)
+        return load_gsm8k(cfg.split, cfg.data_path, cfg.num_examples)
+    except gsm8k.HubUnreachable as e:
+        example = "../shared/data/svamp/SVAMP.json" if svamp else f"../shared/data/gsm8k/{cfg.split}.jsonl"
+        raise common.ConfigError(f"--data_path is not set, and the HF hub did not answer ({e.reason}): pass a "
+                                 f"local file, e.g. --data_path {example}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -257,6 +264,11 @@ class TransformersBackend:
 
 def make_backend(cfg):
     import engine  # lazily: torch is not needed for the analysis
+    here = os.path.exists(cfg.model) or common.list_checkpoints(os.path.dirname(cfg.model))  # (RUN/latest)
+    if engine.is_native(cfg.model) and here:
+        raise common.ConfigError(f"model={cfg.model} is a checkpoint of this repository; gen_plans.py generates with "
+                                 f"an HF instruct model (a hub id or HF folder): export it first with python "
+                                 f"export_hf.py checkpoint={cfg.model} output_dir=DIR, then pass --model DIR")
     engine.check_model_path(cfg.model)
     name = cfg.backend
     if name == "auto":
@@ -376,7 +388,7 @@ def generate_plans(cfg, problems, backend):
             n_done += len(records)
             n_valid += sum(r["valid"] for r in records)
             bar.update(len(records))
-            bar.set_postfix(valid=f"{n_valid / n_done:.3f}")  # the bar itself shows examples/s
+            bar.set_postfix(valid=f"{n_valid / n_done:.3f}", refresh=False)  # the bar itself shows examples/s
     bar.close()
     extra = len(set(done) - wanted)
     if extra:
@@ -519,7 +531,7 @@ def print_report(summary, records, num_samples, seed=0):
         print(f"  {op:<10} {summary['operations']['plan'][op]:>7d} {summary['operations']['execution'][op]:>10d}")
     kept = [r for r in records if r.get("valid", True)]
     for r in random.Random(seed).sample(kept, min(num_samples, len(kept))):
-        print(f"\n--- {r['id']} (plan numbers: {count_numbers(r['plan'])})")
+        print(f"\n--- {r.get('id', '')} (plan numbers: {count_numbers(r['plan'])})")
         print(f"QUESTION: {r['question']}\nPLAN: {r['plan']}\nEXECUTION: {r['execution']}")
 
 
@@ -560,12 +572,30 @@ def summary_path(plot_path):
     return os.path.splitext(plot_path)[0] + "_summary.json"
 
 
-def run_analysis(cfg):
-    path = cfg.input_path or cfg.output_path
+def read_records(path):
+    """The plan records to analyze: the JSON list gen_plans.py writes (or a jsonl), objects with question, plan
+    and execution; anything else is refused, naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input_path not found: {path}")
-    with open(path) as f:
-        records = common.read_jsonl(path) if path.endswith(".jsonl") else json.load(f)
+    if path.endswith(".jsonl"):
+        records = common.read_jsonl(path)
+    else:
+        with open(path) as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a JSON file ({e})") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            got = ("a JSON object" if isinstance(records, dict) else "a list of other values"
+                   if isinstance(records, list) else f"a {type(records).__name__}")
+            raise ValueError(f"{path}: expected a JSON list of plan records (objects with question, plan and "
+                             f"execution, as gen_plans.py writes), got {got}")
+    return gsm8k.require_fields(records, ("question", "plan", "execution"), path)
+
+
+def run_analysis(cfg):
+    path = cfg.input_path or cfg.output_path
+    records = read_records(path)
     tokenizer = common.Tokenizer("gpt2", tokenizer_file=cfg.tokenizer_file or default_tokenizer_file())
     summary = analyze_records(records, tokenizer)
     print_report(summary, records, cfg.num_samples, cfg.seed)
@@ -592,6 +622,9 @@ def main(argv=None, backend=None):
     if cfg.max_retries < 0 or cfg.batch_size < 1:
         raise common.ConfigError("max_retries must be >= 0 and batch_size >= 1")
     problems = load_problems(cfg)
+    if not problems:
+        raise ValueError(f"no {dataset_of(cfg).upper()} {cfg.split} problems in {cfg.data_path or 'the hub split'} "
+                         f"to make plans for")
     print(f"{len(problems)} {dataset_of(cfg).upper()} {cfg.split} problems -> {cfg.output_path}")
     done = read_done(cfg.output_path)
     if backend is None and any(p["id"] not in done for p in problems):  # no model load when all is done

@@ -88,18 +88,40 @@ def score_completion(completion, gold):
 # data: a local file or the HF hub (lazy `datasets` import)
 
 
+class HubUnreachable(FileNotFoundError):
+    """No local file was given and the HF hub did not answer (offline): the message says what file to pass;
+    `reason` is what the hub said."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
+def from_hub(what, repo, *args, split):
+    """list(load_dataset(repo, *args, split=split)): `what` names the data for the error of an offline machine."""
+    from datasets import load_dataset  # lazily: only needed when reading from the hub
+    try:
+        return list(load_dataset(repo, *args, split=split))
+    except OSError as e:  # datasets' ConnectionError offline (HF_DATASETS_OFFLINE=1 or no network)
+        reason = f"{repo} ({split}): {' '.join(str(e).split())}"
+        raise HubUnreachable(f"no local {what} file given, and the HF hub did not answer ({reason}): pass a "
+                             f"local {what} file", reason) from None
+
+
 def read_gsm8k(split="test", data_path=""):
     """GSM8K rows {question, answer}: a local jsonl (e.g. ../shared/data/gsm8k/test.jsonl) or HF openai/gsm8k."""
     if data_path:
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"GSM8K file not found: {data_path}")
         return require_fields(dataio.read_jsonl(data_path), ("question", "answer"), data_path)
-    from datasets import load_dataset  # lazily: only needed when reading from the hub
-    return list(load_dataset("openai/gsm8k", "main", split=split))
+    return from_hub(f"GSM8K {split}", "openai/gsm8k", "main", split=split)
 
 
 def require_fields(rows, fields, path):
-    """Refuse a data file whose rows lack a field the task reads (a clear error, not a KeyError later)."""
+    """Refuse a data file with no rows, or whose rows lack a field the task reads (a clear error, not a
+    ZeroDivisionError or a KeyError later)."""
+    if not rows:
+        raise ValueError(f"{path}: no rows (an empty data file)")
     for n, row in enumerate(rows, 1):
         missing = [f for f in fields if f not in row]
         if missing:
@@ -127,8 +149,7 @@ def load_svamp(data_path="", split="test"):
             raise ValueError(f"{data_path}: expected a JSON list of SVAMP problems")
         require_fields(rows, ("Body", "Question", "Answer"), data_path)
     else:
-        from datasets import load_dataset  # lazily: only needed when reading from the hub
-        rows = list(load_dataset("ChilleD/SVAMP", split=split))
+        rows = from_hub("SVAMP", "ChilleD/SVAMP", split=split)
     return [{"id": r.get("ID", i), "question": f"{r['Body'].strip()} {r['Question'].strip()}",
              "gold": normalize_number(r["Answer"])} for i, r in enumerate(rows)]
 

@@ -156,6 +156,24 @@ def test_synthetic_task_through_eval_with_scripted_answers():
     assert records[0]["completion"] == " " + data[0]["answer"]  # cut at the few-shot stop string
 
 
+def test_the_bar_shows_accuracy_without_a_line_per_batch(capsys):
+    """In a log that is not a terminal (SLURM's) the bar is a plain line every 30 s: its figures must not force
+    a refresh each batch (set_postfix's default), which made one line per batch (~628 for HellaSwag)."""
+    tok = CharTokenizer()
+    lm = types.SimpleNamespace(tok=tok, max_positions=None)
+    cfg = ev.Config(task="synthetic", limit=12, fewshot=0)
+    problems, _ = ev.math_task(cfg, "synthetic")
+    answers = {tuple(tok.encode_prompt(problems.prompt(e, ()))): tok.encode_prompt(" #### 1")
+               for e in problems.examples("test")[:12]}
+    engine = ScriptedEngine(tok, answers)
+    engine.batch_size = 1  # twelve batches
+    capsys.readouterr()
+    ev.task_math(cfg, lm, engine, "synthetic")
+    bar_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("synthetic:")]
+    assert 1 <= len(bar_lines) <= 2, bar_lines  # the start and the end, not one per batch
+    assert "acc=" in bar_lines[-1]
+
+
 # -----------------------------------------------------------------------------
 # generation
 

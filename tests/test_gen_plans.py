@@ -371,3 +371,15 @@ def test_svamp_bad_input_is_refused(tmp_path):
         gen_plans.load_problems(gen_plans.Config(data_path=str(bad), split="validation", dataset="svamp"))
     with pytest.raises(common.ConfigError, match="dataset"):
         gen_plans.load_problems(gen_plans.Config(data_path=str(bad), dataset="svamp2"))
+
+
+def test_no_problems_to_solve_is_refused_and_writes_nothing(tmp_path):
+    """SVAMP.json's test split is the problems after the first 700: a shorter file has none. An empty plans file
+    with exit 0 would look like a finished run; it is refused, and nothing is written."""
+    short = tmp_path / "svamp.json"
+    short.write_text(json.dumps([{"ID": "a", "Body": "Tom has 3 apples.", "Question": "How many?", "Answer": 3}]))
+    out = tmp_path / "plans" / "plans.json"
+    with pytest.raises(ValueError, match="no SVAMP test problems in .*svamp.json to make plans for"):
+        gen_plans.main(["--data_path", str(short), "--split", "test", "--output_path", str(out)],
+                       backend=ScriptedBackend({}))
+    assert not (tmp_path / "plans").exists()
