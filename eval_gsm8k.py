@@ -611,29 +611,23 @@ def task_results(folder):
 # statistics for the comparison: a 95% interval for each accuracy, and a paired test between two models
 # answering the same questions (the one a reviewer asks for: their accuracies are not independent samples)
 
-Z95 = 1.959963984540054
-
-
-def wilson_interval(k, n, z=Z95):
-    """Wilson score interval of a proportion k/n: stays inside [0, 1] and is sound at k = 0 or n (where the
-    normal approximation gives a zero-width interval)."""
+def wilson_interval(k, n, confidence=0.95):
+    """Wilson score interval of a proportion k/n (scipy.stats): stays inside [0, 1] and is sound at k = 0 or n
+    (where the normal approximation gives a zero-width interval)."""
     if n == 0:
         return (0.0, 1.0)
-    p = k / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # exactly 0 (1) at k = 0 (n): rounding would leave 3e-18 above the point estimate, a negative error bar
-    return (0.0 if k == 0 else max(0.0, center - half), 1.0 if k == n else min(1.0, center + half))
+    from scipy.stats import binomtest
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return (0.0 if k == 0 else float(ci.low), 1.0 if k == n else float(ci.high))
 
 
 def mcnemar_exact(b, c):
     """Exact two-sided McNemar p-value: b, c = the questions only the first / only the second model got right.
     Under no difference each discordant pair goes either way with probability 1/2: a binomial test on b of b+c."""
-    n = b + c
-    if n == 0:
+    if b + c == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    from scipy.stats import binomtest
+    return float(binomtest(b, b + c, 0.5).pvalue)
 
 
 def scored_outcomes(folder):
