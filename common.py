@@ -8,7 +8,7 @@ from dataio import (  # noqa: F401  (re-exported: the stages write common.load_c
     BYTE_ENCODER, CONFIG_ALIASES, EXPECTED_ERRORS, GPT2_EOT, GPT2_PATTERN, HEADER_BYTES, HEADER_INTS, MUL_RE,
     RECEIVED_SIGNALS, SHARD_MAGIC, SHARD_VERSION, ConfigError, Interrupted, Logger, ShardError, Tokenizer,
     atomic_write_json, build_hf_tokenizer, bytes_to_unicode, config_dict, config_help, find_shards, format_record,
-    gpt2_ranks, hf_tokenizer, load_config, load_meta, merges_from_ranks, mul_split_regex, mul_token_strings,
+    gpt2_ranks, hf_tokenizer, load_config, load_meta, merges_from_ranks, iter_jsonl, mul_split_regex, mul_token_strings,
     padded_vocab_size, progress, read_jsonl, read_shard, sample_text, token_dtype, token_str, write_shard)
 
 import dataclasses  # noqa: E402

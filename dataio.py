@@ -821,18 +821,26 @@ def progress(iterable=None, master=True, **kwargs):
     return tqdm(iterable, disable=not master, file=PlainLines(sys.stderr), ascii=True, **kwargs)
 
 
-def read_jsonl(path):
-    """The JSON objects of a jsonl file, one per non-empty line; a malformed line raises ValueError naming it."""
-    rows = []
-    with open(path) as f:
+def iter_jsonl(path, skip_bad=False):
+    """The JSON objects of a jsonl file, streamed, one per non-empty line. A malformed line raises ValueError
+    naming it, or with skip_bad is passed over (a sidecar whose last line a kill cut short)."""
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if skip_bad:
+                    continue
                 raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from e
             if not isinstance(row, dict):
+                if skip_bad:
+                    continue
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield row
+
+
+def read_jsonl(path):
+    """All the JSON objects of a jsonl file (iter_jsonl as a list)."""
+    return list(iter_jsonl(path))

@@ -304,13 +304,8 @@ def read_done(output_path):
                 done[rec["id"]] = rec
     side = partial_path(output_path)
     if os.path.isfile(side):
-        with open(side) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                done[rec["id"]] = rec
+        for rec in common.iter_jsonl(side, skip_bad=True):  # a kill may have cut the last line short
+            done[rec["id"]] = rec
     return done
 
 

@@ -165,12 +165,7 @@ def read_jsonl_rows(path):
         if first == "[":  # a .json file holding one array of rows
             yield from json.load(f)
             return
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from e
+    yield from dataio.iter_jsonl(path)
 
 
 def read_text_docs(path, mode):
