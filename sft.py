@@ -29,7 +29,7 @@ full rows of max_length tokens; inside a row each document piece attends only to
 (as packed SFT examples), so a row's loss is the sum of its pieces' losses alone. Every token is a target; eval
 logs the loss and bits per byte.
 
-What happens in a step: grad_accum_steps micro batches of batch_size rows per rank go through the model (bf16
+What happens in a step: grad_accum_steps micro batches of micro_batch_size rows per rank go through the model (bf16
 autocast on cuda); the loss is the sum of the completion tokens' cross-entropies divided by the step's completion
 token count over all ranks, so every completion token weighs the same however the rows are cut. Gradients are
 clipped, AdamW steps at a warmup + cosine (or linear) learning rate. With packing=true the rows are filled with
@@ -39,14 +39,19 @@ the packed loss is the unpacked loss of the same examples.
 
 The whole token stream (which example lands in which row of which step) is fixed before the first step from
 the seed, so a checkpoint's data position is its step; resume=latest restores model, optimizer, step and RNG and
-the resumed losses equal the uninterrupted run's. SIGTERM / SIGUSR1 save a checkpoint and exit 0.
+the resumed losses equal the uninterrupted run's. A longer run's stream begins with a shorter one's, so a larger
+max_steps continues a run; another model, data or loss setting is refused naming the key (identity()).
+SIGTERM / SIGUSR1 (SLURM preemption or time limit) only set a flag: at the next step boundary the run saves a
+checkpoint and exits 0; from process start to exit (during start-up: exit 0 before the first step, nothing to save).
 """
+import common  # first: its import installs the stop-signal handlers, before torch is imported
+
 import contextlib
 import functools
 import glob
-import hashlib
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -57,20 +62,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
 import model as model_lib
 from tasks import sft_sets, text_sets
 
 
 @dataclass
 class Config:
-    # model in: a native checkpoint / run folder / RUN/latest, an exported HF folder, or an HF hub id / folder
-    model: str = ""
+    # model in
+    model: str = ""                   # a native checkpoint / RUN/latest, an exported HF folder, an HF hub id or folder
     objective: str = "sft"            # sft: prompt/completion pairs (tasks/sft_sets.py) | lm: text (tasks/text_sets.py)
     tokenizer_file: str = ""          # GPT-2 ranks for native checkpoints offline (default: the run's, else tiktoken's)
     # data: registry names (tasks/sft_sets.py; objective=lm: tasks/text_sets.py), one local copy per dataset
     # ("" = the hub), mixture rates
-    datasets: List[str] = field(default_factory=lambda: ["gsm8k"])
+    datasets: List[str] = field(default_factory=lambda: ["gsm8k"])  # registry names (objective=lm: text sets)
     data_paths: List[str] = field(default_factory=list)       # train split copies, one per dataset
     eval_data_paths: List[str] = field(default_factory=list)  # eval split copies, one per dataset
     mixture_rates: List[float] = field(default_factory=list)  # per-draw rates summing to 1; [] = concatenate
@@ -79,52 +83,53 @@ class Config:
     eval_samples: int = 200           # eval examples (documents) per dataset (eval loss, generation accuracy; 0 = none)
     # auto (the chat template if the model has one; DialoGPT: eos_turns; encoder-decoder: plain; else
     # user_assistant) | chat_template | user_assistant | plain | eos_turns
-    prompt_format: str = "auto"
+    prompt_format: str = "auto"       # auto | chat_template | user_assistant | plain | eos_turns
     inject_mul_tokens: bool = False   # encode assistant replies with the multiplication tokens (mul_tokens condition)
     max_length: int = 1024            # tokens per example (and per packed row; encoder-decoder: per side)
     packing: bool = False             # (decoder-only models; objective=lm rows are always full)
     pad_to_max_length: bool = False   # unpacked rows padded to max_length, not to the batch's longest (fixed shapes)
-    # optimisation: one step = batch_size rows x grad_accum_steps x world size
-    epochs: float = 1.0
+    # optimisation: one step = micro_batch_size rows x grad_accum_steps x world size
+    epochs: float = 1.0               # passes over the training stream (when max_steps is 0)
     max_steps: int = 0                # 0 = as many as `epochs` passes give
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    learning_rate: float = 2e-5
-    min_lr_ratio: float = 0.0
+    micro_batch_size: int = 8         # rows per forward pass per rank
+    grad_accum_steps: int = 1         # micro batches per optimizer step
+    learning_rate: float = 2e-5       # peak learning rate (after warmup)
+    min_lr_ratio: float = 0.0         # the schedule decays to learning_rate * min_lr_ratio
     lr_schedule: str = "cosine"       # cosine | linear | constant
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 1337
+    warmup_ratio: float = 0.03        # linear warmup over this fraction of max_steps
+    weight_decay: float = 0.0         # AdamW weight decay (matrices only)
+    beta1: float = 0.9                # AdamW beta1
+    beta2: float = 0.999              # AdamW beta2
+    grad_clip: float = 1.0            # gradient norm clip
+    seed: int = 1337                  # data order (subsets, mixture, holdout) and initialisation
     # LoRA (peft) and quantised loading (bitsandbytes, CUDA only)
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora: bool = False                # train LoRA adapters (peft) instead of every weight
+    lora_r: int = 16                  # LoRA rank
+    lora_alpha: int = 32              # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05        # dropout on the LoRA branch
     lora_target_modules: List[str] = field(default_factory=list)  # [] = the architecture's defaults (LORA_TARGETS)
     merge_lora: bool = True           # save the merged model (an ordinary HF folder); false: the adapter only
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
+    load_in_4bit: bool = False        # 4-bit NF4 base weights (bitsandbytes, CUDA; needs lora=true)
+    load_in_8bit: bool = False        # 8-bit base weights (bitsandbytes, CUDA; needs lora=true)
     # system
-    device: str = "auto"
+    device: str = "auto"              # auto | cuda | mps | cpu
     dtype: str = "auto"               # auto (bf16 autocast on cuda, else fp32) | float32 | bfloat16 | float16
     attn_implementation: str = "auto"  # auto | flash_attention_2 | sdpa | eager (HF models)
-    gradient_checkpointing: bool = False
-    compile: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+    compile: bool = False             # torch.compile on cuda
     # output, evaluation, checkpoints
     out_dir: str = ""                 # "" = out/<run_name(): timestamp, model, datasets, objective, batch, length>
-    log_interval: int = 10
+    log_interval: int = 10            # steps between train-loss records
     eval_interval: int = 100          # steps between eval losses (0 = only at the end)
-    save_interval: int = 0            # steps between checkpoints (0 = only at the end)
-    save_total_limit: int = 0         # keep the newest N checkpoints (0 = all)
+    ckpt_interval: int = 0            # steps between checkpoints (0 = only at the end)
+    keep_last_k: int = 0              # keep the newest k checkpoints (0 = all)
     resume: Optional[str] = None      # latest | a checkpoint path
     stop_after_step: int = -1         # end this invocation after this step with a checkpoint, as if preempted
     gen_eval: bool = True             # generation accuracy on the eval split at the end (classification, math)
-    gen_max_new_tokens: int = 256
-    gen_batch_size: int = 32
-    tensorboard: bool = True
+    gen_max_new_tokens: int = 256     # reply length limit of the generation accuracy
+    gen_batch_size: int = 32          # prompts per generation batch
+    tensorboard: bool = True          # also log to out_dir/tensorboard (tags <record type>/<key>)
+    wandb_project: Optional[str] = None  # also log to this W&B project (wandb imported only when set)
 
 
 PROMPT_FORMATS = ("auto", "chat_template", "user_assistant", "plain", "eos_turns")
@@ -160,7 +165,7 @@ def check_config(cfg):
     if cfg.prompt_format not in PROMPT_FORMATS:
         raise common.ConfigError(f"prompt_format '{cfg.prompt_format}' is not one of {', '.join(PROMPT_FORMATS)}")
     common.resolve_dtype(cfg.dtype, "cpu")
-    for key in ("max_length", "batch_size", "grad_accum_steps", "log_interval"):
+    for key in ("max_length", "micro_batch_size", "grad_accum_steps", "log_interval"):
         if getattr(cfg, key) <= 0:
             raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
     if (cfg.load_in_4bit or cfg.load_in_8bit) and not torch.cuda.is_available():
@@ -469,6 +474,18 @@ def resolve_attn(cfg, d):
     return "eager" if d.device_type == "mps" else "sdpa"
 
 
+def from_pretrained(auto_model, name, **kwargs):
+    """auto_model.from_pretrained; a pickled weights file (pytorch_model.bin) that would build objects other than
+    tensors, which torch.load(weights_only=True) refuses, is a one-line error that names the model."""
+    try:
+        return auto_model.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError as e:
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        raise common.ConfigError(f"{name}: its weights file holds objects other than tensors; refusing to load it "
+                                 f"(a pickle could run code){': ' + blocked[0] if blocked else ''}. Use a safetensors "
+                                 f"copy of the model") from e
+
+
 def load_model(cfg, d, dtype, kind):
     """-> (model, tokenizer wrapper, kind 'native'|'hf'|'seq2seq', attention implementation, source info)."""
     spec = None if is_native(cfg.model) else exported_spec(cfg.model)
@@ -504,13 +521,13 @@ def load_model(cfg, d, dtype, kind):
                       load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
                       bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")}
     try:
-        hf = auto_model.from_pretrained(cfg.model, attn_implementation=attn, **kwargs)
+        hf = from_pretrained(auto_model, cfg.model, attn_implementation=attn, **kwargs)
     except (ValueError, ImportError) as e:  # this architecture has no such kernel: fall back to eager
         if attn == "eager":
             raise
         print(f"warning: attn_implementation={attn} unavailable for {cfg.model} ({str(e).splitlines()[0][:120]}); "
               f"using eager", file=sys.stderr)
-        hf = auto_model.from_pretrained(cfg.model, attn_implementation="eager", **kwargs)
+        hf = from_pretrained(auto_model, cfg.model, attn_implementation="eager", **kwargs)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     return hf.train(), HFTok(tok), kind, hf.config._attn_implementation, {"hf_model": cfg.model}
 
@@ -598,6 +615,9 @@ def load_examples(cfg, tok, fmt, kind, start_id, master):
         train = sft_sets.load_split(name, "train", path, cfg.max_samples, cfg.seed, cfg.dataset_options)
         held = sft_sets.load_split(name, "eval", eval_path, cfg.eval_samples, cfg.seed,
                                    cfg.dataset_options) if cfg.eval_samples > 0 else []
+        if not train:
+            raise common.ConfigError(f"dataset '{name}' has no train examples ({path or 'the hub copy'}"
+                                     f"{', after its eval holdout' if entry.eval_split is None else ''})")
         encoded = []
         for ex in train:
             example, cut = encode_chat(ex["messages"], fmt, tok, cfg.max_length, kind, start_id)
@@ -619,6 +639,8 @@ def load_documents(cfg, tok, master):
         path = cfg.data_paths[k] if cfg.data_paths else ""
         eval_path = cfg.eval_data_paths[k] if cfg.eval_data_paths else ""
         train, held = text_sets.load_documents(name, path, eval_path, cfg.max_samples, cfg.eval_samples, cfg.seed)
+        if not train:
+            raise common.ConfigError(f"text dataset '{name}' has no train documents ({path or 'the hub copy'})")
         per_set.append([encode_document(text, tok) for text in train])
         pieces, _ = pack_documents([encode_document(text, tok) for text in held], cfg.max_length, tok.eos_id,
                                    keep_tail=True)
@@ -649,19 +671,9 @@ def make_rows(cfg, per_set, per_step, arrange):
 
 def step_rows(rows, step, micro, cfg, d):
     """The rows of one micro batch of one rank: step blocks of batch*accum*world rows, rank r every world-th."""
-    per_step = cfg.batch_size * cfg.grad_accum_steps * d.world_size
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * d.world_size
     mine = rows[step * per_step:(step + 1) * per_step][d.rank::d.world_size]
-    return mine[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]
-
-
-def fingerprint(rows, examples):
-    """A hash of the token stream: a resume with other data or settings is refused, not silently mixed."""
-    h = hashlib.sha256()
-    for row in rows[:2000]:
-        for i in row:
-            h.update(str(examples[i][0][:64]).encode())
-    h.update(str(len(rows)).encode())
-    return h.hexdigest()[:16]
+    return mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
 
 
 @torch.no_grad()
@@ -670,8 +682,8 @@ def eval_loss(model, kind, encoded, cfg, d, pad_id, attn, autocast):
     model.eval()
     total = torch.zeros(2, device=d.device)
     mine = list(range(len(encoded)))[d.rank::d.world_size]
-    for start in range(0, len(mine), cfg.batch_size):
-        rows = [[i] for i in mine[start:start + cfg.batch_size]]
+    for start in range(0, len(mine), cfg.micro_batch_size):
+        rows = [[i] for i in mine[start:start + cfg.micro_batch_size]]
         batch = [t.to(d.device) if t is not None else None for t in collate_batch(kind, rows, encoded, pad_id, False)]
         with autocast:
             total[0] += batch_loss(model, kind, batch, attn).float()
@@ -804,7 +816,7 @@ def run_name(cfg, world_size):
         data = "mix_" + "_".join(f"{s}-{100 * r:.4g}" for s, r in zip(sets, cfg.mixture_rates))
     else:
         data = ("cat_" if len(sets) > 1 else "") + "_".join(sets)
-    name = f"{model}_{data}_{cfg.objective}_bs{cfg.batch_size}_len{cfg.max_length}"
+    name = f"{model}_{data}_{cfg.objective}_bs{cfg.micro_batch_size}_len{cfg.max_length}"
     name += (f"_acc{cfg.grad_accum_steps}" if cfg.grad_accum_steps > 1 else "") + ("_lora" if cfg.lora else "")
     name += "_multigpu" if world_size > 1 else ""
     return re.sub(r"[^A-Za-z0-9._+-]", "-", name)
@@ -853,8 +865,27 @@ def resolve_format(cfg, tok, kind):
     return fmt
 
 
+# what defines a run besides its base model and data files: a resume that changes one is refused naming it. The
+# rest (max_steps, epochs, the lr and its schedule, intervals, eval settings) may change: the token stream of a
+# longer run begins with a shorter one's, so a larger max_steps continues the run
+IDENTITY_KEYS = ("objective", "datasets", "dataset_options", "mixture_rates", "max_samples", "seed", "prompt_format",
+                 "inject_mul_tokens", "max_length", "packing", "lora", "lora_r", "lora_alpha", "lora_target_modules")
+
+
+def identity(cfg, world_size):
+    """The run's identity: IDENTITY_KEYS, the base model (a path however spelled), the content of the local data
+    copies (objective=lm: also whether eval has copies of its own, which decides the train holdout), and the rows
+    of a step (a checkpoint's data position is its step)."""
+    data = [common.fingerprint(p) if p else "" for p in cfg.data_paths]
+    if cfg.objective == "lm":
+        data.append(f"own eval copies: {bool(cfg.eval_data_paths)}")
+    return common.run_identity(cfg, IDENTITY_KEYS, model=os.path.normpath(cfg.model), data=data,
+                               rows_per_step=cfg.micro_batch_size * cfg.grad_accum_steps * world_size)
+
+
 def train(cfg, d, stop):
-    ckpt = common.start_or_resume(cfg.out_dir, cfg.resume, kind="sft")
+    run_identity = identity(cfg, d.world_size)
+    ckpt = common.restore(cfg.out_dir, cfg.resume, "sft", run_identity, d.master)
     common.seed_everything(cfg.seed, d.device_type)
     dtype = common.resolve_dtype(cfg.dtype, d.device)
     autocast = common.autocast(d.device_type, dtype)
@@ -884,7 +915,7 @@ def train(cfg, d, stop):
         model.to(d.device)
 
     # ---- data: the whole stream, fixed from the seed
-    per_step = cfg.batch_size * cfg.grad_accum_steps * d.world_size
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * d.world_size
     if cfg.objective == "lm":
         per_set, evals = load_documents(cfg, tok, d.master)
         counts = {"cut": 0}
@@ -898,19 +929,17 @@ def train(cfg, d, stop):
         examples, rows = make_rows(cfg, per_set, per_step,
                                    lambda items: (items, build_rows(items, cfg.max_length, cfg.packing)))
     packed = cfg.packing or cfg.objective == "lm"  # lm rows hold document pieces: collate them as packed examples
-    steps_in_data = len(rows) // per_step  # a last partial step is left out
+    max_steps = len(rows) // per_step  # a last partial step is left out
     if cfg.max_steps:
-        steps_in_data = min(steps_in_data, cfg.max_steps)
-    max_steps = steps_in_data
+        max_steps = min(max_steps, cfg.max_steps)
     if max_steps <= 0:
-        raise common.ConfigError(f"{len(rows)} rows make no full step of {per_step} rows (batch_size x "
+        raise common.ConfigError(f"{len(rows)} rows make no full step of {per_step} rows (micro_batch_size x "
                                  f"grad_accum_steps x world size); lower them or add data")
     used_rows = rows[:max_steps * per_step]
     used = [i for row in used_rows for i in row]
     completion_tokens = sum(int(np.count_nonzero(np.asarray(examples[i][1]) != -100)) for i in used)
     budget = {"steps": max_steps, "examples": len(used), "tokens": sum(len(examples[i][0]) for i in used),
               "completion_tokens": completion_tokens, "rows": len(used_rows), "cut_examples": counts["cut"]}
-    data_id = fingerprint(used_rows, examples)
 
     # ---- optimizer, and where to start
     params = [p for p in model.parameters() if p.requires_grad]
@@ -921,9 +950,6 @@ def train(cfg, d, stop):
                                   betas=(cfg.beta1, cfg.beta2))
     start_step = 0
     if ckpt:
-        if ckpt.get("data_fingerprint") != data_id:
-            raise common.ConfigError(f"{ckpt['path']} was trained on another token stream (datasets, seed, max_length "
-                                     f"or packing changed); resume with the same settings or use a new out_dir")
         _, unexpected = model.load_state_dict(ckpt["model"], strict=not cfg.lora)  # LoRA: the adapters only
         if unexpected:
             raise common.ConfigError(f"{ckpt['path']} does not fit this model ({unexpected[:3]})")
@@ -939,10 +965,9 @@ def train(cfg, d, stop):
     model = common.wrap_model(model, d, cfg.compile)
     warmup_steps = int(cfg.warmup_ratio * max_steps)
 
-    # ---- logging: config.json, log.jsonl/log.txt, TensorBoard, the run's metadata at step 0
-    if ckpt and d.master:
-        common.trim_log(cfg.out_dir, ckpt["step"])
-    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None)
+    # ---- logging: config.json, log.jsonl/log.txt, TensorBoard / W&B, the run's metadata at step 0
+    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
+                           wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
     n_total = sum(p.numel() for p in raw_model.parameters())
     n_trainable = sum(p.numel() for p in params)
     meta = {"type": "meta", "step": 0, "model": cfg.model, "model_kind": kind, "source": str(source),
@@ -953,22 +978,24 @@ def train(cfg, d, stop):
             "mixture_rates": ",".join(f"{r:g}" for r in (cfg.mixture_rates or [])) or "concatenated",
             "packing": packed, "lora_targets": ",".join(lora_targets or []),
             **{f"budget_{k}": v for k, v in budget.items()}}
-    tb = None
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
-        if not ckpt:
-            logger.log(meta)
-        if cfg.tensorboard:
-            tb = open_tensorboard(cfg.out_dir, meta)
+    if not ckpt:
+        logger.log(meta, echo=False)  # its numbers are TensorBoard's meta/* scalars at step 0
+        if logger.tb is not None:  # and the whole record as a text table beside them
+            logger.tb.add_text("meta", "\n".join(f"    {k}: {v}" for k, v in meta.items()), 0)
+    logger.info(f"model {cfg.model} ({kind}, {attn}): {n_trainable:,} of {n_total:,} params trained | "
+                f"{max_steps} steps of {per_step} rows = {cfg.micro_batch_size} x {cfg.grad_accum_steps} accum x "
+                f"{d.world_size} ranks | {budget['completion_tokens']:,} completion tokens | {fmt}")
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
 
     def save(step):
         state = {"kind": "sft", "model": trainable_state(raw_model, cfg.lora), "step": step,
                  "model_config": {"model": cfg.model, "kind": kind, "lora": cfg.lora},
-                 "config": common.config_dict(cfg), "optimizer": optimizer.state_dict(), "rng": common.rng_state(),
-                 "data_fingerprint": data_id}
-        return common.save_training_checkpoint(cfg.out_dir, step, state, d, cfg.save_total_limit)
+                 "config": common.config_dict(cfg), "identity": run_identity, "optimizer": optimizer.state_dict(),
+                 "rng": common.rng_state()}
+        return common.save_training_checkpoint(cfg.out_dir, step, state, d, cfg.keep_last_k)
 
     def train_step(step):
         """One optimizer step; returns (summed loss / completion tokens, grad norm, lr, completion tokens)."""
@@ -994,69 +1021,62 @@ def train(cfg, d, stop):
         optimizer.step()
         return common.all_reduce(loss_sum, "sum", d) / n_global, grad_norm, lr, n_global
 
+    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
+        logger.info(f"received {stop.signal} before the first step: exiting without training "
+                    f"(continue with resume=latest)")
+        logger.close()
+        return {"status": "preempted", "step": start_step - 1}
+
     # ---- the loop
-    watch = common.NonFiniteWatch(d.device)
-    run_t0, t0, tokens_since = time.time(), time.time(), 0
-    timed_tokens, timed_seconds = 0.0, 0.0
+    watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
+    timer = common.StepTimer(d.device_type, world_size=d.world_size)  # counts completion tokens
+    run_t0 = time.time()
     train_loss = eval_losses = eval_bpb = None
     status, step = "done", start_step - 1
-    bar = common.progress(total=max_steps, initial=start_step, master=d.master, desc="sft", unit="step")
+    logger.progress(total=max_steps, initial=start_step, desc=cfg.objective)
     for step in range(start_step, max_steps):
-        last_step = step == max_steps - 1
         loss, grad_norm, lr, n_tok = train_step(step)
+        timer.step(n_tok)
         watch.update(step, loss, grad_norm)
-        tokens_since += n_tok
-        bar.update(1)
-        eval_now = last_step or (cfg.eval_interval > 0 and (step + 1) % cfg.eval_interval == 0)
-        save_now = last_step or (cfg.save_interval > 0 and (step + 1) % cfg.save_interval == 0)
-        user_stop = step == cfg.stop_after_step
-        log_now = (step + 1) % cfg.log_interval == 0 or step == start_step or eval_now or save_now or user_stop
-        signal_stop = stop.check(d, sync=log_now)
-        if not (log_now or signal_stop):
+        logger.bar.update(1)
+        due = common.due(step, max_steps, cfg.log_interval, cfg.ckpt_interval, cfg.eval_interval,
+                         cfg.stop_after_step, first_step=start_step)
+        # a signal stops the run at a step boundary; under DDP the ranks agree on it at log points
+        signal_stop = stop.check(d, sync=due.log)
+        if not (due.log or signal_stop):
             continue
-        bad = watch.first_bad_step(d)
-        if bad is not None:
-            bar.close()
-            raise common.TrainingDiverged(common.diverged_message(cfg.out_dir, bad))
-        common.synchronize(d.device_type)
-        seconds = time.time() - t0
-        tok_s = float(tokens_since) / seconds
-        if step != start_step:  # the first step pays for warm-up
-            timed_tokens, timed_seconds = timed_tokens + float(tokens_since), timed_seconds + seconds
-        train_loss = loss.item()
-        record = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "completion_tokens_per_sec": tok_s}
-        if eval_now:
+
+        train_loss = loss.item()  # already the sum over ranks / the step's completion tokens
+        common.stop_if_diverged(watch, d, logger, cfg.out_dir)
+        speed = timer.lap()
+        speed["completion_tokens_per_sec"] = speed.pop("tokens_per_sec", None)
+        logger.log({"type": "train", "step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                    **speed})
+        logger.postfix(loss=f"{train_loss:.4f}")
+        if due.eval:
             eval_losses = {name: eval_loss(raw_model, kind, enc, cfg, d, tok.pad_id, attn, autocast)
                            for name, (enc, _) in evals.items() if enc}
-            record.update({f"eval_loss_{n}": v for n, v in eval_losses.items()})
+            record = {"type": "eval", "step": step, **{f"eval_loss_{n}": v for n, v in eval_losses.items()}}
             if eval_losses:
                 record["eval_loss"] = sum(eval_losses.values()) / len(eval_losses)
             if cfg.objective == "lm":  # text: also in bits per byte, comparable across tokenizers
                 eval_bpb = {n: bits_per_byte(v, *evals[n]) for n, v in eval_losses.items()}
                 record.update({f"eval_bpb_{n}": v for n, v in eval_bpb.items()})
-        logger.log(record, echo=False)
-        if d.master:
-            bar.write(common.format_record(record))
-            if tb:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        tb.add_scalar(f"{'eval' if k.startswith('eval') else 'train'}/{k}", v, step)
-        if save_now or user_stop or signal_stop:
+            logger.log(record)
+        if due.ckpt or due.stop_after or signal_stop:
             path = save(step)
-        if (signal_stop or user_stop) and not last_step:
-            status = "preempted" if signal_stop else "stopped"
-            bar.close()
-            logger.info(f"{'received ' + str(stop.signal) if signal_stop else 'stop_after_step'}: saved {path} at "
-                        f"step {step}; exiting (continue with resume=latest)")
+        status = common.early_exit(stop, due, signal_stop, step, path if signal_stop or due.stop_after else None,
+                                   logger) or status
+        if status != "done":
             break
-        t0, tokens_since = time.time(), 0
+        timer.restart()  # evaluation and saving are not training time
 
-    bar.close()
+    speed = timer.summary()
     results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, "eval_loss": eval_losses,
                **({"eval_bpb": eval_bpb} if cfg.objective == "lm" else {}),
-               "completion_tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
-               "seconds": time.time() - run_t0, "attn_implementation": attn, "prompt_format": fmt, **budget}
+               "completion_tokens_per_sec": speed["tokens_per_sec"], "peak_mem_gb": speed["peak_mem_gb"],
+               "seconds": time.time() - run_t0, "attn_implementation": attn, "prompt_format": fmt,
+               "resumed_from_step": start_step - 1 if ckpt else None, **budget}
     if status == "done":
         folder = os.path.join(cfg.out_dir, "hf")
         if d.master:
@@ -1068,29 +1088,13 @@ def train(cfg, d, stop):
                 replies = (seq2seq_replies if kind == "seq2seq" else engine_replies)(cfg, folder, fmt, tok, d)
                 results["generation"] = generation_accuracy(replies, evals, logger)
         common.barrier(d)
+    common.finish(cfg.out_dir, results, d, logger)
     if d.master:
-        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
         unit = "nats/token" if cfg.objective == "lm" else "nats/completion token"
         common.plot_log_curves(cfg.out_dir, [(f"{cfg.objective} " + ",".join(cfg.datasets), f"loss ({unit})",
-                                              [("train", "loss", "train"), ("train", "eval_loss", "eval")])])
-        if tb:
-            tb.close()
+                                              [("train", "loss", "train"), ("eval", "eval_loss", "eval")])])
     return results
 
 
-def open_tensorboard(out_dir, meta):
-    """A SummaryWriter under out_dir/tb with the run's metadata at step 0 (scalars and a text table)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("warning: tensorboard is not installed; logging to log.jsonl only", file=sys.stderr)
-        return None
-    tb = SummaryWriter(os.path.join(out_dir, "tb"))
-    for k in ("budget_tokens", "budget_completion_tokens", "total_params", "trainable_params", "trainable_ratio"):
-        tb.add_scalar(f"meta/{k}", meta[k], 0)
-    tb.add_text("meta", "\n".join(f"    {k}: {v}" for k, v in meta.items()), 0)
-    return tb
-
-
 if __name__ == "__main__":
-    common.run_main(main, expected=(common.TrainingDiverged,))
+    common.run_main(main, preemptible=True)

@@ -19,7 +19,7 @@ answer, equal as numbers when both are numbers (DeepMind mathematics, ConvFinQA)
 only (free-form answers).
 
 Mixtures: Mixture(sizes, rates, seed) draws a dataset per example with the given rates (rates must sum to 1),
-and within each dataset walks a fresh permutation per pass.
+and within each dataset walks a fresh permutation per pass; a longer stream begins with a shorter one.
 
 SFTSetTask: a scored set as a tasks/base.py Task, so grpo.py trains on it (task=sft:imdb).
 """
@@ -414,6 +414,8 @@ def load_split(name, split, data_path="", max_samples=0, seed=0, options=None, h
         raise dataio.ConfigError(f"dataset '{name}' has no hub copy; give data_path=")
     else:
         rows = hub_rows(entry, hub_split or entry.train_split)
+    if len(rows) == 0:
+        raise dataio.ConfigError(f"dataset '{name}' has no {split} rows in {data_path or 'its hub copy'}")
     index = list(range(len(rows)))  # rows may be a hub Dataset: pick indices first, read only those rows
     if entry.eval_split is None:  # hold out a fixed part of the train rows for eval
         random.Random(f"holdout:{name}:{seed}").shuffle(index)
@@ -526,7 +528,12 @@ class Mixture:
         self.sizes, self.rates, self.seed = list(sizes), rates, seed
 
     def stream(self, n_draws):
-        """[(set index, example index), ...] of length n_draws."""
+        """[(set index, example index), ...] of length n_draws. A longer stream begins with a shorter one (the draws
+        and each set's permutations have generators of their own), so a run given more steps continues on the same
+        data."""
+        empty = [k for k, n in enumerate(self.sizes) if n == 0 and (self.rates is None or self.rates[k] > 0)]
+        if empty:
+            raise ValueError(f"set {empty[0]} of the mixture has no examples to draw")
         rng = random.Random(f"mixture:{self.seed}")
         if self.rates is None:
             pool = [(k, i) for k, n in enumerate(self.sizes) for i in range(n)]
@@ -535,11 +542,13 @@ class Mixture:
                 rng.shuffle(pool)
                 out += pool
             return out[:n_draws]
+        shufflers = [random.Random(f"mixture:{self.seed}:{k}") for k in range(len(self.sizes))]
         orders, cursors, out = [[] for _ in self.sizes], [0] * len(self.sizes), []
-        for k in rng.choices(range(len(self.sizes)), weights=self.rates, k=n_draws):
+        for _ in range(n_draws):
+            k = rng.choices(range(len(self.sizes)), weights=self.rates)[0]
             if cursors[k] == len(orders[k]):
                 orders[k] = list(range(self.sizes[k]))
-                rng.shuffle(orders[k])
+                shufflers[k].shuffle(orders[k])
                 cursors[k] = 0
             out.append((k, orders[k][cursors[k]]))
             cursors[k] += 1

@@ -255,7 +255,25 @@ def test_local_copies_and_holdout(tmp_path):
 # bad input: one-line errors
 
 
-def test_bad_input_errors(tmp_path):
+class Crafted:
+    """Pickles as a call of os.getcwd (harmless, were it ever run): what torch.load(weights_only=True) refuses."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+def one_line_error(main, argv, capsys):
+    """main(argv) run as sft.py's entry point runs it: exit code 1, no traceback; its one `error:` line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: main(argv), preemptible=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_info.value.code == 1 and "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_input_errors(tmp_path, capsys):
     with pytest.raises(common.ConfigError, match="unknown dataset 'nope'.*gsm8k.*imdb"):
         sft.check_config(sft.Config(model="x", datasets=["nope"]))
     with pytest.raises(common.ConfigError, match="sum to 1"):
@@ -272,6 +290,25 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(common.ConfigError, match="multiplication tokens"):
         sft.main([f"model={tmp_path / 'base'}/latest", "datasets=[synthetic]", "inject_mul_tokens=true",
                   f"out_dir={tmp_path / 'out'}", "max_samples=20"])
+    # bad input reaching the run, through common.run_main as the entry point runs main: one `error:` line, exit 1
+    base, empty, one_row, crafted = f"{tmp_path / 'base'}/latest", tmp_path / "empty.jsonl", tmp_path / "one.jsonl", \
+        tmp_path / "crafted"
+    empty.write_text("")
+    one_row.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")  # its one row is the eval holdout
+    tiny_hf("gpt2").save_pretrained(crafted)
+    os.remove(crafted / "model.safetensors")
+    torch.save({"weights": Crafted()}, crafted / "pytorch_model.bin")  # a pickle that would call a function
+    small = ["max_length=64", "micro_batch_size=4", "max_samples=20", "eval_samples=0", "gen_eval=false",
+             "tensorboard=false"]
+    sft.main([f"model={base}", "datasets=[synthetic]", f"out_dir={tmp_path / 'run'}", "max_steps=3",
+              "stop_after_step=0", *small])
+    for argv, words in [
+            ([f"model={base}", "datasets=[jsonl]", f"data_paths=[{empty}]"], "dataset 'jsonl' has no train rows in"),
+            ([f"model={base}", "datasets=[jsonl]", f"data_paths=[{one_row}]"], "dataset 'jsonl' has no train examples"),
+            ([f"model={crafted}", "datasets=[synthetic]"], "holds objects other than tensors; refusing to load it"),
+            ([f"model={base}", "datasets=[arithmetic]", "resume=latest", f"out_dir={tmp_path / 'run'}"],
+             "datasets=['synthetic'] in the checkpoint but ['arithmetic'] now")]:
+        assert words in one_line_error(sft.main, [f"out_dir={tmp_path / 'bad'}", *argv, *small], capsys)
     # at the entry point: one line on stderr, exit code 1, no traceback
     r = subprocess.run([sys.executable, "sft.py", "model=x", "datasets=[imdb,nope]"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
@@ -320,7 +357,7 @@ def test_lora_trains_adapters_only_and_merges_exactly(arch):
 
 def run_args(tmp_path, base, out, *extra):
     return [f"model={base}", "datasets=[synthetic]", "dataset_options={max_steps: 1, max_value: 10}",
-            "max_samples=200", "eval_samples=8", "max_length=256", "batch_size=4", "learning_rate=3e-3",
+            "max_samples=200", "eval_samples=8", "max_length=256", "micro_batch_size=4", "learning_rate=3e-3",
             "log_interval=1", "eval_interval=3", f"out_dir={out}", "gen_eval=false", "tensorboard=false",
             "warmup_ratio=0.2", *extra]
 
@@ -337,7 +374,7 @@ def test_resume_is_exact(tmp_path):
     stopped = sft.main(run_args(tmp_path, f"{base}/latest", parts, "max_steps=6", "packing=true", "stop_after_step=2"))
     assert stopped["status"] == "stopped"
     resumed = sft.main(run_args(tmp_path, f"{base}/latest", parts, "max_steps=6", "packing=true", "resume=latest",
-                                "save_total_limit=1"))
+                                "keep_last_k=1"))
     assert resumed["status"] == "done"
     assert train_losses(whole) == train_losses(parts)  # every step's loss, bit for bit
     assert [os.path.basename(p) for _, p in common.list_checkpoints(parts)] == ["ckpt_000005.pt"]
@@ -383,7 +420,7 @@ def test_sft_raises_exact_match_measured_by_eval_gsm8k(tmp_path):
 
     before = accuracy(f"{base}/latest", tmp_path / "eval_before")
     sft.main([f"model={base}/latest", "datasets=[jsonl]", f"data_paths=[{train}]", "eval_samples=0",
-              "max_length=64", "batch_size=16", "learning_rate=1e-2", "max_steps=240",
+              "max_length=64", "micro_batch_size=16", "learning_rate=1e-2", "max_steps=240",
               "warmup_ratio=0.05", "log_interval=50", "eval_interval=0", f"out_dir={tmp_path / 'sft'}",
               "gen_eval=false", "tensorboard=false"])
     after = accuracy(tmp_path / "sft" / "hf", tmp_path / "eval_after")
@@ -412,13 +449,13 @@ def test_dialogpt_turns_joined_by_eos(tmp_path):
     assert completion_text(ids, target, tok.tok.decode) == [f"2+3 = 5\n#### 5{eos}", f"20{eos}"]
     assert tok.tok.decode(sft.prompt_ids(CHAT[1:3], "eos_turns", tok)) == f"What is 2+3?{eos}"
     results = sft.main([f"model={folder}", "datasets=[arithmetic]", "max_samples=64", "eval_samples=4",
-                        "max_length=64", "batch_size=8", "max_steps=3", "learning_rate=1e-3", "tensorboard=false",
+                        "max_length=64", "micro_batch_size=8", "max_steps=3", "learning_rate=1e-3", "tensorboard=false",
                         f"out_dir={tmp_path / 'run'}", "gen_max_new_tokens=8"])
     assert results["prompt_format"] == "eos_turns" and results["generation"]["arithmetic"]["n"] == 4
 
 
 def test_experiment_names_as_the_seed_names_them(tmp_path, monkeypatch):
-    cfg = sft.Config(model="Qwen/Qwen2.5-0.5B", datasets=["imdb", "sst2"], mixture_rates=[0.7, 0.3], batch_size=8,
+    cfg = sft.Config(model="Qwen/Qwen2.5-0.5B", datasets=["imdb", "sst2"], mixture_rates=[0.7, 0.3], micro_batch_size=8,
                      max_length=256)
     assert sft.run_name(cfg, 1) == "Qwen2.5-0.5B_mix_imdb-sentiment-70_sst2-sentiment-30_sft_bs8_len256"
     cfg.grad_accum_steps, cfg.lora = 4, True

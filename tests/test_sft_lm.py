@@ -115,7 +115,7 @@ def test_packed_loss_equals_each_document_alone(arch):
 
 def lm_args(model, *extra):
     return [f"model={model}", "objective=lm", "datasets=[wikitext2]", f"data_paths=[{wiki()}]", "max_samples=4",
-            "eval_samples=2", "max_length=128", "batch_size=4", "learning_rate=1e-2", "max_steps=8",
+            "eval_samples=2", "max_length=128", "micro_batch_size=4", "learning_rate=1e-2", "max_steps=8",
             "warmup_ratio=0.1", "log_interval=1", "eval_interval=4", "tensorboard=false", *extra]
 
 
@@ -155,7 +155,7 @@ def test_lm_mixture_and_lora_on_an_hf_model(tmp_path):
     losses = train_losses(f"{out}_lora")
     assert meta["trainable_ratio"] < 0.2 and meta["lora_targets"] == "c_attn,c_proj,c_fc" and losses[3] < losses[0]
     cfg = sft.Config(model=str(folder), objective="lm", datasets=["wikitext2", "text"], mixture_rates=[0.7, 0.3],
-                     batch_size=4, max_length=128, lora=True)
+                     micro_batch_size=4, max_length=128, lora=True)
     assert sft.run_name(cfg, 1) == "gpt2_mix_wikitext2-70_text-30_lm_bs4_len128_lora"
 
 

@@ -78,9 +78,9 @@ def test_prompt_to_encoder_reply_to_decoder_and_the_loss_is_hfs():
 def test_seq2seq_fine_tunes_on_synthetic_math_and_scores_generations(arch, folders, tmp_path):
     out = tmp_path / "run"
     results = sft.main([f"model={folders[arch]}", "datasets=[synthetic]", "dataset_options={max_steps: 1, max_value: 10}",
-                        "max_samples=160", "eval_samples=6", "max_length=96", "batch_size=8", "learning_rate=3e-3",
-                        "max_steps=16", "warmup_ratio=0.1", "log_interval=1", "eval_interval=8", f"out_dir={out}",
-                        "tensorboard=false", "gen_max_new_tokens=12", "gen_batch_size=4",
+                        "max_samples=160", "eval_samples=6", "max_length=96", "micro_batch_size=8",
+                        "learning_rate=3e-3", "max_steps=16", "warmup_ratio=0.1", "log_interval=1", "eval_interval=8",
+                        f"out_dir={out}", "tensorboard=false", "gen_max_new_tokens=12", "gen_batch_size=4",
                         f"gradient_checkpointing={arch == 'bart'}"])
     losses = list(train_losses(out).values())
     assert results["prompt_format"] == "plain" and len(losses) == 16
@@ -124,8 +124,9 @@ def test_seq2seq_lora_resume_is_exact(folders, tmp_path):
     """Checkpoints of an encoder-decoder with LoRA hold the adapters; a stopped and resumed run gives every step's
     loss of the uninterrupted one, and the merged folder is the same model."""
     args = [f"model={folders['t5']}", "datasets=[synthetic]", "dataset_options={max_steps: 1, max_value: 10}",
-            "max_samples=64", "eval_samples=0", "max_length=96", "batch_size=8", "learning_rate=1e-2", "max_steps=6",
-            "log_interval=1", "lora=true", "lora_r=4", "lora_dropout=0.0", "gen_eval=false", "tensorboard=false"]
+            "max_samples=64", "eval_samples=0", "max_length=96", "micro_batch_size=8", "learning_rate=1e-2",
+            "max_steps=6", "log_interval=1", "lora=true", "lora_r=4", "lora_dropout=0.0", "gen_eval=false",
+            "tensorboard=false"]
     sft.main(args + [f"out_dir={tmp_path / 'whole'}"])
     assert sft.main(args + [f"out_dir={tmp_path / 'parts'}", "stop_after_step=2"])["status"] == "stopped"
     saved = torch.load(tmp_path / "parts" / "ckpt_000002.pt", weights_only=True)["model"]
