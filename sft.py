@@ -1021,11 +1021,9 @@ def train(cfg, d, stop):
         optimizer.step()
         return common.all_reduce(loss_sum, "sum", d) / n_global, grad_norm, lr, n_global
 
-    if stop.check(d):  # a signal during start-up: no step taken yet, so nothing new to save
-        logger.info(f"received {stop.signal} before the first step: exiting without training "
-                    f"(continue with resume=latest)")
-        logger.close()
-        return {"status": "preempted", "step": start_step - 1}
+    stopped = common.stopped_before_start(stop, d, logger, start_step)
+    if stopped:
+        return stopped
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
@@ -1063,10 +1061,7 @@ def train(cfg, d, stop):
                 eval_bpb = {n: bits_per_byte(v, *evals[n]) for n, v in eval_losses.items()}
                 record.update({f"eval_bpb_{n}": v for n, v in eval_bpb.items()})
             logger.log(record)
-        if due.ckpt or due.stop_after or signal_stop:
-            path = save(step)
-        status = common.early_exit(stop, due, signal_stop, step, path if signal_stop or due.stop_after else None,
-                                   logger) or status
+        status = common.save_or_exit(due, signal_stop, stop, step, save, logger) or status
         if status != "done":
             break
         timer.restart()  # evaluation and saving are not training time
