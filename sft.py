@@ -116,6 +116,10 @@ class Config:
     dtype: str = "auto"               # auto (bf16 autocast on cuda, else fp32) | float32 | bfloat16 | float16
     attn_implementation: str = "auto"  # auto | flash_attention_2 | sdpa | eager (HF models)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+    fsdp: bool = False                # shard weights, gradients and AdamW state over the torchrun ranks (FSDP2)
+    cpu_offload: bool = False         # fsdp: keep the sharded weights, gradients and optimizer state in CPU memory
+    estimate_memory: bool = False     # print the GB per GPU (weights / grads / optimizer / activations) and exit
+    trust_remote_code: bool = False   # run the model repository's own code (DeepSeek-MoE, Arctic): an explicit opt-in
     compile: bool = False             # torch.compile on cuda
     # output, evaluation, checkpoints
     out_dir: str = ""                 # "" = out/<run_name(): timestamp, model, datasets, objective, batch, length>
@@ -174,6 +178,10 @@ def check_config(cfg):
         raise common.ConfigError("choose load_in_4bit or load_in_8bit, not both")
     if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.lora:
         raise common.ConfigError("a quantised model trains only through LoRA adapters: set lora=true")
+    if cfg.cpu_offload and not cfg.fsdp:
+        raise common.ConfigError("cpu_offload=true offloads FSDP's shards: set fsdp=true too")
+    if cfg.fsdp and (cfg.load_in_4bit or cfg.load_in_8bit):
+        raise common.ConfigError("fsdp=true shards full-precision weights; a 4/8-bit model trains with DDP (fsdp=false)")
 
 
 # -----------------------------------------------------------------------------
@@ -438,7 +446,7 @@ def exported_spec(name):
     return None
 
 
-def model_kind(name):
+def model_kind(name, trust_remote_code=False):
     """'native' | 'hf' (a causal LM) | 'seq2seq' (an encoder-decoder), read from the HF config before any weight
     is loaded. Encoder-only models (BERT, RoBERTa, ...) are refused: sft.py trains the reply as generated text."""
     if is_native(name) or exported_spec(name):
@@ -446,7 +454,7 @@ def model_kind(name):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # no such folder or hub id (or offline), or a config transformers can't read
         raise common.ConfigError(f"cannot read the model config of {name}: {str(e).splitlines()[0][:300]}") from e
     if config.is_encoder_decoder:
@@ -513,7 +521,7 @@ def load_model(cfg, d, dtype, kind):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     auto_model = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     attn = resolve_attn(cfg, d)
-    kwargs = {"dtype": torch.float32}
+    kwargs = {"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code}
     if cfg.load_in_4bit or cfg.load_in_8bit:
         from transformers import BitsAndBytesConfig
         kwargs = {"dtype": torch.bfloat16, "device_map": {"": d.local_rank},
@@ -528,7 +536,9 @@ def load_model(cfg, d, dtype, kind):
         print(f"warning: attn_implementation={attn} unavailable for {cfg.model} ({str(e).splitlines()[0][:120]}); "
               f"using eager", file=sys.stderr)
         hf = from_pretrained(auto_model, cfg.model, attn_implementation="eager", **kwargs)
-    tok = AutoTokenizer.from_pretrained(cfg.model)
+    tok = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if getattr(hf.config, "output_router_logits", None) is False:  # an MoE: its router's load-balancing loss counts
+        hf.config.output_router_logits = True
     return hf.train(), HFTok(tok), kind, hf.config._attn_implementation, {"hf_model": cfg.model}
 
 
@@ -565,8 +575,10 @@ def enable_gradient_checkpointing(model, kind):
         block.forward = functools.partial(checkpointed, block.forward)
 
 
-def summed_loss(model, kind, x, y, pos, doc, attn):
-    """Sum of the cross-entropies of the targets that are not -100 (the caller divides by their count)."""
+def summed_loss(model, kind, x, y, pos, doc, attn, router_aux=False):
+    """Sum of the cross-entropies of the targets that are not -100 (the caller divides by their count). An MoE
+    that returns its router's load-balancing loss (Mixtral, Qwen-MoE) adds it as transformers does, coefficient
+    times the loss on top of the mean cross-entropy (so times the target count in this sum), when router_aux."""
     if kind == "native":
         return model(x, y, position_ids=pos, doc_ids=doc, loss_reduction="sum")[1]
     kwargs = {}
@@ -574,21 +586,25 @@ def summed_loss(model, kind, x, y, pos, doc, attn):
         allowed = model_lib.packed_causal_mask(doc)  # SDPA takes the boolean mask; eager wants it additive
         kwargs["attention_mask"] = allowed if attn != "eager" else torch.zeros(
             allowed.shape, device=x.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    logits = model(input_ids=x, position_ids=pos, use_cache=False, **kwargs).logits
-    return summed_cross_entropy(logits, y)
+    out = model(input_ids=x, position_ids=pos, use_cache=False, **kwargs)
+    loss = summed_cross_entropy(out.logits, y)
+    if router_aux and getattr(out, "aux_loss", None) is not None:
+        coef = getattr(getattr(model, "module", model).config, "router_aux_loss_coef", 0.0)  # DDP wraps the model
+        loss = loss + coef * out.aux_loss * (y != -100).sum()
+    return loss
 
 
 def summed_cross_entropy(logits, y):
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
 
 
-def batch_loss(model, kind, batch, attn):
+def batch_loss(model, kind, batch, attn, router_aux=False):
     """summed_loss of a collate_batch batch; encoder-decoder: the labels' cross-entropies, teacher-forced."""
     if kind == "seq2seq":
         x, y, decoder_x, mask = batch
         logits = model(input_ids=x, attention_mask=mask, decoder_input_ids=decoder_x, use_cache=False).logits
         return summed_cross_entropy(logits, y)
-    return summed_loss(model, kind, *batch, attn)
+    return summed_loss(model, kind, *batch, attn, router_aux)
 
 
 # -----------------------------------------------------------------------------
@@ -678,10 +694,11 @@ def step_rows(rows, step, micro, cfg, d):
 
 @torch.no_grad()
 def eval_loss(model, kind, encoded, cfg, d, pad_id, attn, autocast):
-    """Mean completion-token loss over the eval examples (each rank its share, summed over ranks)."""
+    """Mean completion-token loss over the eval examples (each rank its share, summed over ranks; under FSDP every
+    rank scores every example, since each forward is a collective the ranks must all call)."""
     model.eval()
     total = torch.zeros(2, device=d.device)
-    mine = list(range(len(encoded)))[d.rank::d.world_size]
+    mine = list(range(len(encoded)))[slice(None) if cfg.fsdp else slice(d.rank, None, d.world_size)]
     for start in range(0, len(mine), cfg.micro_batch_size):
         rows = [[i] for i in mine[start:start + cfg.micro_batch_size]]
         batch = [t.to(d.device) if t is not None else None for t in collate_batch(kind, rows, encoded, pad_id, False)]
@@ -702,6 +719,45 @@ def trainable_state(model, lora):
     if lora:
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     return model.state_dict()
+
+
+def memory_estimate(cfg, model, kind, d):
+    """GB per GPU of this run under DDP and FSDP (common.estimate_memory); printed with estimate_memory=true, and
+    a run that obviously cannot fit its GPU is a one-line error before it starts."""
+    config = model.config if kind == "native" else (model.get_base_model().config if cfg.lora else model.config)
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0)  # noqa: E731
+    shape = dict(n_params=sum(p.numel() for p in model.parameters()),
+                 n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 n_layer=get("n_layer", "num_hidden_layers", "num_layers"), d_model=get("n_embd", "hidden_size", "d_model"),
+                 vocab_size=get("vocab_size"), micro_batch_size=cfg.micro_batch_size, seq_len=cfg.max_length,
+                 world_size=d.world_size, weight_bytes=0.5 if cfg.load_in_4bit else 1 if cfg.load_in_8bit else 4,
+                 activation_checkpointing=cfg.gradient_checkpointing)
+    modes = {"ddp": common.estimate_memory(**shape),
+             "fsdp": common.estimate_memory(**shape, fsdp=True, cpu_offload=cfg.cpu_offload)}
+    if cfg.estimate_memory and d.master:
+        print(f"estimated GB per GPU, {shape['n_params'] / 1e6:.1f}M params ({shape['n_trainable'] / 1e6:.1f}M "
+              f"trained), {d.world_size} rank(s), micro batch {cfg.micro_batch_size} x {cfg.max_length} tokens:")
+        for mode, gb in modes.items():
+            print(f"  {mode:5s} " + " | ".join(f"{k} {v:.2f}" for k, v in gb.items()))
+    if not cfg.estimate_memory:
+        common.check_memory_fits(modes["fsdp" if cfg.fsdp else "ddp"], d.device_type)
+    return modes
+
+
+def unsharded_copy(cfg, model, kind, full_state):
+    """Rank 0: the FSDP-trained model as an ordinary module on CPU (for the HF folder and its LoRA merge), built
+    on the meta device and given the gathered weights."""
+    from transformers import AutoModelForCausalLM
+    config = model.get_base_model().config if cfg.lora else model.config
+    with torch.device("meta"):
+        plain = model_lib.GPT(config) if kind == "native" else AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.trust_remote_code)
+        if cfg.lora:
+            plain, _ = add_lora(cfg, plain)
+    plain.load_state_dict(full_state, assign=True)
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    return plain
 
 
 def save_hf(cfg, model, kind, tok, folder, info):
@@ -891,7 +947,9 @@ def train(cfg, d, stop):
     autocast = common.autocast(d.device_type, dtype)
 
     # ---- model and tokenizer: what kind of model it is first, from its config
-    kind = model_kind(cfg.model)
+    if cfg.trust_remote_code and d.master:
+        print(f"trust_remote_code=true: running the Python code that ships with {cfg.model}", file=sys.stderr)
+    kind = model_kind(cfg.model, cfg.trust_remote_code)
     if kind == "seq2seq" and cfg.packing:
         raise common.ConfigError(f"packing=true is for decoder-only models; {cfg.model} is an encoder-decoder (each "
                                  f"row holds one prompt and its reply): set packing=false")
@@ -913,6 +971,11 @@ def train(cfg, d, stop):
         enable_gradient_checkpointing(model, kind)
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         model.to(d.device)
+    memory = memory_estimate(cfg, model, kind, d)
+    if cfg.estimate_memory:
+        return memory
+    if cfg.fsdp:  # before the optimizer is built: the parameters become this rank's shards
+        common.shard_model(model, d, dtype, cfg.cpu_offload)
 
     # ---- data: the whole stream, fixed from the seed
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps * d.world_size
@@ -949,12 +1012,18 @@ def train(cfg, d, stop):
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2))
     start_step = 0
-    if ckpt:
+    if ckpt and ckpt.get("sharded"):  # torch.distributed.checkpoint: re-cut for this world size, or whole
+        common.load_sharded_checkpoint(ckpt["path"], model, optimizer, d.rank)
+    elif ckpt and cfg.fsdp:
+        raise common.ConfigError(f"{ckpt['path']} is a single-file checkpoint of a run without fsdp: resume it with "
+                                 "fsdp=false (a sharded run writes and resumes ckpt_*.dcp folders)")
+    elif ckpt:
         _, unexpected = model.load_state_dict(ckpt["model"], strict=not cfg.lora)  # LoRA: the adapters only
         if unexpected:
             raise common.ConfigError(f"{ckpt['path']} does not fit this model ({unexpected[:3]})")
         optimizer.load_state_dict(ckpt["optimizer"])
         common.set_rng_state(ckpt["rng"])
+    if ckpt:
         start_step = ckpt["step"] + 1
         if start_step >= max_steps and os.path.isfile(os.path.join(cfg.out_dir, "hf", "config.json")):
             if d.master:
@@ -962,7 +1031,7 @@ def train(cfg, d, stop):
             return {"status": "already_finished", "step": ckpt["step"]}
         # a run stopped between its last checkpoint and its HF folder: the loop is empty, the folder is written
     raw_model = model
-    model = common.wrap_model(model, d, cfg.compile)
+    model = model if cfg.fsdp else common.wrap_model(model, d, cfg.compile)
     warmup_steps = int(cfg.warmup_ratio * max_steps)
 
     # ---- logging: config.json, log.jsonl/log.txt, TensorBoard / W&B, the run's metadata at step 0
@@ -991,10 +1060,12 @@ def train(cfg, d, stop):
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
 
     def save(step):
-        state = {"kind": "sft", "model": trainable_state(raw_model, cfg.lora), "step": step,
-                 "model_config": {"model": cfg.model, "kind": kind, "lora": cfg.lora},
-                 "config": common.config_dict(cfg), "identity": run_identity, "optimizer": optimizer.state_dict(),
-                 "rng": common.rng_state()}
+        about = {"kind": "sft", "model_config": {"model": cfg.model, "kind": kind, "lora": cfg.lora},
+                 "config": common.config_dict(cfg), "identity": run_identity}
+        if cfg.fsdp:  # every rank writes its shards
+            return common.save_sharded_checkpoint(cfg.out_dir, step, raw_model, optimizer, about, d, cfg.keep_last_k)
+        state = {**about, "model": trainable_state(raw_model, cfg.lora), "step": step,
+                 "optimizer": optimizer.state_dict(), "rng": common.rng_state()}
         return common.save_training_checkpoint(cfg.out_dir, step, state, d, cfg.keep_last_k)
 
     def train_step(step):
@@ -1008,13 +1079,18 @@ def train(cfg, d, stop):
         loss_sum = torch.zeros((), device=d.device)
         for m, batch in enumerate(micro_batches):
             batch = [t.to(d.device) if t is not None else None for t in batch]
-            with model.no_sync() if d.ddp and m < cfg.grad_accum_steps - 1 else contextlib.nullcontext():
+            sync = m == cfg.grad_accum_steps - 1  # gradients are reduced over ranks on the last micro batch only
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(sync)
+            with model.no_sync() if d.ddp and not cfg.fsdp and not sync else contextlib.nullcontext():
                 with autocast:
-                    loss = batch_loss(model, kind, batch, attn)
+                    loss = batch_loss(model, kind, batch, attn, router_aux=True)
                 # DDP averages gradients over ranks: scale by world size so the sum over ranks / n_global remains
                 (loss * d.world_size / n_global).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+            grad_norm = grad_norm.full_tensor()
         lr = common.lr_at(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, warmup_steps, max_steps,
                           cfg.lr_schedule)
         common.set_lr(optimizer, lr)
@@ -1070,12 +1146,17 @@ def train(cfg, d, stop):
     results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, "eval_loss": eval_losses,
                **({"eval_bpb": eval_bpb} if cfg.objective == "lm" else {}),
                "completion_tokens_per_sec": speed["tokens_per_sec"], "peak_mem_gb": speed["peak_mem_gb"],
+               "memory_estimate_gb": memory, "fsdp": cfg.fsdp, "world_size": d.world_size,
                "seconds": time.time() - run_t0, "attn_implementation": attn, "prompt_format": fmt,
                "resumed_from_step": start_step - 1 if ckpt else None, **budget}
     if status == "done":
         folder = os.path.join(cfg.out_dir, "hf")
+        export = raw_model
+        if cfg.fsdp:  # the weights gathered from every rank, then an ordinary copy on rank 0
+            full = common.full_model_state(raw_model)
+            export = unsharded_copy(cfg, raw_model, kind, full) if d.master else None
         if d.master:
-            save_hf(cfg, raw_model, kind, tok, folder, {"source": source, "sft_config": common.config_dict(cfg),
+            save_hf(cfg, export, kind, tok, folder, {"source": source, "sft_config": common.config_dict(cfg),
                                                         "step": step, "eval_loss": eval_losses})
             logger.info(f"saved {folder}")
             results["hf_folder"] = folder

@@ -125,6 +125,7 @@ def tiny_llama(folder):
     LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=256)).save_pretrained(folder)
+    common.hf_tokenizer(common.Tokenizer("byte"), 256).save_pretrained(folder)
     return folder
 
 
@@ -137,8 +138,10 @@ def sft_fsdp(cfg, work):
     out = os.path.join(cfg.out_dir, "sft_fsdp")
     seconds = run_part(cfg, "sft_fsdp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
                                          f"--master_port={29500 + os.getpid() % 1000}", "sft.py", f"model={model}",
-                                         "tokenizer=byte", "datasets=[synthetic]", "max_steps=5", "micro_batch_size=4",
-                                         "max_length=128", "gen_eval=false", "eval_interval=0", "fsdp=true",
+                                         "datasets=[synthetic]", "dataset_options={max_steps: 1, max_value: 10}",
+                                         "max_samples=200", "max_steps=5", "micro_batch_size=4", "max_length=128",
+                                         "prompt_format=user_assistant", "gen_eval=false", "eval_interval=0",
+                                         "tensorboard=false", "fsdp=true",
                                          f"out_dir={out}", f"device={'cpu' if cfg.smoke else 'cuda'}"])
     r = json.load(open(os.path.join(out, "results.json")))
     return {"seconds": seconds, "peak_mem_gb": r.get("peak_mem_gb"), "final_train_loss": r.get("final_train_loss")}
