@@ -75,6 +75,7 @@ class Config:
     # data: registry names (tasks/sft_sets.py; objective=lm: tasks/text_sets.py), one local copy per dataset
     # ("" = the hub), mixture rates
     datasets: List[str] = field(default_factory=lambda: ["gsm8k"])  # registry names (objective=lm: text sets)
+    dataset_configs: List[str] = field(default_factory=list)  # hub configs, one per dataset, as the seed types them
     data_paths: List[str] = field(default_factory=list)       # train split copies, one per dataset
     eval_data_paths: List[str] = field(default_factory=list)  # eval split copies, one per dataset
     mixture_rates: List[float] = field(default_factory=list)  # per-draw rates summing to 1; [] = concatenate
@@ -157,6 +158,12 @@ def check_config(cfg):
     if cfg.objective not in OBJECTIVES:
         raise common.ConfigError(f"objective '{cfg.objective}' is not one of {', '.join(OBJECTIVES)}")
     registry = text_sets if cfg.objective == "lm" else sft_sets
+    if cfg.dataset_configs and len(cfg.dataset_configs) != len(cfg.datasets):
+        raise common.ConfigError(f"dataset_configs needs one entry per dataset ({len(cfg.datasets)}), "
+                                 f"got {len(cfg.dataset_configs)}")
+    if cfg.objective == "sft":  # hub ids and configs as the seed types them -> registry names
+        configs = cfg.dataset_configs or [None] * len(cfg.datasets)
+        cfg.datasets = [sft_sets.registry_name(n, c) for n, c in zip(cfg.datasets, configs)]
     for name in cfg.datasets:
         registry.get_set(name)  # an unknown name lists the registry
     if not cfg.datasets:

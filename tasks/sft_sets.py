@@ -72,6 +72,34 @@ VISION = ("a vision set: its questions are about images of documents and need an
 REFUSED = {"sujet_finance_vision": VISION, "sujet-ai/Sujet-Finance-QA-Vision-100k": VISION}
 
 
+HUB_ALIASES = {"glue": "nyu-mll/glue", "imdb": "stanfordnlp/imdb"}  # short hub names the seeds type
+
+
+def registry_name(name, config=None):
+    """A registry name, or a dataset as the seed's users type it (a hub id, with its config: `stanfordnlp/imdb`,
+    `glue` + `sst2`, `openai/gsm8k` + `main`) -> the registry name. A hub config the registry does not list for a
+    set it has (Financial PhraseBank's sentences_50agree, ...) becomes an entry of its own, NAME_CONFIG."""
+    config = None if config in (None, "", "None", "none", "null") else config
+    if name in REFUSED or (name in REGISTRY and config in (None, REGISTRY[name].config)):
+        return name
+    hub = HUB_ALIASES.get(name.lower(), name)
+    on_hub = [e for e in REGISTRY.values() if e.hub and e.hub.lower() == hub.lower()]
+    if name in REGISTRY:
+        on_hub = [REGISTRY[name]]
+    if not on_hub:
+        return name  # get_set says it is unknown, listing the registry
+    exact = [e for e in on_hub if e.config == config] if config else [e for e in on_hub if e.config is None] or on_hub
+    if len(exact) == 1:
+        return exact[0].name
+    if config and len(on_hub) == 1:  # another config of a set the registry has
+        derived = dataclasses.replace(on_hub[0], name=f"{on_hub[0].name}_{config}", config=config,
+                                      doc=f"{on_hub[0].doc} (config {config})")
+        return register(derived).name
+    configs = ", ".join(sorted(str(e.config) for e in on_hub))
+    raise dataio.ConfigError(f"dataset '{name}' has several configs in the registry ({configs}): name one with "
+                             f"dataset_configs=, e.g. dataset_configs=[{on_hub[0].config}]")
+
+
 def get_set(name):
     if name in REFUSED:
         raise dataio.ConfigError(f"dataset '{name}' is {REFUSED[name]}")

@@ -222,3 +222,24 @@ def test_the_configs_of_these_sets_pass_their_stage_checks(stage, path):
     module = sft if stage == "sft" else grpo
     cfg = common.load_config(module.Config, [os.path.join(root, path), "model=gpt2"])
     module.check_config(cfg)
+
+
+def test_dataset_names_as_the_seed_types_them_map_to_the_registry():
+    import sft
+    from tasks import sft_sets
+    assert sft_sets.registry_name("stanfordnlp/imdb") == "imdb"
+    assert sft_sets.registry_name("glue", "sst2") == "sst2" and sft_sets.registry_name("glue", "mrpc") == "mrpc"
+    assert sft_sets.registry_name("openai/gsm8k", "main") == "gsm8k"
+    assert sft_sets.registry_name("openai/gsm8k", "socratic") == "gsm8k_socratic"
+    assert sft_sets.registry_name("virattt/financial-qa-10K") == "financial_qa_10k"
+    with pytest.raises(common.ConfigError, match="several configs"):
+        sft_sets.registry_name("glue")
+    # another Financial PhraseBank config: an entry of its own, reading that config from the hub
+    name = sft_sets.registry_name("takala/financial_phrasebank", "sentences_50agree")
+    assert name == "financial_phrasebank_sentences_50agree"
+    assert sft_sets.get_set(name).config == "sentences_50agree"
+    assert sft_sets.get_set("financial_phrasebank").config == "sentences_allagree"  # the default is untouched
+    cfg = common.load_config(sft.Config, ["model=gpt2", "datasets=[stanfordnlp/imdb,glue]",
+                                          "dataset_configs=[None,sst2]", "mixture_rates=[0.7,0.3]"])
+    sft.check_config(cfg)
+    assert cfg.datasets == ["imdb", "sst2"]
