@@ -130,6 +130,7 @@ class Config:
     keep_last_k: int = 0              # keep the newest k checkpoints (0 = all)
     resume: Optional[str] = None      # latest | a checkpoint path
     stop_after_step: int = -1         # end this invocation after this step with a checkpoint, as if preempted
+    load_best_model_at_end: bool = False  # the HF folder gets the weights of the lowest eval loss (out_dir/best.pt)
     gen_eval: bool = True             # generation accuracy on the eval split at the end (classification, math)
     gen_max_new_tokens: int = 256     # reply length limit of the generation accuracy
     gen_batch_size: int = 32          # prompts per generation batch
@@ -187,6 +188,9 @@ def check_config(cfg):
         raise common.ConfigError("a quantised model trains only through LoRA adapters: set lora=true")
     if cfg.cpu_offload and not cfg.fsdp:
         raise common.ConfigError("cpu_offload=true offloads FSDP's shards: set fsdp=true too")
+    if cfg.load_best_model_at_end and (cfg.fsdp or cfg.eval_samples == 0):
+        raise common.ConfigError("load_best_model_at_end=true keeps the weights of the best eval loss: it needs "
+                                 "eval_samples > 0 and fsdp=false")
     if cfg.fsdp and (cfg.load_in_4bit or cfg.load_in_8bit):
         raise common.ConfigError("fsdp=true shards full-precision weights; a 4/8-bit model trains with DDP (fsdp=false)")
 
@@ -728,6 +732,15 @@ def trainable_state(model, lora):
     return model.state_dict()
 
 
+def keep_if_best(out_dir, model, lora, step, loss):
+    """out_dir/best.pt: the trained weights of the lowest eval loss so far (it survives a resume)."""
+    path = os.path.join(out_dir, "best.pt")
+    if os.path.isfile(path) and common.load_checkpoint(path)["eval_loss"] <= loss:
+        return
+    common.save_checkpoint(path, {"kind": "sft_best", "model": trainable_state(model, lora), "model_config": {},
+                                  "step": step, "eval_loss": loss})
+
+
 def memory_estimate(cfg, model, kind, d):
     """GB per GPU of this run under DDP and FSDP (common.estimate_memory); printed with estimate_memory=true, and
     a run that obviously cannot fit its GPU is a one-line error before it starts."""
@@ -1144,6 +1157,8 @@ def train(cfg, d, stop):
                 eval_bpb = {n: bits_per_byte(v, *evals[n]) for n, v in eval_losses.items()}
                 record.update({f"eval_bpb_{n}": v for n, v in eval_bpb.items()})
             logger.log(record)
+            if cfg.load_best_model_at_end and d.master and eval_losses:
+                keep_if_best(cfg.out_dir, raw_model, cfg.lora, step, record["eval_loss"])
         status = common.save_or_exit(due, signal_stop, stop, step, save, logger) or status
         if status != "done":
             break
@@ -1159,6 +1174,10 @@ def train(cfg, d, stop):
     if status == "done":
         folder = os.path.join(cfg.out_dir, "hf")
         export = raw_model
+        if cfg.load_best_model_at_end and d.master:  # the best eval checkpoint's weights, as HF Trainer does
+            best = common.load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), expected_kind="sft_best")
+            raw_model.load_state_dict(best["model"], strict=not cfg.lora)
+            results.update(best_step=best["step"], best_eval_loss=best["eval_loss"])
         if cfg.fsdp:  # the weights gathered from every rank, then an ordinary copy on rank 0
             full = common.full_model_state(raw_model)
             export = unsharded_copy(cfg, raw_model, kind, full) if d.master else None

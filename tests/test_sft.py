@@ -468,3 +468,28 @@ def test_experiment_names_as_the_seed_names_them(tmp_path, monkeypatch):
     assert os.path.dirname(folder) == "out" and sft.STAMP_RE.match(os.path.basename(folder))
     assert sft.STAMP_RE.sub("", os.path.basename(folder)) == "gpt2_imdb-sentiment_sft_bs8_len1024"
     assert sft.resolve_out_dir(sft.Config(model="gpt2", out_dir="mine"), d) == "mine"  # given: used as is
+
+
+def test_load_best_model_at_end_keeps_the_weights_of_the_lowest_eval_loss(tmp_path):
+    """A learning rate high enough that the eval loss does not fall every step: the HF folder holds the weights
+    of the eval step with the lowest loss, not the last step's (HF Trainer's load_best_model_at_end)."""
+    from safetensors.torch import load_file
+    folder = tmp_path / "base"
+    tiny_hf("gpt2", vocab=257).save_pretrained(folder)
+    common.hf_tokenizer(common.Tokenizer("byte"), 512).save_pretrained(folder)
+    out = tmp_path / "run"
+    results = sft.main([f"model={folder}", "datasets=[arithmetic]", "max_samples=64", "eval_samples=8",
+                        "max_length=64", "micro_batch_size=8", "max_steps=8", "learning_rate=5e-2", "eval_interval=1",
+                        "warmup_ratio=0", "lr_schedule=constant", "gen_eval=false", "tensorboard=false",
+                        "prompt_format=user_assistant", "load_best_model_at_end=true", f"out_dir={out}"])
+    evals = {r["step"]: r["eval_loss"] for r in common.read_jsonl(out / "log.jsonl") if r.get("type") == "eval"}
+    best = min(evals, key=evals.get)
+    assert results["best_step"] == best and results["best_eval_loss"] == evals[best]
+    saved = load_file(out / "hf" / "model.safetensors")
+    kept = common.load_checkpoint(str(out / "best.pt"))["model"]
+    assert all(torch.equal(saved[k], kept[k]) for k in saved if k in kept)
+    assert best != 7  # measured: the lowest eval loss is at step 4 of 0-7, so the last weights differ from the kept
+    last = common.load_checkpoint(str(out))["model"]
+    assert any(not torch.equal(saved[k], last[k]) for k in saved if k in last)
+    with pytest.raises(common.ConfigError, match="load_best_model_at_end"):
+        sft.main([f"model={folder}", "load_best_model_at_end=true", "eval_samples=0", f"out_dir={tmp_path / 'x'}"])
