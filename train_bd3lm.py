@@ -14,7 +14,9 @@ per block), and the network, which sees the clean copy of all earlier blocks, pr
 The training loss is the negative ELBO: for the log-linear schedule (alpha_t = 1 - t) each masked token
 costs (1/t) x its cross-entropy, unmasked tokens cost nothing (SUBS: they are carried over, and [MASK] is
 never predicted). Block size 1 with t = 1 is exactly autoregression; block size L is a plain masked
-diffusion model.
+diffusion model. A clipped schedule draws t in [beta, omega] and, as the reference, redraws a block whose masked
+share falls outside the range (resample); docs/bd3lm.md lists where this file differs from kuleshov-group/bd3lms,
+and every run's results.json carries the differences that apply to it (reference_differences).
 
 Vectorized training: the network reads [x_t | x_0] (2L tokens, positions 0..L-1 twice) in one pass under
 model.block_diffusion_mask: noisy tokens see their own noisy block and the clean copy of earlier blocks,
@@ -33,6 +35,7 @@ import common  # first: its import installs the stop-signal handlers, before tor
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -80,7 +83,7 @@ class Config:
     n_layer: int = 0  # 0 = the size's default
     n_head: int = 0  # 0 = the size's default
     n_embd: int = 0  # 0 = the size's default
-    dropout: float = 0.0  # dropout probability
+    dropout: Optional[float] = None  # dropout probability (None: 0 from scratch, else the init_from checkpoint's)
     tie_embeddings: bool = False  # share the input embedding and the output head
     init_from: str = "scratch"  # scratch | a train_gpt.py or train_bd3lm.py checkpoint (file, run folder, RUN/latest)
     # transfer (hierarchical): the top exec_layers get a second copy, the execution module, which computes the
@@ -91,11 +94,18 @@ class Config:
     noise_beta: float = 1e-3  # lowest mask rate
     noise_omega: float = 1.0  # highest mask rate
     antithetic: bool = True  # stratified mask rates over batch x blocks (lower loss variance)
+    # under a clipped range, redraw a block's mask while its masked share falls outside [beta, omega] (the
+    # reference's training.resample); a bound at its unclipped value (beta <= 1e-3, omega = 1) is not enforced
+    resample: bool = True  # resample out-of-range blocks when the range is clipped (false: only t is clipped)
     # clipped-schedule search: every clip_search_interval steps, the [beta, omega] of lowest NELBO variance on
     # validation batches among ranges of these widths (the paper's data-driven schedule); 0 = fixed by config
     clip_search_interval: int = 0  # steps between clip-range searches (0 = the configured range throughout)
     clip_search_widths: List[float] = field(default_factory=lambda: [0.5, 0.7, 1.0])  # widths of the searched ranges
     clip_search_batches: int = 4  # validation batches per search
+    # sequence: variance of the per-sequence NELBO | block: the reference's, the variance of the per-block mean
+    # losses of each validation batch, summed over the batches
+    clip_search_statistic: str = "sequence"  # what the search minimises: sequence | block (the reference's)
+    clip_search_delta: float = 0.1  # grid step of the searched betas (the reference's: 0.05); beta >= 1e-3
     # optimisation
     batch_size: int = 128  # sequences per optimizer step over all ranks
     micro_batch_size: int = 32  # sequences per forward pass per rank
@@ -109,7 +119,8 @@ class Config:
     beta2: float = 0.999  # AdamW beta2
     grad_clip: float = 1.0  # gradient norm clip
     ema: float = 0.9999  # EMA decay of the weights used for evaluation and sampling (0 = off)
-    seed: int = 1337  # weights, data order and noise (and the synthetic problems)
+    seed: int = 1337  # weights, data order and noise (and the synthetic problems, unless data_seed)
+    data_seed: Optional[int] = None  # synthetic_plans: the problems' seed (None: seed; eval modes: the trained run's)
     # system
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 on cuda, else fp32) | float32 | bfloat16 | float16 (or fp32 | bf16 | fp16)
@@ -138,6 +149,7 @@ class Config:
     sampler: str = "first_hitting"  # first_hitting | ancestral
     sample_steps: int = 16  # ancestral: T steps per block
     top_p: float = 0.9  # nucleus sampling
+    top_p_rule: str = "hf"  # hf: keep the token whose probability crosses top_p | reference: drop it (bd3lms)
     kv_cache: bool = True  # cache the clean blocks while sampling
     num_samples: int = 4  # sample: how many
     limit: int = 0  # gsm8k_eval: first `limit` test problems (0 = all)
@@ -149,13 +161,16 @@ class Config:
 
 
 MODES = ("train", "ppl_eval", "sample", "gsm8k_eval", "compare")
+TOP_P_RULES = ("hf", "reference")
+NOISE_FLOOR = 1e-3  # the reference's sampling_eps: the lowest mask rate a searched range starts at
 
 
 def check_config(cfg):
     """Mistakes that need no data or devices: refuse them before anything starts."""
     choices = {"mode": MODES, "data": ("gsm8k", "hierarchical", "shards"), "tokenizer": ("gpt2", "byte"),
                "model": tuple(MODEL_SIZES),
-               "lr_schedule": ("constant", "cosine"), "sampler": ("first_hitting", "ancestral")}
+               "lr_schedule": ("constant", "cosine"), "sampler": ("first_hitting", "ancestral"),
+               "top_p_rule": TOP_P_RULES, "clip_search_statistic": ("sequence", "block")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise common.ConfigError(f"{key} '{getattr(cfg, key)}' is not one of {', '.join(allowed)}")
@@ -171,9 +186,16 @@ def check_config(cfg):
                                      f"{sum(lens)} do not sum to seq_len {cfg.seq_len}")
     elif cfg.seq_len % cfg.block_size:
         raise common.ConfigError(f"seq_len {cfg.seq_len} is not divisible by block_size {cfg.block_size}")
-    if not 0.0 <= cfg.noise_beta <= cfg.noise_omega <= 1.0 or cfg.noise_omega <= 0:
+    if not 0.0 < cfg.noise_beta <= cfg.noise_omega <= 1.0:
         raise common.ConfigError(f"noise clip range [{cfg.noise_beta}, {cfg.noise_omega}] must satisfy "
-                                 "0 <= beta <= omega <= 1, omega > 0")
+                                 "0 < beta <= omega <= 1 (t = 0 masks nothing and its 1/t weight divides by zero; "
+                                 "the reference's floor is 1e-3)")
+    if not 0.0 < cfg.eval_noise_beta <= 1.0:
+        raise common.ConfigError(f"eval_noise_beta must be in (0, 1], got {cfg.eval_noise_beta}")
+    if not 0.0 < cfg.clip_search_delta <= 1.0:
+        raise common.ConfigError(f"clip_search_delta must be in (0, 1], got {cfg.clip_search_delta}")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise common.ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 < cfg.top_p <= 1.0:
         raise common.ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.freeze not in ("none", "plan"):
@@ -195,8 +217,9 @@ def check_config(cfg):
 # what of them trains; the loss, by its configured clip range (a clip search moves the range during the run, and
 # the checkpoint carries the moved one); the data by its layout and the files' contents, not their paths' spelling
 MODEL_KEYS = ("model", "n_layer", "n_head", "n_embd", "tie_embeddings", "exec_layers", "init_from", "freeze")
-LOSS_KEYS = ("noise_beta", "noise_omega", "antithetic", "two_pass", "clip_search_interval")
-CLIP_SEARCH_KEYS = ("clip_search_widths", "clip_search_batches")  # only while a search runs
+LOSS_KEYS = ("noise_beta", "noise_omega", "antithetic", "resample", "two_pass", "clip_search_interval")
+CLIP_SEARCH_KEYS = ("clip_search_widths", "clip_search_batches", "clip_search_statistic",
+                    "clip_search_delta")  # only while a search runs
 
 
 def identity(cfg):
@@ -209,12 +232,57 @@ def identity(cfg):
     elif cfg.data == "hierarchical":
         keys += ["tokenizer", "flat_plans", "question_len", "exec_len"] + ([] if cfg.flat_plans else ["plan_len"])
         if cfg.synthetic_plans:  # the problems are drawn from the seed
-            keys += ["synthetic_plans", "synthetic_max_steps", "synthetic_templates", "seed"]
+            keys += ["synthetic_plans", "synthetic_max_steps", "synthetic_templates", "seed", "data_seed"]
         else:
             files = {"train_data": cfg.plans_path, "val_data": cfg.val_plans_path or cfg.plans_path}
     else:  # shards: meta.json (the tokenizer) and the shards
         files = {"train_data": cfg.data_dir}
     return common.run_identity(cfg, keys, **{k: common.fingerprint(p) for k, p in files.items()})
+
+
+REFERENCE_WIDTHS = [0.5, 0.6, 0.7, 0.8, 0.9]  # bd3lms' clip_search_widths (with (1e-3, 1) always a candidate)
+
+
+def reference_differences(cfg, mode, noise=None):
+    """{name: what differs} between this run, as configured, and kuleshov-group/bd3lms: written into the run's
+    results.json (docs/bd3lm.md lists them all). Only the differences that apply to these settings."""
+    out = {"backbone": "our GPT (learned positions, LayerNorm, GELU) unless init_from a published BD3-LM, whose "
+                       "DiT folds into it exactly; no time conditioning, as the reference's BD3-LM",
+           "first_token": "no BOS: position 0 is masked and scored like any other (the reference's ignore_bos keeps "
+                          "x_0[0] and does not score it)"}
+    if cfg.antithetic and mode in ("train", "ppl_eval"):
+        out["strata_order"] = ("the batch x blocks strata go to (row, block) in random order; the reference gives "
+                               "stratum i to the i-th (row, block), which ties a block's rate to its place")
+    if cfg.data == "hierarchical" or (cfg.data == "gsm8k" and not cfg.wrap):
+        out["padding"] = "padding is not scored (the loss is per real token); the reference scores every position"
+    if cfg.data == "hierarchical":
+        out["segments"] = "blocks restart at every segment boundary (a segment may end with a shorter block)"
+    if mode == "train":
+        beta, omega = noise or (cfg.noise_beta, cfg.noise_omega)
+        if not cfg.resample and any(clipped_bounds(beta, omega)):
+            out["resample"] = ("resample=false: blocks whose masked share falls outside [beta, omega] are kept "
+                               "(the reference resamples them)")
+        if max(beta, cfg.noise_beta) > 0.5:
+            out["loss_weight"] = "the loss keeps its 1/t weight for beta > 0.5 (the reference weighs it by 1 there)"
+        if cfg.clip_search_interval > 0:
+            grid = [] if cfg.clip_search_statistic == "block" else [
+                "the variance of the per-sequence NELBO (the reference's: of the per-block mean losses)"]
+            if cfg.clip_search_delta != 0.05 or sorted(set(cfg.clip_search_widths) - {1.0}) != REFERENCE_WIDTHS:
+                grid.append(f"{len(clip_candidates(cfg.clip_search_widths, cfg.clip_search_delta, NOISE_FLOOR))} "
+                            f"ranges at {cfg.clip_search_delta} (the reference's: 36 at 0.05)")
+            grid.append(f"every {cfg.clip_search_interval} steps on {cfg.clip_search_batches} validation batches with "
+                        "the same noise for every candidate (the reference: at each validation, up to 100 batches, "
+                        "new noise per candidate)")
+            if cfg.clip_search_statistic == "block" and "padding" in out:
+                grid.append("a block's mean is over its scored tokens, blocks of padding only left out")
+            out["clip_search"] = "; ".join(grid)
+    if mode in ("sample", "gsm8k_eval"):
+        if cfg.top_p < 1.0 and cfg.top_p_rule == "hf":
+            out["top_p_rule"] = ("nucleus keeps the token that crosses top_p (transformers' rule); the reference "
+                                 "drops it: top_p_rule=reference")
+        out["rejection"] = ("no sample is rejected and redrawn (the reference redraws a sample whose last 256 "
+                            "tokens have entropy < 4)")
+    return out
 
 
 def segment_lengths(cfg):
@@ -392,13 +460,19 @@ def plan_items(cfg, split):
     """Plan records of a split: gen_plans.py's JSON, or the synthetic stand-in (synthetic_plans=N, offline)."""
     if cfg.synthetic_plans:
         n = cfg.synthetic_plans if split == "train" else max(cfg.synthetic_plans // 10, 1)
-        return synthetic.synthetic_plans(n, seed=f"{split}:{cfg.seed}", max_steps=cfg.synthetic_max_steps,
+        return synthetic.synthetic_plans(n, seed=f"{split}:{data_seed(cfg)}", max_steps=cfg.synthetic_max_steps,
                                          templates=cfg.synthetic_templates or None)
     path = cfg.plans_path if split == "train" else (cfg.val_plans_path or cfg.plans_path)
     if not path:
         raise common.ConfigError("data=hierarchical needs plans_path=FILE.json (gen_plans.py output) or "
                                  "synthetic_plans=N")
     return load_plans(path)
+
+
+def data_seed(cfg):
+    """The seed of the synthetic problems: data_seed, else seed (eval modes set data_seed to the trained run's, so
+    the evaluated problems do not depend on the evaluation's seed)."""
+    return cfg.seed if cfg.data_seed is None else cfg.data_seed
 
 
 def make_loader(cfg, tok, split, batch, d, shuffle=True):
@@ -416,6 +490,8 @@ def sample_mask_rates(batch, n_blocks, beta, omega, antithetic, device, generato
     """One mask rate per (row, block). Antithetic: the batch x blocks draws are stratified, one in each of
     batch*n_blocks equal slices of [0, 1] (in random order), which lowers the loss variance; then the rates
     are mapped linearly into the clip range [beta, omega]."""
+    if beta <= 0:  # t = 0 masks nothing and weighs it by 1/0 (a NaN gradient through torch.where)
+        raise ValueError(f"the lowest mask rate must be > 0, got beta = {beta}")
     n = batch * n_blocks
     u = torch.rand(n, device=device, generator=generator)
     if antithetic:
@@ -424,13 +500,44 @@ def sample_mask_rates(batch, n_blocks, beta, omega, antithetic, device, generato
     return (beta + (omega - beta) * u).view(batch, n_blocks)
 
 
+def clipped_bounds(beta, omega):
+    """Which bounds of the range resampling enforces: a bound at its unclipped value (beta at or below the
+    reference's 1e-3 floor, omega = 1) is not enforced, as in the reference."""
+    return beta > NOISE_FLOOR + 1e-9, omega < 1.0 - 1e-9
+
+
+def draw_masks(t, block_ids, beta, omega, resample, generator=None, max_rounds=1000):
+    """Which tokens are masked (B, L): each with probability t (its block's rate). With resample and a clipped
+    range, the mask of a block whose masked share falls outside [beta, omega] is drawn again (the whole block,
+    at the same t) until it falls inside: the reference's training.resample. A block too short for any share in
+    the range (e.g. one token against [0.45, 0.95]) is kept as drawn. One host sync per round."""
+    B, L = t.shape
+    masked = torch.rand(B, L, device=t.device, generator=generator) < t
+    lower, upper = clipped_bounds(beta, omega)
+    if not resample or not (lower or upper):
+        return masked
+    n_blocks = int(block_ids[-1]) + 1
+    sizes = torch.bincount(block_ids, minlength=n_blocks).to(t.device)  # blocks may be shorter at segment ends
+    lo = torch.ceil(beta * sizes - 1e-6).long() if lower else torch.zeros_like(sizes)
+    hi = torch.floor(omega * sizes + 1e-6).long() if upper else sizes
+    reachable = lo <= hi
+    for _ in range(max_rounds):
+        counts = torch.zeros(B, n_blocks, dtype=torch.long, device=t.device).index_add_(1, block_ids, masked.long())
+        bad = ((counts < lo) | (counts > hi)) & reachable
+        if not bad.any():
+            break
+        fresh = torch.rand(B, L, device=t.device, generator=generator) < t
+        masked = torch.where(bad[:, block_ids], fresh, masked)
+    return masked
+
+
 def nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, antithetic, generator=None,
-                two_pass=False, exec_positions=None):
+                two_pass=False, exec_positions=None, resample=False):
     """Per-token NELBO terms (B, L): (1/t) x cross-entropy at masked tokens, 0 elsewhere (SUBS)."""
     B, L = x0.shape
     rates = sample_mask_rates(B, int(block_ids[-1]) + 1, beta, omega, antithetic, x0.device, generator)
     t = rates[:, block_ids]  # (B, L): every token carries its block's rate
-    masked = torch.rand(B, L, device=x0.device, generator=generator) < t
+    masked = draw_masks(t, block_ids, beta, omega, resample, generator)
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     positions = torch.arange(L, device=x0.device)
     if two_pass:  # what the vectorized pass replaces: clean keys/values first, then the noisy half reads them
@@ -458,35 +565,57 @@ def two_pass_logits(model, xt, x0, positions, block_ids):
     return logits
 
 
-def clip_candidates(widths, grid=0.1):
-    """Ranges [beta, beta + w] for each width, beta on a grid from 0 to 1 - w."""
+def clip_candidates(widths, grid=0.1, floor=0.0):
+    """Ranges [beta, beta + w] for each width, beta on a grid from 0 to 1 - w, raised to `floor` (the search
+    uses the reference's 1e-3: a range never draws t = 0). With grid 0.05, widths 0.5 ... 0.9 and 1.0 these are
+    the reference's 36 ranges, (1e-3, 1) among them."""
     ranges = set()
     for w in widths:
         for i in range(int(round((1.0 - w) / grid)) + 1):
-            ranges.add((round(i * grid, 4), round(min(i * grid + w, 1.0), 4)))
+            ranges.add((round(max(i * grid, floor), 4), round(min(i * grid + w, 1.0), 4)))
     return sorted(ranges)
+
+
+def block_means(terms, valid, block_ids):
+    """(B, n_blocks) mean loss over each block's scored tokens, and which blocks hold any."""
+    n_blocks = int(block_ids[-1]) + 1
+    sums = torch.zeros(terms.size(0), n_blocks, dtype=torch.float64, device=terms.device)
+    sums.index_add_(1, block_ids, (terms * valid).double())
+    counts = torch.zeros_like(sums).index_add_(1, block_ids, valid.double())
+    return sums / counts.clamp(min=1), counts > 0
 
 
 @torch.no_grad()
 def search_noise_range(net, batches, block_ids, attn_mask, mask_id, n_vocab, widths, seed, autocast, d,
-                       exec_positions=None):
-    """The clip range whose per-sequence NELBO estimate has the lowest variance on these batches (the same
-    noise for every candidate). Returns (beta, omega, {range: variance})."""
-    variances = {}
-    for beta, omega in clip_candidates(widths):
+                       exec_positions=None, statistic="sequence", grid=0.1, resample=False):
+    """The clip range of lowest loss variance on these batches (the same noise for every candidate), among
+    clip_candidates(widths, grid, 1e-3). statistic=sequence: the variance of the per-sequence NELBO over all
+    batches; block (the reference's): per batch the (unbiased) variance of the per-block mean losses over all
+    ranks, summed over the batches. Returns (beta, omega, {range: statistic})."""
+    scores = {}
+    for beta, omega in clip_candidates(widths, grid, NOISE_FLOOR):
         g = torch.Generator(device=d.device).manual_seed(seed)
-        moments = torch.zeros(3, device=d.device, dtype=torch.float64)
-        for x0, valid, _ in batches:
+        moments = torch.zeros(len(batches), 3, device=d.device, dtype=torch.float64)
+        for i, (x0, valid, _) in enumerate(batches):
             x0, valid = x0.to(d.device), valid.to(d.device)
             with autocast:
                 terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, beta, omega, True, g,
-                                    exec_positions=exec_positions) * valid
-            per_row = terms.sum(1).double() / valid.sum(1).clamp(min=1)
-            moments += torch.stack([per_row.sum(), (per_row ** 2).sum(), per_row.new_tensor(len(per_row))])
-        s, s2, n = common.all_reduce(moments, "sum", d).tolist()
-        variances[(beta, omega)] = s2 / n - (s / n) ** 2
-    beta, omega = min(variances, key=variances.get)
-    return beta, omega, variances
+                                    exec_positions=exec_positions, resample=resample) * valid
+            if statistic == "block":
+                means, scored = block_means(terms.float(), valid, block_ids)
+                values = means[scored]
+            else:
+                values = terms.sum(1).double() / valid.sum(1).clamp(min=1)
+            moments[i] = torch.stack([values.sum(), (values ** 2).sum(), values.new_tensor(values.numel())])
+        moments = common.all_reduce(moments, "sum", d)
+        if statistic == "block":
+            s, s2, n = moments.unbind(1)
+            scores[(beta, omega)] = float(((s2 - s * s / n) / (n - 1).clamp(min=1)).sum())
+        else:
+            s, s2, n = moments.sum(0).tolist()
+            scores[(beta, omega)] = s2 / n - (s / n) ** 2
+    beta, omega = min(scores, key=scores.get)
+    return beta, omega, scores
 
 
 def attention_mask_for(block_ids, device, use_flex):
@@ -527,12 +656,19 @@ class BlockKVCache:
             self.pos += T
 
 
-def top_p_filter(probs, top_p):
-    """Nucleus: keep the smallest set of tokens whose probability reaches top_p, renormalised."""
+def top_p_filter(probs, top_p, rule="hf"):
+    """Nucleus, renormalised. rule=hf (transformers' TopP): the smallest set of most likely tokens whose mass
+    reaches top_p, so the token that crosses top_p is kept; rule=reference (bd3lms' _nucleus_sample): the tokens
+    whose cumulative mass stays within top_p, so the crossing token is dropped (the most likely one always stays)."""
     if top_p >= 1.0:
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+    cum = sorted_p.cumsum(-1)
+    if rule == "reference":
+        drop = cum > top_p
+        drop[..., 0] = False
+    else:
+        drop = cum - sorted_p > top_p  # tokens entirely beyond the nucleus
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return filtered / filtered.sum(-1, keepdim=True)
@@ -587,7 +723,7 @@ def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id,
             logits = block_logits(model, x, lo, hi, block_ids, cache, exec_positions)[..., :n_vocab].float()
             nfe += 1
             rows, cols = reveal.nonzero(as_tuple=True)  # draw only the tokens revealed now
-            probs = top_p_filter(F.softmax(logits[rows, cols], dim=-1), cfg.top_p)
+            probs = top_p_filter(F.softmax(logits[rows, cols], dim=-1), cfg.top_p, cfg.top_p_rule)
             x[rows, lo + cols] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id)
         if cache is not None and hi < L:  # the clean block joins the cache: one pass, no logits
@@ -632,18 +768,19 @@ def build_model(cfg, vocab_size, d, mask_id=None):
     id or folder: published_bd3lm). The vocabulary holds the tokenizer's ids, then [MASK] (padded to a multiple
     of 64)."""
     if cfg.init_from == "scratch":
-        config = model_config(cfg.model, vocab_size, cfg.seq_len, cfg.dropout, cfg.n_layer or None,
+        config = model_config(cfg.model, vocab_size, cfg.seq_len, cfg.dropout or 0.0, cfg.n_layer or None,
                               cfg.n_head or None, cfg.n_embd or None)
         config.tie_embeddings, config.exec_layers = cfg.tie_embeddings, cfg.exec_layers
         return GPT(config)
     if is_published_bd3lm(cfg.init_from):
-        base, state, label = published_bd3lm(cfg.init_from, vocab_size, mask_id)
+        base, state, label = published_bd3lm(cfg.init_from, vocab_size, mask_id, cfg.block_size)
     else:
         ckpt = load_any_checkpoint(cfg.init_from, ("gpt", KIND))
         base = ckpt["model_config"]
         state = dict(ckpt.get("ema") if ckpt.get("kind") == KIND and ckpt.get("ema") else ckpt["model"])
         label = f"{ckpt['path']} ({ckpt.get('kind', 'gpt')})"
-    config = GPTConfig(**{**base, "tie_embeddings": cfg.tie_embeddings, "dropout": cfg.dropout,
+    dropout = base.get("dropout", 0.0) if cfg.dropout is None else cfg.dropout  # the checkpoint's, unless set
+    config = GPTConfig(**{**base, "tie_embeddings": cfg.tie_embeddings, "dropout": dropout,
                           "exec_layers": cfg.exec_layers})
     if config.block_size < cfg.seq_len:
         raise common.ConfigError(f"{label} has {config.block_size} positions, fewer than seq_len {cfg.seq_len}")
@@ -736,10 +873,20 @@ def read_weights_bin(path):
     return state
 
 
-def published_bd3lm(name, vocab_size, mask_id):
+PUBLISHED_DROPOUT = 0.1  # BD3LMConfig's default, for a config.json that does not name its dropout
+
+
+def published_bd3lm(name, vocab_size, mask_id, block_size=None):
     """(model config dict, state dict in our names, label) for a published BD3-LM, with the checks that the
-    mapping is exact: no time conditioning, and its vocabulary = our tokenizer's ids then [MASK]."""
+    mapping is exact: no time conditioning, and its vocabulary = our tokenizer's ids then [MASK]; and that it was
+    trained with the configured block size (the one-block pretraining checkpoint, block size = model_length,
+    starts any block size, as in the reference's recipe). The config carries its dropout."""
     state, config = read_published_bd3lm(name)
+    trained = config.get("block_size")
+    one_block = trained is not None and trained == config.get("model_length")
+    if block_size is not None and trained is not None and trained != block_size and not one_block:
+        raise common.ConfigError(f"{name} was trained with block size {trained}, but block_size={block_size} here: "
+                                 f"set block_size={trained}, or start from the block-size-{block_size} checkpoint")
     if config.get("time_conditioning", False):
         raise common.ConfigError(f"{name} conditions on the noise level (time_conditioning); our GPT has no "
                                  "timestep input, so its adaLN cannot be folded into constant weights")
@@ -748,7 +895,8 @@ def published_bd3lm(name, vocab_size, mask_id):
         raise common.ConfigError(f"{name} has {n_dit_vocab} token ids ([MASK] = {n_dit_vocab - 1}); the tokenizer "
                                  f"here puts [MASK] at {mask_id} (the published models use the gpt2 tokenizer)")
     gpt_config, mapped = dit_to_gpt(state, config["n_heads"], config.get("model_length", 1024), vocab_size)
-    return dataclasses.asdict(gpt_config), mapped, f"{name} (published BD3-LM, block size {config.get('block_size')})"
+    gpt_config.dropout = float(config.get("dropout", PUBLISHED_DROPOUT))
+    return dataclasses.asdict(gpt_config), mapped, f"{name} (published BD3-LM, block size {trained})"
 
 
 def dit_key(state, name):
@@ -831,7 +979,8 @@ def load_for_eval(cfg, device):
 
 
 class EMA:
-    """Exponential moving average of the weights, with the usual warm-up min(decay, (1+n)/(10+n))."""
+    """Exponential moving average of the weights, with the reference's warm-up: the n-th update (n = 1, 2, ...)
+    uses decay min(decay, (1 + n) / (10 + n)), so the first one 2/11 (bd3lms' models/ema.py counts n from 1)."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -839,7 +988,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model, step):
-        d = min(self.decay, (1 + step) / (10 + step))
+        n = step + 1  # updates so far, this one included (optimizer step `step` counts from 0)
+        d = min(self.decay, (1 + n) / (10 + n))
         ema = [p for p in self.model.parameters()]
         torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - d)
 
@@ -969,7 +1119,7 @@ def train(cfg, d, stop):
             with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
                 with autocast:
                     terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
-                                        cfg.antithetic, noise_rng, cfg.two_pass, exec_pos) * valid
+                                        cfg.antithetic, noise_rng, cfg.two_pass, exec_pos, cfg.resample) * valid
                 loss_sum = terms.sum()
                 (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
             stats[0] += loss_sum.detach()
@@ -1001,7 +1151,9 @@ def train(cfg, d, stop):
             "val_loss": val_loss, "noise_range": noise}, d, cfg.keep_last_k)
 
     def evaluate():
-        """The validation NELBO per token with the EMA weights: the same batches and the same noise every time."""
+        """The validation NELBO per token with the EMA weights: the same batches and the same noise every time.
+        Always over t in [eval_noise_beta, 1], as the reference's validation: under a clipped (or searched) training
+        range the training loss is no bound, the validation NELBO stays one."""
         net = ema.model if ema is not None else raw_model
         val_loader.reset()
         g = torch.Generator(device=d.device).manual_seed(cfg.seed + 17 + d.rank)
@@ -1012,22 +1164,24 @@ def train(cfg, d, stop):
                 x0, valid, _ = val_loader.next_batch()
                 x0, valid = x0.to(d.device), valid.to(d.device)
                 with autocast:
-                    terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
-                                        cfg.antithetic, g, exec_positions=exec_pos) * valid
+                    terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, cfg.eval_noise_beta, 1.0,
+                                        cfg.antithetic, g, exec_positions=exec_pos, resample=cfg.resample) * valid
                 totals += torch.stack([terms.sum(), valid.sum().float()])
         raw_model.train()
         totals = common.all_reduce(totals, "sum", d)
         return (totals[0] / totals[1]).item()
 
     def search_clip_range(step):
-        """The clip range of lowest NELBO variance on the first validation batches; the loss uses it from now."""
+        """The clip range of lowest loss variance on the first validation batches; the loss uses it from now."""
         val_loader.reset()
         batches = [val_loader.next_batch() for _ in range(cfg.clip_search_batches)]
         noise[0], noise[1], variances = search_noise_range(
             ema.model if ema is not None else raw_model, batches, block_ids, attn_mask, mask_id, n_vocab,
-            cfg.clip_search_widths, cfg.seed + 29, autocast, d, exec_pos)
+            cfg.clip_search_widths, cfg.seed + 29, autocast, d, exec_pos, cfg.clip_search_statistic,
+            cfg.clip_search_delta, cfg.resample)
         logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
-                    "variance": variances[tuple(noise)], "candidates": len(variances)})
+                    "variance": variances[tuple(noise)], "candidates": len(variances),
+                    "statistic": cfg.clip_search_statistic})
 
     stopped = common.stopped_before_start(stop, d, logger, start_step)
     if stopped:
@@ -1085,7 +1239,8 @@ def train(cfg, d, stop):
                "mfu": speed["mfu"], "peak_mem_gb": speed["peak_mem_gb"],
                "seconds": time.time() - run_t0, "n_params": raw_model.num_params(), "world_size": d.world_size,
                "device": device_name, "block_size": cfg.block_size, "seq_len": cfg.seq_len, "truncated": truncated,
-               "resumed_from_step": start_step - 1 if ckpt else None}
+               "resample": cfg.resample, "resumed_from_step": start_step - 1 if ckpt else None,
+               "reference_differences": reference_differences(cfg, "train", noise)}
     common.finish(cfg.out_dir, results, d, logger)
     if d.master:
         lines = [("train", "loss", "train NELBO"), ("val", "val_loss", "val NELBO")]
@@ -1131,6 +1286,8 @@ def eval_setup(cfg, d):
         setattr(cfg, key, trained.get(key, getattr(cfg, key)))  # the layout the model was trained with
     for key in ("data_dir", "val_data_path", "plans_path", "val_plans_path"):
         setattr(cfg, key, getattr(cfg, key) or trained[key])
+    if cfg.data_seed is None:  # the synthetic problems of the trained run, whatever this evaluation's seed
+        cfg.data_seed = trained.get("data_seed") if trained.get("data_seed") is not None else trained.get("seed")
     cfg.data, cfg.seq_len = info["data"], info["seq_len"]
     tok = load_tokenizer(cfg, ckpt["tokenizer"])
     return model, ckpt, info, tok
@@ -1138,7 +1295,10 @@ def eval_setup(cfg, d):
 
 def ppl_eval(cfg, d):
     """NELBO per token (and its perplexity bound exp(NELBO)) on the evaluation set, t ~ U[eval_noise_beta, 1]
-    per block, with a seeded generator: the same seed gives the same number."""
+    per block, stratified over batch x blocks as in training (the reference's antithetic draw), with a seeded
+    generator: the same seed gives the same number. The evaluated rows do not depend on the seed (synthetic
+    problems come from the trained run's data seed); `rows_digest` names them, so two evaluations can be seen
+    to compare like with like."""
     model, ckpt, info, tok = eval_setup(cfg, d)
     block_ids = make_block_ids(info["segment_lens"], cfg.block_size)
     attn_mask = attention_mask_for(block_ids, d.device, False)
@@ -1156,13 +1316,16 @@ def ppl_eval(cfg, d):
     names = info["segment_names"]
     totals = torch.zeros(2 + 2 * len(names), device=d.device, dtype=torch.float64)
     autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
+    digest = hashlib.sha256()
     t0 = time.time()
     with torch.no_grad():
         for _ in common.progress(range(n_batches), master=d.master, desc="ppl_eval"):
             x0, valid, seg = (t.to(d.device) for t in loader.next_batch())
+            digest.update(x0.cpu().numpy().astype(np.int64).tobytes())
             with autocast:
                 terms = nelbo_terms(model, x0, block_ids, attn_mask, info["mask_id"], info["n_vocab"],
-                                    cfg.eval_noise_beta, 1.0, False, g, exec_positions=exec_pos) * valid
+                                    cfg.eval_noise_beta, 1.0, cfg.antithetic, g, exec_positions=exec_pos,
+                                    resample=cfg.resample) * valid
             totals[0] += terms.sum()
             totals[1] += valid.sum()
             for s in range(len(names)):
@@ -1172,7 +1335,10 @@ def ppl_eval(cfg, d):
     nelbo = totals[0] / totals[1]
     results = {"mode": "ppl_eval", "checkpoint": ckpt["path"], "step": ckpt["step"], "ema": cfg.use_ema,
                "nelbo": nelbo, "ppl_bound": math.exp(nelbo), "tokens": int(totals[1]), "batches": n_batches,
-               "block_size": cfg.block_size, "seed": cfg.seed, "seconds": time.time() - t0}
+               "block_size": cfg.block_size, "seed": cfg.seed, "antithetic": cfg.antithetic,
+               "data_seed": data_seed(cfg) if cfg.synthetic_plans else None,
+               "rows_digest": digest.hexdigest()[:16] if d.world_size == 1 else None, "seconds": time.time() - t0,
+               "reference_differences": reference_differences(cfg, "ppl_eval")}
     if len(names) > 1:
         results["segments"] = {n: totals[2 + 2 * i] / max(totals[3 + 2 * i], 1) for i, n in enumerate(names)}
     if d.master:
@@ -1248,8 +1414,9 @@ def sample(cfg, d):
         records.append({"id": i, "prompt": p, "text": "".join(segs.values()),
                         **({"segments": segs} if cfg.data == "hierarchical" else {})})
     results = {"mode": "sample", "checkpoint": ckpt["path"], "sampler": cfg.sampler, "kv_cache": cfg.kv_cache,
-               "block_size": cfg.block_size, "top_p": cfg.top_p, "num_samples": len(prompts), "nfe": nfe,
-               "generated_tokens": generated, "seconds": seconds, "tokens_per_sec": generated / seconds}
+               "block_size": cfg.block_size, "top_p": cfg.top_p, "top_p_rule": cfg.top_p_rule,
+               "num_samples": len(prompts), "nfe": nfe, "generated_tokens": generated, "seconds": seconds,
+               "tokens_per_sec": generated / seconds, "reference_differences": reference_differences(cfg, "sample")}
     if d.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:
@@ -1301,7 +1468,8 @@ def gsm8k_eval(cfg, d):
     results = {"task": task, "model": ckpt["path"], "model_kind": KIND, "engine": f"bd3lm-{cfg.sampler}",
                "metrics": metrics, "counts": counts, "n": n, "seconds": round(seconds, 3),
                "samples_per_s": n / seconds if seconds > 0 else None, "tokens_per_sec": generated / seconds,
-               "block_size": cfg.block_size, "config": common.config_dict(cfg)}
+               "block_size": cfg.block_size, "top_p": cfg.top_p, "top_p_rule": cfg.top_p_rule,
+               "reference_differences": reference_differences(cfg, "gsm8k_eval"), "config": common.config_dict(cfg)}
     if d.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "predictions.jsonl.tmp"), "w") as f:

@@ -23,7 +23,8 @@ shifted down one row. So in left-to-right order the converted model IS the AR mo
 
 Orders (`order=`): random (a uniform permutation per sequence), left_to_right (the identity), and
 curriculum (each sequence is random with a probability rising linearly from curriculum_start to 1
-over curriculum_steps, else left to right).
+over curriculum_steps, else left to right; curriculum_granularity=batch draws once per micro batch for all its
+sequences, as the reference does).
 
 Modes. mode=full: every row is scored (T-1 targets per sequence, as an AR model). mode=fair: each
 sequence splits into conditioning tokens, placed first in the order and not scored, and evaluation
@@ -82,6 +83,9 @@ class Config:
     order: str = "random"  # random | left_to_right | curriculum
     curriculum_start: float = 0.0  # curriculum: share of random orders at step 0
     curriculum_steps: int = 0  # curriculum: steps to reach 1.0 (0 = the whole run)
+    # sequence: each sequence draws its order kind (random w.p. the share, else left to right); batch: one draw per
+    # micro batch (per rank) decides for all its sequences, as the reference's get_batch (idiap/sigma-gpt)
+    curriculum_granularity: str = "sequence"  # curriculum: sequence | batch (the reference's)
     scored_share: float = 0.4  # fair mode (and fair evaluation): share of each sequence that is scored
     # batch: sequences per optimizer step = micro_batch_size * grad_accum_steps * world_size
     micro_batch_size: int = 8  # sequences per forward pass per rank (the guide's BATCH_SIZE)
@@ -132,7 +136,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 def check_config(cfg):
     """Mistakes that need no data or devices to spot: refuse them before anything starts."""
     choices = (("mode", MODES), ("order", ORDERS), ("dtype", DTYPES), ("sampler", ("rejection", "sequential")),
-               ("sample_order", ("random", "left_to_right")))
+               ("sample_order", ("random", "left_to_right")), ("curriculum_granularity", ("sequence", "batch")))
     for key, allowed in choices:
         if getattr(cfg, key) not in allowed:
             raise common.ConfigError(f"{key} '{getattr(cfg, key)}' is not one of {', '.join(allowed)}")
@@ -176,10 +180,11 @@ def random_share(cfg, step, max_steps):
     return min(1.0, cfg.curriculum_start + (1.0 - cfg.curriculum_start) * step / max(1, ramp))
 
 
-def draw_orders(B, T, share_random, generator):
-    """(B, T) permutations: each row uniform at random with probability share_random, else the identity."""
+def draw_orders(B, T, share_random, generator, per_batch=False):
+    """(B, T) permutations: each row uniform at random with probability share_random, else the identity.
+    per_batch: one draw decides for every row (all random or all left to right), as the reference's curriculum."""
     perm = torch.argsort(torch.rand(B, T, generator=generator), dim=1)
-    shuffled = torch.rand(B, generator=generator) < share_random
+    shuffled = torch.rand(1 if per_batch else B, generator=generator).expand(B) < share_random
     return torch.where(shuffled[:, None], perm, torch.arange(T).expand(B, T))
 
 
@@ -290,7 +295,8 @@ IDENTITY_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_fro
 
 
 def identity(cfg):
-    return common.run_identity(cfg, IDENTITY_KEYS, data=common.fingerprint(cfg.data_dir))
+    keys = IDENTITY_KEYS + (("curriculum_granularity",) if cfg.order == "curriculum" else ())
+    return common.run_identity(cfg, keys, data=common.fingerprint(cfg.data_dir))
 
 
 def run_folder(cfg, d):
@@ -646,7 +652,8 @@ def train(cfg, d, stop):
         for micro in range(accum):
             x, y = train_loader.next_batch()
             seq = torch.cat([x, y[:, -1:]], dim=1)
-            perm = draw_orders(B, T, share, order_generator(cfg.seed, "train", d.rank, step, micro))
+            perm = draw_orders(B, T, share, order_generator(cfg.seed, "train", d.rank, step, micro),
+                               per_batch=cfg.order == "curriculum" and cfg.curriculum_granularity == "batch")
             x, pos, next_pos, y = (t.to(d.device, non_blocking=True) for t in sigma_batch(seq, perm, n_scored))
             with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
                 with autocast:
@@ -716,7 +723,8 @@ def train(cfg, d, stop):
         timer.restart()  # evaluation and saving are not training time
 
     speed = timer.summary()
-    results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, **val,
+    results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, **val, "order": cfg.order,
+               **({"curriculum_granularity": cfg.curriculum_granularity} if cfg.order == "curriculum" else {}),
                "scored_tokens_per_step": scored_per_step, "tokens_per_sec": speed["tokens_per_sec"],
                "mfu": speed["mfu"], "peak_mem_gb": speed["peak_mem_gb"], "seconds": time.time() - run_t0,
                "world_size": d.world_size, "device": device_name, "out_dir": out_dir,

@@ -1,6 +1,9 @@
 """train_bd3lm.py on CPU with tiny models: the block-diffusion mask against its definition, the objective
 against autoregression, clean-copy independence, cached vs uncached sampling, learning on GSM8K text,
-deterministic ppl_eval, the hierarchical layout, resume exactness and the bad inputs."""
+deterministic ppl_eval, the hierarchical layout, resume exactness and the bad inputs; and what follows the
+reference (kuleshov-group/bd3lms): resampling, the clip search's grid and statistic, the top-p rules, ppl_eval's
+rows and strata, the EMA warm-up."""
+import contextlib
 import json
 import os
 import subprocess
@@ -427,3 +430,201 @@ def test_synthetic_plans_have_no_numbers_in_the_plan_and_all_of_them_in_the_exec
 
 def math_finite(x):
     return x == x and abs(x) != float("inf")
+
+
+# ---------------------------------------------------------------------------- fidelity to kuleshov-group/bd3lms
+
+
+def block_shares(masked, block_size):
+    """(B, n_blocks) masked share of every block of a (B, L) mask."""
+    return masked.float().view(masked.size(0), -1, block_size).mean(-1)
+
+
+def test_resampling_keeps_every_block_of_a_clipped_range_inside_it():
+    """The reference's training.resample: at block 4 with [0.45, 0.95], a block's share must be 2/4 or 3/4. Without
+    resampling a large part of the blocks falls outside (some entirely unmasked: they cost no loss at all)."""
+    B, L, bs, beta, omega = 512, 64, 4, 0.45, 0.95
+    ids = bd.make_block_ids([L], bs)
+    rates = bd.sample_mask_rates(B, L // bs, beta, omega, True, "cpu", torch.Generator().manual_seed(0))
+    t = rates[:, ids]
+    plain = block_shares(bd.draw_masks(t, ids, beta, omega, False, torch.Generator().manual_seed(1)), bs)
+    assert ((plain < beta) | (plain > omega)).float().mean() > 0.3 and (plain == 0).any()
+    shares = block_shares(bd.draw_masks(t, ids, beta, omega, True, torch.Generator().manual_seed(1)), bs)
+    assert not ((shares < beta) | (shares > omega)).any() and not (shares == 0).any()
+    assert set(shares.unique().tolist()) == {0.5, 0.75}
+    # a bound at its unclipped value is not enforced (the reference's rule): [1e-3, 0.5] caps only from above
+    low = bd.sample_mask_rates(B, L // bs, 1e-3, 0.5, True, "cpu", torch.Generator().manual_seed(2))[:, ids]
+    capped = block_shares(bd.draw_masks(low, ids, 1e-3, 0.5, True, torch.Generator().manual_seed(3)), bs)
+    assert (capped <= 0.5).all() and (capped == 0).any()
+    # an unclipped range draws exactly what it drew before (the same random numbers, no resampling)
+    full = bd.sample_mask_rates(B, L // bs, 1e-3, 1.0, True, "cpu", torch.Generator().manual_seed(4))[:, ids]
+    a = bd.draw_masks(full, ids, 1e-3, 1.0, True, torch.Generator().manual_seed(5))
+    assert torch.equal(a, torch.rand(B, L, generator=torch.Generator().manual_seed(5)) < full)
+    # a block too short for any share in the range (one token against [0.45, 0.95]) is kept, and the loop ends
+    ids = bd.make_block_ids([6, 1], 3)
+    t = torch.full((8, 7), 0.7)
+    masked = bd.draw_masks(t, ids, beta, omega, True, torch.Generator().manual_seed(6))
+    assert (masked[:, :6].float().view(8, 2, 3).mean(-1) >= beta).all()
+
+
+def test_resampling_is_on_by_default_and_listed_among_the_differences_when_off(gsm8k_files, tmp_path):
+    assert bd.Config().resample is True
+    on = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "on"), noise_beta=0.45, noise_omega=0.95, max_steps=2))
+    off = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "off"), noise_beta=0.45, noise_omega=0.95, max_steps=2,
+                             resample="false"))
+    assert on["resample"] and "resample" not in on["reference_differences"]
+    assert not off["resample"] and "resample" in off["reference_differences"]
+    assert on["final_train_loss"] != off["final_train_loss"]  # the masks differ
+    with pytest.raises(common.ConfigError, match="resample=True in the checkpoint but False now"):
+        bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "on"), noise_beta=0.45, noise_omega=0.95, max_steps=4,
+                           resample="false", resume="latest"))
+
+
+def test_validation_is_the_nelbo_over_the_whole_range_whatever_the_training_range(gsm8k_files, tmp_path):
+    """As the reference's validation: t over [1e-3, 1]. With lr 0 the weights stay put, so runs that differ only in
+    their training range must report the same validation NELBO."""
+    common_args = dict(max_steps=2, max_lr=0.0, val_interval=2)
+    a = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "a"), **common_args))
+    b = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "b"), noise_beta=0.45, noise_omega=0.95, **common_args))
+    assert a["final_val_loss"] == b["final_val_loss"] and a["final_train_loss"] != b["final_train_loss"]
+
+
+def reference_clip_ranges(widths, delta, eps=1e-3):
+    """bd3lms' metrics.init_valid_vars, from its definition: (eps, 1), then for each width the betas
+    arange(0, 1 - w + delta, delta), beta and omega raised to eps."""
+    ranges = {(eps, 1.0)}
+    for w in widths:
+        for i in torch.arange(0, 1 - w + delta, delta, dtype=torch.float64).tolist():
+            ranges.add((round(max(i, eps), 4), round(max(i + w, eps), 4)))
+    return sorted(ranges)
+
+
+def test_clip_search_offers_the_reference_grid_and_never_draws_t_zero(gsm8k_files, tmp_path, capsys):
+    ours = bd.clip_candidates([0.5, 0.6, 0.7, 0.8, 0.9, 1.0], 0.05, bd.NOISE_FLOOR)
+    assert len(ours) == 36 and ours == reference_clip_ranges([0.5, 0.6, 0.7, 0.8, 0.9], 0.05)
+    assert min(b for b, _ in ours) == 1e-3
+    with pytest.raises(ValueError, match="must be > 0"):
+        bd.sample_mask_rates(2, 2, 0.0, 1.0, True, "cpu")
+    assert "0 < beta <= omega <= 1" in one_line_error(gsm8k_args(gsm8k_files, str(tmp_path / "z"), noise_beta=0),
+                                                      capsys)
+    assert "clip_search_statistic 'x'" in one_line_error(
+        gsm8k_args(gsm8k_files, str(tmp_path / "z"), clip_search_statistic="x"), capsys)
+
+
+def test_block_statistic_is_the_reference_variance_of_per_block_mean_losses():
+    """Per batch, torch's (unbiased) variance of nlls.reshape(B, -1, block).mean(-1), summed over the batches: the
+    reference's _clipped_schedule_search, recomputed here with the same noise for each candidate."""
+    model, L, bs = tiny_model(), 16, 4
+    ids = bd.make_block_ids([L], bs)
+    mask = block_diffusion_mask(ids)
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randint(0, 38, (3, L), generator=g), torch.ones(3, L, dtype=torch.bool), None) for _ in range(2)]
+    d = common.Dist(False, 0, 0, 1, "cpu")
+    widths = [0.5, 1.0]
+    beta, omega, scores = bd.search_noise_range(model, batches, ids, mask, 38, 38, widths, 11, contextlib.nullcontext(),
+                                                d, statistic="block", grid=0.25, resample=True)
+    assert set(scores) == set(bd.clip_candidates(widths, 0.25, 1e-3)) and len(scores) == 4
+    for (b, o), score in scores.items():
+        gen = torch.Generator().manual_seed(11)
+        expected = 0.0
+        with torch.no_grad():
+            for x0, valid, _ in batches:
+                nlls = bd.nelbo_terms(model, x0, ids, mask, 38, 38, b, o, True, gen, resample=True) * valid
+                expected += nlls.reshape(nlls.shape[0], -1, bs).mean(-1).var().item()
+        assert score == pytest.approx(expected, rel=1e-5)
+    assert scores[(beta, omega)] == min(scores.values())
+    # the per-sequence statistic is another number (what the search minimised before, still the default)
+    _, _, seq = bd.search_noise_range(model, batches, ids, mask, 38, 38, widths, 11, contextlib.nullcontext(), d,
+                                      grid=0.25)
+    assert set(seq) == set(scores) and all(seq[k] != pytest.approx(scores[k]) for k in seq)
+
+
+def test_a_run_with_the_reference_search_scores_its_36_ranges(tmp_path):
+    out = str(tmp_path / "run")
+    res = bd.main(plans_args(out, max_steps=2, val_interval=0, ckpt_interval=0, clip_search_interval=2,
+                             clip_search_batches=1, clip_search_statistic="block", clip_search_delta=0.05,
+                             clip_search_widths="[0.5,0.6,0.7,0.8,0.9,1.0]"))
+    (search,) = records(out, "clip_search")
+    assert search["candidates"] == 36 and search["statistic"] == "block" and search["beta"] >= 1e-3
+    assert res["noise_range"] == [search["beta"], search["omega"]]
+    assert "clip_search" in res["reference_differences"]  # the cadence and the shared noise still differ
+
+
+def test_top_p_rules_on_a_hand_made_distribution():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.5, 0.15, 0.3]])  # the second row: the same, shuffled
+    hf, ref = (lambda p: bd.top_p_filter(probs, p, "hf")), (lambda p: bd.top_p_filter(probs, p, "reference"))
+    # p = 0.7: 0.5 + 0.3 crosses it; HF keeps the crossing token, the reference drops it
+    assert torch.allclose(hf(0.7), torch.tensor([[0.625, 0.375, 0, 0], [0, 0.625, 0, 0.375]]))
+    assert torch.allclose(ref(0.7), torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    # p = 0.85: HF keeps three tokens (0.95), the reference two (0.8)
+    assert torch.allclose(hf(0.85), torch.tensor([[0.5, 0.3, 0.15, 0], [0, 0.5, 0.15, 0.3]]) / 0.95)
+    assert torch.allclose(ref(0.85), torch.tensor([[0.625, 0.375, 0, 0], [0, 0.625, 0, 0.375]]))
+    # p below the top token: both keep it alone; p = 1: both keep everything
+    assert torch.equal(ref(0.3), hf(0.3)) and torch.allclose(ref(0.3)[0], torch.tensor([1.0, 0, 0, 0]))
+    assert torch.equal(ref(1.0), probs) and torch.equal(hf(1.0), probs)
+    assert bd.Config().top_p_rule == "hf"
+
+
+def test_sampling_with_either_top_p_rule_records_it(tmp_path):
+    run = str(tmp_path / "run")
+    bd.main(plans_args(run, max_steps=2, val_interval=0, ckpt_interval=0))
+    hf = bd.main(plans_args(str(tmp_path / "s_hf"), mode="sample", checkpoint=run, num_samples=2, top_p=0.5))
+    ref = bd.main(plans_args(str(tmp_path / "s_ref"), mode="sample", checkpoint=run, num_samples=2, top_p=0.5,
+                             top_p_rule="reference"))
+    assert (hf["top_p_rule"], ref["top_p_rule"]) == ("hf", "reference")
+    assert "top_p_rule" in hf["reference_differences"] and "top_p_rule" not in ref["reference_differences"]
+    assert json.load(open(tmp_path / "s_ref" / "results.json"))["top_p_rule"] == "reference"
+
+
+def test_ppl_eval_rows_do_not_depend_on_its_seed_and_its_rates_are_stratified(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    synth = dict(synthetic_plans=40, plans_path="", val_plans_path="")
+    bd.main(plans_args(run, max_steps=2, val_interval=0, ckpt_interval=0, **synth))
+    seen = []
+    original = bd.sample_mask_rates
+    monkeypatch.setattr(bd, "sample_mask_rates", lambda *a, **k: seen.append(a[4]) or original(*a, **k))
+    ev = dict(mode="ppl_eval", checkpoint=run, eval_batch_size=2, eval_batches=2, **synth)
+    one = bd.main(plans_args(str(tmp_path / "e1"), **{**ev, "seed": 1}))
+    two = bd.main(plans_args(str(tmp_path / "e2"), **{**ev, "seed": 2}))
+    assert one["rows_digest"] == two["rows_digest"] and one["nelbo"] != two["nelbo"]  # same rows, other noise
+    assert one["data_seed"] == two["data_seed"] == 5  # the trained run's seed (plans_args' seed=5)
+    assert seen and all(seen) and one["antithetic"] is True  # stratified over batch x blocks, as the reference
+    # the rows are the trained run's validation problems: the same digest as that run's first rows
+    cfg = common.load_config(bd.Config, plans_args(run, **synth))
+    x, *_ = bd.build_rows(cfg, common.Tokenizer("byte"), "val")
+    import hashlib
+    h = hashlib.sha256()
+    for i in range(2):
+        h.update(x[2 * i:2 * i + 2].numpy().astype("int64").tobytes())
+    assert one["rows_digest"] == h.hexdigest()[:16]
+
+
+def test_ema_warmup_follows_the_reference_schedule():
+    """bd3lms' ExponentialMovingAverage: the n-th update (n from 1) uses min(decay, (1 + n) / (10 + n)), so the first
+    2/11 (ours was 1/10), the second 3/12."""
+    net = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema = bd.EMA(net, 0.9999)
+    with torch.no_grad():
+        net.weight.fill_(12.0)
+    ema.update(net, 0)  # 2/11 * 1 + 9/11 * 12 = 10
+    assert torch.allclose(ema.model.weight, torch.full((1, 2), 10.0))
+    with torch.no_grad():
+        net.weight.fill_(22.0)
+    ema.update(net, 1)  # 3/12 * 10 + 9/12 * 22 = 19
+    assert torch.allclose(ema.model.weight, torch.full((1, 2), 19.0))
+    capped = bd.EMA(net, 0.5)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    capped.update(net, 0)  # min(0.5, 2/11) = 2/11: 2/11 * 22
+    assert torch.allclose(capped.model.weight, torch.full((1, 2), 4.0))
+    capped.update(net, 999)  # min(0.5, ...) = 0.5
+    assert torch.allclose(capped.model.weight, torch.full((1, 2), 2.0))
+
+
+def test_train_results_list_the_reference_differences(gsm8k_files, tmp_path):
+    res = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "run"), max_steps=1))
+    saved = json.load(open(tmp_path / "run" / "results.json"))["reference_differences"]
+    assert saved == res["reference_differences"] and {"backbone", "strata_order", "first_token"} <= set(saved)
+    assert "padding" not in saved  # wrapped GSM8K rows have no padding

@@ -251,3 +251,37 @@ def test_unreachable_hub_is_a_one_line_error(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: init_from 'kuleshov-group/bd3lm-owt-block_size16'")
+
+
+def test_published_block_size_must_match_and_the_dropout_is_carried(tmp_path, capsys):
+    """A published BD3-LM is trained for one block size: another configured block size is refused in one line (the
+    one-block pretraining checkpoint, block size = model_length, starts any block size, as the reference's
+    recipe). The model takes the checkpoint's dropout unless dropout= is set."""
+    state = published_state(258)
+    folder = str(tmp_path / "bd3lm-owt-block_size16")
+    write_published_folder(folder, state, dropout=0.25)
+    with pytest.raises(common.ConfigError, match="trained with block size 16, but block_size=8 here"):
+        bd.published_bd3lm(folder, 320, 257, block_size=8)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: bd.main(plans_args(str(tmp_path / "r8"), init_from=folder, block_size=8)))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        f"error: {folder} was trained with block size 16, but block_size=8 here: set block_size=16, or start from "
+        "the block-size-8 checkpoint"]
+    d = common.Dist(False, 0, 0, 1, "cpu")
+    carried = bd.build_model(common.load_config(bd.Config, plans_args(str(tmp_path / "a"), init_from=folder)), 320, d,
+                             mask_id=257)
+    assert carried.config.dropout == 0.25
+    assert [m.p for m in carried.modules() if isinstance(m, torch.nn.Dropout)][:1] == [0.25]
+    chosen = bd.build_model(common.load_config(bd.Config, plans_args(str(tmp_path / "b"), init_from=folder,
+                                                                     dropout=0.0)), 320, d, mask_id=257)
+    assert chosen.config.dropout == 0.0
+    unnamed = str(tmp_path / "no_dropout_key")
+    write_published_folder(unnamed, state)
+    assert bd.published_bd3lm(unnamed, 320, 257, block_size=16)[0]["dropout"] == bd.PUBLISHED_DROPOUT == 0.1
+    pretrain = str(tmp_path / "bd3lm-owt-block_size128-pretrain")  # model_length 128: one block, any block size
+    write_published_folder(pretrain, state, block_size=128)
+    base, _, label = bd.published_bd3lm(pretrain, 320, 257, block_size=8)
+    assert base["n_layer"] == 2 and "block size 128" in label

@@ -98,6 +98,37 @@ def test_curriculum_share_rises_linearly_to_one():
     assert sg.random_share(dataclasses.replace(cfg, order="left_to_right"), 50, 1000) == 0.0
 
 
+def test_curriculum_granularity_per_sequence_mixes_per_batch_is_one_kind(shakespeare_dir, tmp_path, monkeypatch):
+    """sequence (default): each sequence draws its kind, so a micro batch holds the scheduled mix; batch (the
+    reference's get_batch): one draw per micro batch, every batch all random or all left to right."""
+    identity = torch.arange(12)
+
+    def left_to_right(per_batch):  # (200 micro batches, 8 sequences): which sequences kept the identity
+        return torch.stack([(sg.draw_orders(8, 12, 0.5, torch.Generator().manual_seed(i), per_batch) == identity)
+                            .all(1) for i in range(200)])
+    seq, batch = left_to_right(False), left_to_right(True)
+    assert (batch.all(1) | (~batch).all(1)).all() and 0.35 < (~batch[:, 0]).float().mean() < 0.65
+    assert (seq.any(1) & ~seq.all(1)).float().mean() > 0.9 and 0.4 < (~seq).float().mean() < 0.6
+    assert sg.Config().curriculum_granularity == "sequence"
+    # the training loop passes it on, only under order=curriculum; a resume refuses a change
+    seen = []
+    original = sg.draw_orders
+    monkeypatch.setattr(sg, "draw_orders", lambda *a, **k: ("per_batch" in k and seen.append(k["per_batch"]))
+                        or original(*a, **k))  # the training draws (validation's fixed orders pass no granularity)
+    run = str(tmp_path / "run")
+    res = sg.main(tiny_args(shakespeare_dir, run, order="curriculum", curriculum_granularity="batch", max_steps=2,
+                            val_interval=0))
+    assert seen == [True] * 4 and res["curriculum_granularity"] == "batch"  # 2 steps x 2 micro batches
+    with pytest.raises(common.ConfigError, match="curriculum_granularity='batch' in the checkpoint but 'sequence'"):
+        sg.main(tiny_args(shakespeare_dir, run, order="curriculum", max_steps=4, val_interval=0, resume="latest"))
+    seen.clear()
+    sg.main(tiny_args(shakespeare_dir, str(tmp_path / "random"), curriculum_granularity="batch", max_steps=1,
+                      val_interval=0))
+    assert seen == [False] * 2  # order=random: every sequence its own uniform order, whatever the granularity
+    with pytest.raises(common.ConfigError, match="curriculum_granularity 'step' is not one of sequence, batch"):
+        sg.main(tiny_args(shakespeare_dir, str(tmp_path / "x"), curriculum_granularity="step"))
+
+
 def test_fair_mode_scores_exactly_the_evaluation_tokens():
     """Conditioning tokens come first in the order; the loss is the cross-entropy of the evaluation tokens
     alone (round(0.4 * T) of them), computed by hand from the logits."""
