@@ -7,6 +7,7 @@ log_interval / ckpt_interval); where we differ, docs/grpo.md says so.
     python grpo.py configs/grpo_demo.yaml                       # tiny CPU run: one-step arithmetic
     python grpo.py configs/grpo_gsm8k.yaml                      # the 124M model after sft_gsm8k, on GSM8K
     torchrun --nproc_per_node=4 grpo.py configs/grpo_qwen.yaml  # Qwen2.5-0.5B-Instruct
+    torchrun --nproc_per_node=8 grpo.py configs/grpo_qwen.yaml fsdp=true  # the policy sharded (FSDP2)
     python grpo.py configs/grpo_demo.yaml resume=latest         # continue exactly where it stopped
 
 What happens in a step (on every rank, for its own prompts; a group never spans two ranks):
@@ -25,6 +26,7 @@ time limit) only set a flag: at the next step boundary the run saves a checkpoin
 import common  # first: its import installs the stop-signal handlers, before torch is imported
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import math
@@ -91,6 +93,9 @@ class Config:
     # system
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 autocast on cuda, else fp32) | float32 | bfloat16 (weights stay fp32)
+    fsdp: bool = False  # shard the policy (and the reference) over the torchrun ranks (FSDP2); rollouts sample
+    #                     from a plain copy of the policy that gathers the weights after each optimizer step
+    cpu_offload: bool = False  # fsdp: keep the sharded weights, gradients and optimizer state in CPU memory
     # output, evaluation, checkpoints
     out_dir: str = "out/grpo"  # the run's folder: checkpoints, logs, results.json, hf/
     log_interval: int = 1  # steps between train records (TRL: logging_steps)
@@ -156,6 +161,8 @@ def check_config(cfg, world_size=1):
         raise common.ConfigError("use_vllm=true needs a CUDA GPU; none is visible (use_vllm=false samples in PyTorch)")
     if cfg.use_vllm and not common.vllm_available():
         raise common.ConfigError("use_vllm=true but vllm is not installed (pip install -r requirements-gpu.txt)")
+    if cfg.cpu_offload and not cfg.fsdp:
+        raise common.ConfigError("cpu_offload=true offloads FSDP's shards: set fsdp=true too")
     if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
         raise common.ConfigError(f"lr_scheduler_type '{cfg.lr_scheduler_type}' is not one of linear, cosine, constant")
     common.resolve_dtype(cfg.dtype, "cpu")
@@ -414,8 +421,11 @@ def load_task(cfg):
     return task, train_examples, eval_examples, stop
 
 
-def load_policy(cfg, d, ckpt):
-    """The policy in fp32 (its weights from the checkpoint when resuming), DDP-wrapped, and its AdamW."""
+def load_policy(cfg, d, ckpt, dtype):
+    """The policy in fp32 (its weights from the checkpoint when resuming), DDP-wrapped or (fsdp) sharded, its
+    AdamW, and the model the rollouts sample from: the policy itself, or under FSDP a plain copy in `dtype` that
+    gather_weights refreshes (each forward of a sharded model is a collective all ranks must call, and the
+    ranks generate different lengths, so sampling cannot run on the shards; TRL hands the weights to vLLM)."""
     try:
         lm = engine_lib.load_model(cfg.model, cfg.tokenizer_file, device=d.device, dtype=torch.float32)
     except ValueError as e:
@@ -423,24 +433,53 @@ def load_policy(cfg, d, ckpt):
             raise
         raise common.ConfigError(f"model={cfg.model}: {e}; grpo.py trains causal LMs: a GPT checkpoint "
                                  f"(train_gpt.py), an HF folder or an HF hub id") from e
-    if ckpt:
+    sharded = bool(ckpt and ckpt.get("sharded"))
+    if ckpt and cfg.fsdp and not sharded:
+        raise common.ConfigError(f"{ckpt['path']} is a single-file checkpoint of a run without fsdp: resume it with "
+                                 "fsdp=false (a sharded run writes and resumes ckpt_*.dcp folders)")
+    if ckpt and not sharded:
         lm.model.load_state_dict(ckpt["model"])
     lm.model.eval()  # dropout off throughout: rollouts, old and new log-probs see the same function
-    model = common.wrap_model(lm.model, d, compile=False)  # varying shapes every step: no torch.compile
+    rollout_lm = lm
+    if cfg.fsdp:  # the copy first, then the parameters become this rank's shards (before the optimizer is built)
+        plain = copy.deepcopy(lm.model).requires_grad_(False)
+        rollout_lm = dataclasses.replace(lm, model=plain.to(dtype) if not cfg.use_vllm else plain)
+        common.shard_model(lm.model, d, dtype, cfg.cpu_offload)
+        model = lm.model
+    else:
+        model = common.wrap_model(lm.model, d, compile=False)  # varying shapes every step: no torch.compile
     optimizer = torch.optim.AdamW(lm.model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
-    if ckpt:
+    if sharded:  # torch.distributed.checkpoint: re-cut for this world size, or loaded whole without fsdp
+        common.load_sharded_checkpoint(ckpt["path"], lm.model, optimizer, d.rank)
+    elif ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-    return lm, model, optimizer
+    if cfg.fsdp:
+        gather_weights(lm.model, rollout_lm.model, d)
+    return lm, rollout_lm, model, optimizer
+
+
+@torch.no_grad()
+def gather_weights(sharded, plain, d):
+    """Every rank: the sharded policy's current weights into its plain rollout copy, one parameter at a time (a
+    whole gathered state dict would hold every weight twice at once). The names are the same: FSDP2 keeps them."""
+    params = dict(plain.named_parameters())
+    for name, p in sharded.named_parameters():
+        if hasattr(p, "full_tensor"):
+            p = (p if p.device.type == d.device_type else p.to(d.device)).full_tensor()  # cpu_offload: shards on CPU
+        params[name].copy_(p)
 
 
 def load_reference(cfg, d, dtype):
-    """The frozen reference of the KL term (beta > 0), else None."""
+    """The frozen reference of the KL term (beta > 0), sharded as the policy under fsdp, else None."""
     if cfg.beta <= 0:
         return None
     ref = engine_lib.load_model(cfg.ref_model or cfg.model, cfg.tokenizer_file, device=d.device, dtype=dtype)
     ref.model.requires_grad_(False)
+    if cfg.fsdp:
+        common.shard_model(ref.model, d, dtype, cfg.cpu_offload)
     return ref
+
 
 
 def make_sampler(cfg, lm, d, dtype):
@@ -448,7 +487,8 @@ def make_sampler(cfg, lm, d, dtype):
         return engine_lib.Engine(lm, batch_size=cfg.generation_batch_size)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # load_weights reaches the in-process runner
     sampler = engine_lib.VLLMEngine(lm, dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-    lm.model.to(d.device)  # VLLMEngine moves the PyTorch copy away; training needs it back
+    if not cfg.fsdp:  # VLLMEngine moves the PyTorch copy away; training needs it back (fsdp: a rollout copy)
+        lm.model.to(d.device)
     sampler.load_weights(lm.model)  # the policy of the checkpoint, not the folder's weights
     return sampler
 
@@ -529,8 +569,11 @@ def update(cfg, step, batch, lm, model, optimizer, ref, watch, d, autocast):
         common.set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         for k, mb in enumerate(micro):
-            # DDP all-reduces gradients only on the last micro batch (no_sync covers the forward too)
-            with model.no_sync() if d.ddp and k < len(micro) - 1 else contextlib.nullcontext():
+            # gradients are reduced over ranks on the last micro batch only (DDP: no_sync covers the forward too)
+            sync = k == len(micro) - 1
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(sync)
+            with model.no_sync() if d.ddp and not cfg.fsdp and not sync else contextlib.nullcontext():
                 with autocast:
                     logp = completion_logprobs(model, mb["ids"], mb["attention"], mb["where"], native, cfg.temperature)
                 old_logp = old[k] if old is not None else logp.detach()  # mu = 1: ratio 1, clip inert
@@ -544,6 +587,8 @@ def update(cfg, step, batch, lm, model, optimizer, ref, watch, d, autocast):
             for key, v in {"loss": loss.detach(), **stats}.items():
                 totals[key] = totals.get(key, 0.0) + v / (len(micro) if key != "loss" else 1) / cfg.num_iterations
         grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+            grad_norm = grad_norm.full_tensor()
         watch.update(step, totals["loss"], grad_norm)
         optimizer.step()
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.detach() / cfg.num_iterations
@@ -574,11 +619,13 @@ def step_record(step, batch, totals, task, names, G, d, rollout_tps, update_tps)
 
 
 def save(cfg, step, lm, optimizer, run_identity, d):
+    about = {"kind": "grpo", "source_model": cfg.model, "config": common.config_dict(cfg), "identity": run_identity,
+             "model_config": dataclasses.asdict(lm.model.config) if lm.kind == "native" else lm.model.config.to_dict()}
+    if cfg.fsdp:  # every rank writes its shards (torch.distributed.checkpoint, a ckpt_N.dcp folder)
+        return common.save_sharded_checkpoint(cfg.out_dir, step, lm.model, optimizer, about, d, cfg.keep_last_k)
     return common.save_training_checkpoint(cfg.out_dir, step, {
-        "kind": "grpo", "model": lm.model.state_dict(), "source_model": cfg.model,
-        "model_config": dataclasses.asdict(lm.model.config) if lm.kind == "native" else lm.model.config.to_dict(),
-        "config": common.config_dict(cfg), "identity": run_identity, "step": step,
-        "optimizer": optimizer.state_dict(), "rng": common.rng_state()}, d, cfg.keep_last_k)
+        **about, "model": lm.model.state_dict(), "step": step, "optimizer": optimizer.state_dict(),
+        "rng": common.rng_state()}, d, cfg.keep_last_k)
 
 
 def plot_curves(out_dir, names):
@@ -617,11 +664,11 @@ def train(cfg, d, stop):
     task, train_examples, eval_examples, stop_strings = load_task(cfg)
     rewards = load_rewards(cfg, d.device)
     names = [n for n, _ in rewards[0]]
-    lm, model, optimizer = load_policy(cfg, d, ckpt)
-    if ckpt:
+    lm, rollout_lm, model, optimizer = load_policy(cfg, d, ckpt, dtype)
+    if ckpt and "rng" in ckpt:  # a sharded checkpoint's RNG state is restored by load_sharded_checkpoint
         common.set_rng_state(ckpt["rng"])
     ref = load_reference(cfg, d, dtype)
-    sampler = make_sampler(cfg, lm, d, dtype)
+    sampler = make_sampler(cfg, rollout_lm, d, dtype)
     budget = prompt_budget(cfg, lm)
 
     logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
@@ -636,7 +683,7 @@ def train(cfg, d, stop):
                 f"{cfg.micro_batch_size * cfg.gradient_accumulation_steps // G} prompts x G={G} per rank x "
                 f"{d.world_size} ranks | loss {cfg.loss_type}, beta {cfg.beta}, eps [{cfg.epsilon}, "
                 f"{cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high}], mu {cfg.num_iterations} | "
-                f"device {d.device}")
+                f"device {d.device}" + (f" | fsdp over {d.world_size} ranks" if cfg.fsdp else ""))
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
 
@@ -661,8 +708,10 @@ def train(cfg, d, stop):
         totals, tokens = update(cfg, step, batch, lm, model, optimizer, ref, watch, d, autocast)
         common.synchronize(d.device_type)
         update_seconds = time.time() - t0
+        if cfg.fsdp:
+            gather_weights(lm.model, rollout_lm.model, d)  # the next rollouts sample from the updated policy
         if cfg.use_vllm:
-            sampler.load_weights(lm.model)  # the next rollouts sample from the updated policy
+            sampler.load_weights(rollout_lm.model)
         generated = sum(len(c.ids) for c in batch["completions"])
         if step > start_step:
             phase_seconds = [phase_seconds[0] + batch["rollout_seconds"], phase_seconds[1] + update_seconds]
@@ -695,11 +744,17 @@ def train(cfg, d, stop):
                "rollout_tokens_per_s": phase_tokens[0] / phase_seconds[0] if phase_seconds[0] else None,
                "update_tokens_per_s": phase_tokens[1] / phase_seconds[1] if phase_seconds[1] else None,
                "tokens_per_sec": speed["tokens_per_sec"], "peak_mem_gb": speed["peak_mem_gb"],
-               "device": d.device, "world_size": d.world_size, "sampler": sampler.name,
+               "device": d.device, "world_size": d.world_size, "fsdp": cfg.fsdp, "sampler": sampler.name,
                "resumed_from_step": start_step - 1 if ckpt else None}
+    export = lm.model
+    if status == "done" and cfg.fsdp:  # the fp32 weights gathered on rank 0, into the rollout copy (done with)
+        full = common.full_model_state(lm.model)
+        export = rollout_lm.model.to("cpu", torch.float32) if d.master else None
+        if d.master:
+            export.load_state_dict(full)
     if status == "done" and d.master:
         results["hf_folder"] = os.path.join(cfg.out_dir, "hf")
-        save_hf(lm, lm.model, results["hf_folder"], {"source_model": cfg.model, "stage": "grpo", "step": step,
+        save_hf(lm, export, results["hf_folder"], {"source_model": cfg.model, "stage": "grpo", "step": step,
                                                      "task": cfg.task, "eval_accuracy": accuracy})
     common.finish(cfg.out_dir, results, d, logger)
     if status == "done" and d.master:

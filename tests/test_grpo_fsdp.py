@@ -1,0 +1,92 @@
+"""grpo.py fsdp=true on CPU with gloo under torchrun: the sharded policy (and sharded reference, beta > 0) trains
+as DDP does on the same 2 ranks (so the same prompts and, from the gathered rollout copy, the same completions),
+a sharded checkpoint resumes exactly, the gathered HF folder holds the same weights, and the settings that
+cannot work are one-line errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+import grpo
+from conftest import ROOT
+from test_fsdp import free_port
+from test_grpo import run_args, sft_warm
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    return sft_warm(str(tmp_path_factory.mktemp("grpo_fsdp") / "sft"))
+
+
+# 4 completions a micro batch, 2 micro batches a step per rank, 2 optimizer steps per batch, the KL term on
+EXTRA = ["max_steps=3", "num_generations=4", "micro_batch_size=4", "gradient_accumulation_steps=2",
+         "num_iterations=2", "beta=0.04", "eval_steps=0", "eval_examples=4", "ckpt_interval=0", "tensorboard=false",
+         "device=cpu"]
+
+
+def torchrun(argv, nproc=2):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                          f"--master_port={free_port()}", os.path.join(ROOT, "grpo.py"), *argv], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if not l.startswith("W1203"))[-4000:]
+    return run
+
+
+def records(out):
+    return {r["step"]: r for r in common.read_jsonl(os.path.join(out, "log.jsonl")) if r.get("type") == "train"}
+
+
+def hf_weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_sharded_grpo_trains_as_ddp_and_resumes(warm, tmp_path):
+    ddp, fsdp, parts = (str(tmp_path / n) for n in ("ddp", "fsdp", "parts"))
+    torchrun(run_args(warm, ddp, *EXTRA))
+    torchrun(run_args(warm, fsdp, *EXTRA, "fsdp=true"))
+    a, b = records(ddp), records(fsdp)
+    assert sorted(a) == sorted(b) == [0, 1, 2]
+    for key in ("loss", "reward", "kl", "grad_norm", "completion_length"):
+        assert max(abs(a[s][key] - b[s][key]) for s in a) < 1e-5, (key, a, b)
+    assert a[2]["kl"] > 0 and a[0]["loss"] != a[2]["loss"]  # the policy moved away from the reference
+    wa, wb = hf_weights(os.path.join(ddp, "hf")), hf_weights(os.path.join(fsdp, "hf"))  # gathered on rank 0
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+    torchrun(run_args(warm, parts, *EXTRA, "fsdp=true", "stop_after_step=0"))
+    assert [os.path.basename(p) for _, p in common.list_checkpoints(parts)] == ["ckpt_000000.dcp"]
+    torchrun(run_args(warm, parts, *EXTRA, "fsdp=true", "resume=latest"))
+    c = records(parts)
+    assert sorted(c) == [0, 1, 2]
+    for key in ("loss", "reward", "kl", "grad_norm"):
+        assert [c[s][key] for s in c] == [b[s][key] for s in c], key  # bit for bit
+    wc = hf_weights(os.path.join(parts, "hf"))
+    assert all(wc[k].equal(wb[k]) for k in wb)
+
+
+def test_an_hf_policy_shards_as_it_trains_under_ddp(warm, tmp_path):
+    """A transformers model (GPT2LMHeadModel, tied embeddings) through the same path: gathered rollout copy,
+    sharded reference, the HF folder from the shards."""
+    import engine as engine_lib
+    import model as model_lib
+    native = engine_lib.load_model(warm)
+    folder = str(tmp_path / "hf_in")
+    model_lib.save_hf_folder(native.model, native.tok.tok, folder, {})
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    torchrun(run_args(folder, ddp, *EXTRA, "max_steps=2"))
+    torchrun(run_args(folder, fsdp, *EXTRA, "max_steps=2", "fsdp=true"))
+    a, b = records(ddp), records(fsdp)
+    assert sorted(a) == sorted(b) == [0, 1]
+    for key in ("loss", "reward", "kl", "grad_norm"):
+        assert max(abs(a[s][key] - b[s][key]) for s in a) < 1e-5, (key, a, b)
+    wa, wb = hf_weights(os.path.join(ddp, "hf")), hf_weights(os.path.join(fsdp, "hf"))
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+@pytest.mark.parametrize("extra, words", [(["fsdp=true"], "launch with torchrun"),
+                                          (["cpu_offload=true"], "set fsdp=true too")])
+def test_fsdp_settings_that_cannot_work_are_refused(warm, tmp_path, extra, words):
+    with pytest.raises(common.ConfigError, match=words):
+        grpo.main(run_args(warm, str(tmp_path / "bad"), *EXTRA, *extra))
