@@ -77,9 +77,9 @@ class Config:
     batch_size: int = 8
     max_new_tokens: int = 256
     data_path: str = ""              # local data file for this task (wins over the per-task paths below)
-    gsm8k_path: str = ""             # local files per task, so one config serves every task;
-    svamp_path: str = ""             # empty = the HF hub through `datasets`
-    hellaswag_path: str = ""
+    gsm8k_path: str = ""             # local files per task, so one config serves every task; empty or the
+    svamp_path: str = ""             # hub id (openai/gsm8k, ChilleD/SVAMP, Rowan/hellaswag) = the HF hub
+    hellaswag_path: str = ""         # through `datasets`
     tokenizer_file: str = ""         # GPT-2 ranks for native checkpoints (default: the run's, else tiktoken's cache)
     engine: str = "auto"             # auto (vLLM if installed and on CUDA, else hf) | vllm | hf
     device: str = "auto"
@@ -107,21 +107,30 @@ def task_data_path(cfg, task):
     return cfg.data_path or getattr(cfg, f"{task}_path", "")
 
 
-LOCAL_EXAMPLES = {"data_path": "../shared/data/gsm8k/test.jsonl", "svamp_path": "../shared/data/svamp/SVAMP.json",
-                  "fewshot_path": "../shared/data/gsm8k/train.jsonl",
+def task_data_key(cfg, task):
+    """The setting that gives a task's data: data_path when set, else the task's own *_path."""
+    if cfg.data_path or task == "gsm8k" and not cfg.gsm8k_path:
+        return "data_path"
+    return f"{task}_path"
+
+
+HUB_SOURCES = (gsm8k.GSM8K_HUB, gsm8k.SVAMP_HUB, hellaswag.HUB)  # a *_path naming one of these reads the hub
+LOCAL_EXAMPLES = {"data_path": "../shared/data/gsm8k/test.jsonl", "gsm8k_path": "../shared/data/gsm8k/test.jsonl",
+                  "svamp_path": "../shared/data/svamp/SVAMP.json", "fewshot_path": "../shared/data/gsm8k/train.jsonl",
                   "hellaswag_path": "../shared/data/hellaswag/hellaswag_val_full.txt"}
 
 
 def local_or_hub(path, load, key):
-    """load() of a task's data. With no local file (path empty) it reads the HF hub; where that fails (offline),
-    say which setting takes a local file."""
+    """load() of a task's data. With no local file (path empty, or a hub id such as openai/gsm8k) it reads the
+    HF hub; where that fails (offline), say which setting takes a local file."""
     try:
         return load()
     except OSError as e:  # tasks' HubUnreachable, datasets' ConnectionError
-        if path:
+        if path and path not in HUB_SOURCES:
             raise
         reason = getattr(e, "reason", " ".join(str(e).split()))
-        raise common.ConfigError(f"{key} is not set, and the HF hub did not answer ({reason}): pass a local "
+        what = f"names the hub ({path})" if path else "is not set"
+        raise common.ConfigError(f"{key} {what}, and the HF hub did not answer ({reason}): pass a local "
                                  f"file, e.g. {key}={LOCAL_EXAMPLES[key]}") from None
 
 
@@ -318,8 +327,7 @@ def task_math(cfg, lm, engine, task):
         raise common.ConfigError(f"protocol=lm_eval reproduces lm-evaluation-harness's gsm8k task; task={task} "
                                  f"has only protocol=project")
     problems, exemplars = math_task(cfg, task)
-    data = local_or_hub(task_data_path(cfg, task), lambda: problems.examples("test"),
-                        "svamp_path" if task == "svamp" and not cfg.data_path else "data_path")
+    data = local_or_hub(task_data_path(cfg, task), lambda: problems.examples("test"), task_data_key(cfg, task))
     if cfg.limit:
         data = data[:cfg.limit]
     k = fewshot_k(cfg)
@@ -392,9 +400,10 @@ HELLASWAG_PROTOCOLS = {
 def task_hellaswag(cfg, lm):
     """acc, acc_norm (per token) and acc_norm_char (per character), batch_size items per forward."""
     path = task_data_path(cfg, "hellaswag")
-    items = local_or_hub(path, lambda: hellaswag.load_hellaswag(path, cfg.limit or None), "hellaswag_path")
+    items = local_or_hub(path, lambda: hellaswag.load_hellaswag(path, cfg.limit or None),
+                         task_data_key(cfg, "hellaswag"))
     if not items:
-        raise ValueError(f"{path or 'Rowan/hellaswag'}: no HellaSwag items (an empty data file)")
+        raise ValueError(f"{path or hellaswag.HUB}: no HellaSwag items (an empty data file)")
     encoded = hellaswag.encode_items(lm.tok, items, max_len=lm.max_positions)
     records, hits = [], {"correct": 0, "correct_norm": 0, "correct_norm_char": 0}
     t0 = time.time()

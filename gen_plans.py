@@ -46,7 +46,7 @@ class Config:
     model: str = "meta-llama/Meta-Llama-3-8B-Instruct"  # HF hub id or local folder of an instruct model
     backend: str = "auto"  # auto (vllm when installed and CUDA is available, else transformers) | vllm | transformers
     split: str = "train"  # GSM8K split; also names the ids (gsm8k_train_0, ...)
-    data_path: str = ""  # local GSM8K jsonl with question/answer; empty = HF openai/gsm8k (config main)
+    data_path: str = ""  # local GSM8K jsonl with question/answer; empty (or openai/gsm8k, ChilleD/SVAMP) = the hub
     # gsm8k | svamp (SVAMP.json: Body/Question/Equation/Answer records, or HF ChilleD/SVAMP) | auto (svamp when
     # data_path is a .json file, gsm8k otherwise)
     dataset: str = "auto"
@@ -169,7 +169,7 @@ def load_svamp(split, data_path="", num_examples=-1):
         rows = gsm8k.load_svamp(data_path, split)
     except ValueError as e:
         raise common.ConfigError(str(e)) from e
-    if data_path:
+    if not gsm8k.names_hub(data_path, gsm8k.SVAMP_HUB):  # SVAMP.json: all 1000 problems in one file
         rows = rows[:SVAMP_TRAIN] if split == "train" else rows[SVAMP_TRAIN:]
     if num_examples is not None and num_examples > 0:
         rows = rows[:num_examples]
@@ -183,7 +183,7 @@ def dataset_of(cfg):
         raise common.ConfigError(f"dataset '{cfg.dataset}' is not one of auto, gsm8k, svamp")
     if cfg.dataset != "auto":
         return cfg.dataset
-    return "svamp" if cfg.data_path.endswith(".json") else "gsm8k"
+    return "svamp" if cfg.data_path.endswith(".json") or cfg.data_path == gsm8k.SVAMP_HUB else "gsm8k"
 
 
 def load_problems(cfg):
@@ -194,7 +194,8 @@ def load_problems(cfg):
         return load_gsm8k(cfg.split, cfg.data_path, cfg.num_examples)
     except gsm8k.HubUnreachable as e:
         example = "../shared/data/svamp/SVAMP.json" if svamp else f"../shared/data/gsm8k/{cfg.split}.jsonl"
-        raise common.ConfigError(f"--data_path is not set, and the HF hub did not answer ({e.reason}): pass a "
+        what = f"names the hub ({cfg.data_path})" if cfg.data_path else "is not set"
+        raise common.ConfigError(f"--data_path {what}, and the HF hub did not answer ({e.reason}): pass a "
                                  f"local file, e.g. --data_path {example}") from None
 
 

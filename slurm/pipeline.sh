@@ -8,6 +8,7 @@
 #   sbatch slurm/pipeline.sh configs/gpt2_124m_10b           # the seed's experiment, one node of 4 GPUs
 #   bash slurm/pipeline.sh configs/gpt2_124m_10b --skip-data --conditions mul_tokens
 #   bash slurm/pipeline.sh --dry-run                         # print what would run, run nothing
+#   bash slurm/pipeline.sh configs/gpt2_124m_10b --check     # only check every stage's inputs (seconds)
 #
 # CONFIG_DIR/pipeline.env names each stage's config (read it: it is the experiment's table of contents).
 # Options: --skip-data --skip-pretrain --skip-sft --skip-rl (--rl: GRPO where pipeline.env has it off)
@@ -15,9 +16,14 @@
 #   own later stages under OUT/<condition>/seed<N>/, pooled in the report; default: the config's seed)
 #   --jobs N (runs, i.e. conditions x seeds, side by side after the data; default: the CPU cores on a machine
 #   without GPUs, 1 with GPUs; the report waits for all) --out DIR (default out/<experiment>)
-#   --data DIR (default data/<experiment>) --dry-run
+#   --data DIR (default data/<experiment>) --dry-run --check --no-check
 # Environment: NPROC (processes per training stage; default: the GPUs SLURM gave us, else those nvidia-smi
 #   lists, else 1), EVAL_ARGS (extra key=value for every evaluation).
+#
+# Before the first stage, the preflight (slurm/preflight.py) checks the inputs of every stage about to run, dry:
+# the files the configs name, the HF hub sources (or, offline, the local caches), the GPT-2 ranks (tokenizer_file
+# or tiktoken's cache) and the outputs earlier stages leave; whatever is missing stops the launch in seconds with
+# one message naming each missing input and the local file to pass instead (--check: only that; --no-check: skip it).
 #
 # A stage whose outputs are complete is skipped, so a rerun after a failure (or a requeued job) continues
 # where it broke, and a second run runs nothing. Each stage's command is printed before it runs, to rerun
@@ -40,7 +46,7 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 
 CONFIG_DIR=configs/demo
 OUT_ROOT="" DATA_ROOT="" CONDITIONS_ARG="" RL_ARG="" SEEDS_ARG="" JOBS_ARG=""
-SKIP_DATA=0 SKIP_PRETRAIN=0 SKIP_SFT=0 SKIP_EVAL=0 DRY_RUN=0
+SKIP_DATA=0 SKIP_PRETRAIN=0 SKIP_SFT=0 SKIP_EVAL=0 DRY_RUN=0 CHECK=1 CHECK_ONLY=0 COLLECT=""
 die() { echo "error: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -59,6 +65,8 @@ while [ $# -gt 0 ]; do
         --jobs) [ $# -ge 2 ] || die "--jobs needs a value"; JOBS_ARG=$2; shift ;;
         --jobs=*) JOBS_ARG=${1#*=} ;;
         --dry-run) DRY_RUN=1 ;;
+        --check) CHECK_ONLY=1 ;;
+        --no-check) CHECK=0 ;;
         -h | --help) sed -n '2,/^#SBATCH/p' "$0" | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) CONFIG_DIR=${1%/} ;;
@@ -128,6 +136,10 @@ stage() {
     shift 3
     if complete "$done_file" "$done_text"; then
         echo "== $name: complete ($done_file), skipped"
+        return 0
+    fi
+    if [ -n "$COLLECT" ]; then  # the preflight's pass: note the stage and its command, one record each
+        printf '%s\0' "$name" "$@" $'\x1e' >> "$COLLECT"
         return 0
     fi
     echo "== $name"
@@ -262,48 +274,75 @@ wait_units() {
     UNIT_PIDS=() UNIT_NAMES=()
 }
 
-RUNS=() TRAIN_RUNS=() LABELS=() UNITS=()  # for the report: one entry per condition and seed
-for COND in $CONDITIONS; do
-    DATA_VAR=DATA_$COND
-    echo "==== condition $COND"
-    [ "$SKIP_DATA" = 1 ] || stage "prepare_data $COND" "$DATA_ROOT/$COND/meta.json" "" \
-        python prepare_data.py "${!DATA_VAR}" out_dir="$DATA_ROOT/$COND"
-    for SEED in ${SEEDS:-config}; do  # pretraining seeds: the same data, one run (and its later stages) each
-        UNITS+=("$COND $SEED")
-        RUNS+=("$(unit_dir "$COND" "$SEED")/eval") TRAIN_RUNS+=("$(unit_dir "$COND" "$SEED")/pretrain") LABELS+=("$COND")
+# walk: every stage of the launch, in order (what a dry run prints, and the plan the preflight checks)
+walk() {
+    RUNS=() TRAIN_RUNS=() LABELS=() UNITS=()  # for the report: one entry per condition and seed
+    for COND in $CONDITIONS; do
+        DATA_VAR=DATA_$COND
+        echo "==== condition $COND"
+        [ "$SKIP_DATA" = 1 ] || stage "prepare_data $COND" "$DATA_ROOT/$COND/meta.json" "" \
+            python prepare_data.py "${!DATA_VAR}" out_dir="$DATA_ROOT/$COND"
+        for SEED in ${SEEDS:-config}; do  # pretraining seeds: the same data, one run (and its later stages) each
+            UNITS+=("$COND $SEED")
+            RUNS+=("$(unit_dir "$COND" "$SEED")/eval") LABELS+=("$COND")
+            TRAIN_RUNS+=("$(unit_dir "$COND" "$SEED")/pretrain")
+        done
     done
-done
 
-# the units, JOBS at a time; side by side, each line of a unit's output starts with its name
-FAILED=()
-CONCURRENT=$((JOBS < ${#UNITS[@]} ? JOBS : ${#UNITS[@]}))
-[ "$CONCURRENT" -gt 1 ] && echo "== ${#UNITS[@]} runs (condition x seed), $CONCURRENT at a time (--jobs $JOBS)"
-for UNIT_ARGS in "${UNITS[@]}"; do
-    # shellcheck disable=SC2086  # "COND SEED"
-    set -- $UNIT_ARGS
-    NAME=$1; [ "$2" = config ] || NAME="$1 seed$2"
-    if [ "$CONCURRENT" -gt 1 ]; then
-        ( run_unit "$1" "$2" ) > >(sed -u "s/^/[$NAME] /") 2>&1 &
-    else
-        ( run_unit "$1" "$2" ) &
-    fi
-    UNIT_PIDS+=($!) UNIT_NAMES+=("$NAME")
-    [ "${#UNIT_PIDS[@]}" -lt "$CONCURRENT" ] || wait_units
-    [ "$STOPPING" = 0 ] || break
-done
-wait_units
-[ "$STOPPING" = 0 ] || stop_here
-[ "${#FAILED[@]}" = 0 ] || die "${FAILED[*]} failed (the error is above; fix it and rerun: finished stages are skipped)"
+    # the units, JOBS at a time; side by side, each line of a unit's output starts with its name
+    FAILED=()
+    CONCURRENT=$((JOBS < ${#UNITS[@]} ? JOBS : ${#UNITS[@]}))
+    [ "$CONCURRENT" -gt 1 ] && echo "== ${#UNITS[@]} runs (condition x seed), $CONCURRENT at a time (--jobs $JOBS)"
+    for UNIT_ARGS in "${UNITS[@]}"; do
+        # shellcheck disable=SC2086  # "COND SEED"
+        set -- $UNIT_ARGS
+        NAME=$1; [ "$2" = config ] || NAME="$1 seed$2"
+        if [ "$CONCURRENT" -gt 1 ]; then
+            ( run_unit "$1" "$2" ) > >(sed -u "s/^/[$NAME] /") 2>&1 &
+        else
+            ( run_unit "$1" "$2" ) &
+        fi
+        UNIT_PIDS+=($!) UNIT_NAMES+=("$NAME")
+        [ "${#UNIT_PIDS[@]}" -lt "$CONCURRENT" ] || wait_units
+        [ "$STOPPING" = 0 ] || break
+    done
+    wait_units
+    [ "$STOPPING" = 0 ] || stop_here
+    [ "${#FAILED[@]}" = 0 ] ||
+        die "${FAILED[*]} failed (the error is above; fix it and rerun: finished stages are skipped)"
 
-# ---- the report: every condition against the first (seeds pooled); redone when an evaluation is newer
-set -- $CONDITIONS
-if [ "$SKIP_EVAL" = 0 ] && [ $# -ge 2 ]; then
-    REPORT=$OUT_ROOT/compare/comparison_report.json
-    if [ -e "$REPORT" ] && [ -n "$(find "${RUNS[@]}" -name results.json -newer "$REPORT" 2>/dev/null | head -n 1)" ]; then
-        rm "$REPORT"  # out of date
+    # ---- the report: every condition against the first (seeds pooled); redone when an evaluation is newer
+    set -- $CONDITIONS
+    if [ "$SKIP_EVAL" = 0 ] && [ $# -ge 2 ]; then
+        REPORT=$OUT_ROOT/compare/comparison_report.json
+        if [ -e "$REPORT" ] && [ -n "$(find "${RUNS[@]}" -name results.json -newer "$REPORT" 2>/dev/null | head -n 1)" ]; then
+            [ "$DRY_RUN" = 1 ] || rm "$REPORT"  # out of date
+        fi
+        stage "compare $*" "$REPORT" "" python eval_gsm8k.py task=compare runs="$(LIST "${RUNS[@]}")" \
+            labels="$(LIST "${LABELS[@]}")" train_runs="$(LIST "${TRAIN_RUNS[@]}")" out_dir="$OUT_ROOT/compare"
+        [ "$DRY_RUN" = 1 ] || echo "== report: $REPORT and $OUT_ROOT/compare/comparison.png"
     fi
-    stage "compare $*" "$REPORT" "" python eval_gsm8k.py task=compare runs="$(LIST "${RUNS[@]}")" \
-        labels="$(LIST "${LABELS[@]}")" train_runs="$(LIST "${TRAIN_RUNS[@]}")" out_dir="$OUT_ROOT/compare"
-    [ "$DRY_RUN" = 1 ] || echo "== report: $REPORT and $OUT_ROOT/compare/comparison.png"
+}
+
+# preflight: the inputs of every stage about to run, checked before the first one (slurm/preflight.py); the walk
+# in dry-run mode notes each stage's command (COLLECT) instead of printing it
+preflight() {
+    local plan status=0
+    plan=$(mktemp "${TMPDIR:-/tmp}/pipeline-plan.XXXXXX")
+    ( DRY_RUN=1 JOBS=1 COLLECT=$plan; walk ) > /dev/null || status=$?
+    if [ "$status" = 0 ]; then python slurm/preflight.py "$plan" || status=$?; fi
+    rm -f "$plan"
+    return "$status"
+}
+
+if [ "$CHECK_ONLY" = 1 ]; then
+    STATUS=0
+    preflight || STATUS=$?
+    exit "$STATUS"
 fi
+if [ "$CHECK" = 1 ] && [ "$DRY_RUN" = 0 ]; then
+    preflight || exit 1  # its message names what is missing
+    [ "$STOPPING" = 0 ] || stop_here
+fi
+walk
 echo "$(date) pipeline done in $((SECONDS / 60)) min $((SECONDS % 60)) s (load average now: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo ?))"

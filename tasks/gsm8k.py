@@ -97,6 +97,14 @@ class HubUnreachable(FileNotFoundError):
         self.reason = reason
 
 
+GSM8K_HUB, SVAMP_HUB = "openai/gsm8k", "ChilleD/SVAMP"  # the hub sources (configs name them; a file overrides)
+
+
+def names_hub(data_path, hub):
+    """Whether a data path means the hub copy: empty, or the hub id itself (a config may name its source)."""
+    return data_path in ("", hub)
+
+
 def from_hub(what, repo, *args, split):
     """list(load_dataset(repo, *args, split=split)): `what` names the data for the error of an offline machine."""
     from datasets import load_dataset  # lazily: only needed when reading from the hub
@@ -109,12 +117,13 @@ def from_hub(what, repo, *args, split):
 
 
 def read_gsm8k(split="test", data_path=""):
-    """GSM8K rows {question, answer}: a local jsonl (e.g. ../shared/data/gsm8k/test.jsonl) or HF openai/gsm8k."""
-    if data_path:
+    """GSM8K rows {question, answer}: a local jsonl (e.g. ../shared/data/gsm8k/test.jsonl) or HF openai/gsm8k
+    (data_path empty or 'openai/gsm8k')."""
+    if not names_hub(data_path, GSM8K_HUB):
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"GSM8K file not found: {data_path}")
         return require_fields(dataio.read_jsonl(data_path), ("question", "answer"), data_path)
-    return from_hub(f"GSM8K {split}", "openai/gsm8k", "main", split=split)
+    return from_hub(f"GSM8K {split}", GSM8K_HUB, "main", split=split)
 
 
 def require_fields(rows, fields, path):
@@ -136,8 +145,9 @@ def load_gsm8k(data_path="", split="test"):
 
 
 def load_svamp(data_path="", split="test"):
-    """SVAMP examples {id, question (body + question), gold}: a local SVAMP.json or HF ChilleD/SVAMP."""
-    if data_path:
+    """SVAMP examples {id, question (body + question), gold}: a local SVAMP.json or HF ChilleD/SVAMP (data_path
+    empty or 'ChilleD/SVAMP')."""
+    if not names_hub(data_path, SVAMP_HUB):
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"SVAMP file not found: {data_path}")
         with open(data_path) as f:
@@ -149,7 +159,7 @@ def load_svamp(data_path="", split="test"):
             raise ValueError(f"{data_path}: expected a JSON list of SVAMP problems")
         require_fields(rows, ("Body", "Question", "Answer"), data_path)
     else:
-        rows = from_hub("SVAMP", "ChilleD/SVAMP", split=split)
+        rows = from_hub("SVAMP", SVAMP_HUB, split=split)
     return [{"id": r.get("ID", i), "question": f"{r['Body'].strip()} {r['Question'].strip()}",
              "gold": normalize_number(r["Answer"])} for i, r in enumerate(rows)]
 
@@ -167,7 +177,7 @@ def fewshot_pool(path="", near=()):
     if not path:
         candidates = []
         for beside in near:
-            if beside:
+            if beside and beside not in (GSM8K_HUB, SVAMP_HUB):  # a local file, not a hub source
                 here = os.path.dirname(os.path.abspath(beside))
                 candidates += [os.path.join(here, "train.jsonl"), os.path.join(here, "..", "gsm8k", "train.jsonl")]
         path = next((c for c in candidates if os.path.isfile(c)), "")

@@ -11,14 +11,16 @@ import os
 import torch
 
 import common
+from tasks.gsm8k import from_hub
+
+HUB = "Rowan/hellaswag"  # the hub source (its validation split); configs name it, a local file overrides
 
 
 def load_hellaswag(path="", limit=None):
     """Items {ctx, endings[4], label} from HF-style jsonl, the 6-lines-per-item text export, or (an empty
     path or 'Rowan/hellaswag') the validation split of Rowan/hellaswag on the HF hub."""
-    if not path or path == "Rowan/hellaswag":
-        from datasets import load_dataset  # lazily: only needed when reading from the hub
-        rows = load_dataset("Rowan/hellaswag", split="validation")
+    if path in ("", HUB):
+        rows = from_hub("HellaSwag", HUB, split="validation")  # offline: an error that asks for a local file
         items = [{"ctx": r["ctx"], "endings": list(r["endings"]), "label": int(r["label"])} for r in rows]
         return items[:limit] if limit else items
     if not os.path.isfile(path):

@@ -13,6 +13,7 @@ import pytest
 
 import common
 import eval_gsm8k as ev
+from conftest import shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -374,6 +375,222 @@ def test_stages_missing_from_the_checkout_are_skipped_with_a_message(tmp_path):
         assert "grpo.py is not in this checkout yet" in text
     elif not has_sft:  # GRPO starts from the SFT model
         assert "== grpo baseline: no SFT stage before it" in text
+
+
+# ---------------------------------------------------------------------------- the preflight (slurm/preflight.py)
+
+DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: no request leaves the machine
+
+
+def offline_env(tmp_path):
+    """A machine without the internet and with empty caches: the HF hub switched off (and, through a dead proxy,
+    tiktoken's downloads too), no datasets, hub or tiktoken cache to fall back on."""
+    caches = tmp_path / "empty_caches"
+    caches.mkdir(exist_ok=True)
+    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(caches / "hf"),
+            "HF_DATASETS_CACHE": str(caches / "datasets"), "TIKTOKEN_CACHE_DIR": str(caches / "tiktoken"),
+            "HTTPS_PROXY": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY, "https_proxy": DEAD_PROXY,
+            "http_proxy": DEAD_PROXY, "NO_PROXY": "", "no_proxy": ""}
+
+
+@pytest.fixture(scope="module")
+def user_clone(tmp_path_factory):
+    """The repository as a user's clone holds it (git's tracked files and the new ones not ignored), in a folder
+    with no ../shared beside it."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: no list of the repository's files")
+    root = tmp_path_factory.mktemp("clone") / "repo"
+    for name in filter(None, listed.stdout.split("\0")):
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(root, name))
+    assert not os.path.exists(os.path.join(os.path.dirname(root), "shared"))
+    return str(root)
+
+
+def test_a_launch_without_its_inputs_stops_in_seconds_naming_every_one(user_clone, tmp_path):
+    """`sbatch slurm/pipeline.sh configs/gpt2_124m_10b` on a clone without ../shared, offline: before the first
+    stage, one message names each missing input (data, tokenizer, every hub set) with the local file to pass."""
+    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    t0 = time.time()
+    rc, text = pipeline("configs/gpt2_124m_10b", "--out", out, "--data", data,
+                        script=os.path.join(user_clone, "slurm", "pipeline.sh"), env=offline_env(tmp_path))
+    seconds = time.time() - t0
+    assert rc == 1, text
+    assert seconds < 60, seconds  # ~3 s on a quiet machine: imports, no data read
+    assert commands(text) == [] and "== prepare_data" not in text and not os.path.exists(out), text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: 5 inputs of this launch are missing"), text
+    assert "the HF hub is unreachable: offline: HF_HUB_OFFLINE=1" in errors[0]
+    items = [line[4:] for line in text.splitlines() if line.startswith("  - ")]
+    assert len(items) == 5, text
+
+    def item(name):
+        found = [i for i in items if i.startswith(name)]
+        assert len(found) == 1, (name, items)
+        return found[0]
+
+    assert "Pass data_path=FILE|DIR|GLOB in configs/data_fineweb_edu_10b.yaml, configs/data_fineweb_edu_10b_mul.yaml" \
+        in item("HuggingFaceFW/fineweb-edu (sample-10BT) on the HF hub: the HF hub is unreachable")
+    ranks = item("the GPT-2 BPE ranks (tokenizer gpt2): not in tiktoken's cache")
+    assert "tokenizer_file=FILE in configs/data_fineweb_edu_10b.yaml, configs/data_fineweb_edu_10b_mul.yaml, " \
+           "configs/gpt2_124m_10b.yaml" in ranks  # the run's file serves the export and the sweep
+    hella = item("Rowan/hellaswag on the HF hub")
+    assert "hellaswag_file=FILE in configs/gpt2_124m_10b.yaml; hellaswag_path=FILE in configs/eval_base.yaml, " \
+           "configs/eval_sweep.yaml" in hella
+    assert "data_paths=[FILE] in configs/sft_tulu.yaml" in item("allenai/tulu-3-sft-mixture on the HF hub")
+    gsm8k = item("openai/gsm8k (main) on the HF hub")
+    for hint in ("data_paths=[FILE] in configs/sft_gsm8k.yaml", "eval_data_paths=[FILE] in configs/sft_gsm8k.yaml",
+                 "gsm8k_path=FILE in configs/eval_base.yaml, configs/eval_sweep.yaml, configs/eval_chat.yaml",
+                 "fewshot_path=FILE in configs/eval_base.yaml, configs/eval_sweep.yaml"):
+        assert hint in gsm8k, (hint, gsm8k)
+
+
+def test_the_demo_passes_the_preflight_on_a_clone_offline(user_clone, tmp_path):
+    rc, text = pipeline("configs/demo", "--check", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"),
+                        script=os.path.join(user_clone, "slurm", "pipeline.sh"), env=offline_env(tmp_path))
+    assert rc == 0, text
+    assert "== preflight: the inputs of 25 stage(s) are there" in text and commands(text) == []
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "d")
+
+
+def gpt2_experiment(folder, ranks, hellaswag, gsm8k_test):
+    """tiny_experiment with GPT-2 tokens and the local files a user passes offline."""
+    tiny_experiment(folder)
+    for name, extra in (("data.yaml", ""), ("pretrain.yaml", f"hellaswag_file: {hellaswag}\n")):
+        path = os.path.join(folder, name)
+        text = open(path).read().replace("tokenizer: byte\n", f"tokenizer: gpt2\ntokenizer_file: {ranks}\n")
+        with open(path, "w") as f:
+            f.write(text + extra)
+    for name in ("eval_base.yaml", "eval_sweep.yaml"):
+        with open(os.path.join(folder, name), "a") as f:
+            f.write(f"gsm8k_path: {gsm8k_test}\nhellaswag_path: {hellaswag}\nfewshot: 1\n")
+    text = open(os.path.join(folder, "pipeline.env")).read()
+    with open(os.path.join(folder, "pipeline.env"), "w") as f:
+        f.write(text.replace('BASE_TASKS="probes"', 'BASE_TASKS="gsm8k hellaswag"')
+                .replace('SWEEP_TASKS="probes"', 'SWEEP_TASKS="gsm8k hellaswag"'))
+    return folder
+
+
+def test_the_preflight_takes_local_files_and_names_a_missing_one(tmp_path):
+    """Offline, the local copies stand for the hub (GSM8K's exemplars from train.jsonl beside the test file); a
+    file that is not there, and a stage's input that no stage makes (--skip-data without data), are named."""
+    shared = shared_path()
+    exp = gpt2_experiment(str(tmp_path / "exp"), os.path.join(shared, "tokenizers", "gpt2.tiktoken"),
+                          os.path.join(shared, "hellaswag", "hellaswag_val_full.txt"),
+                          os.path.join(shared, "gsm8k", "test.jsonl"))
+    args = [exp, "--check", "--conditions", "baseline", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d")]
+    rc, text = pipeline(*args, env=offline_env(tmp_path))
+    assert rc == 0, text
+    assert "== preflight: the inputs of 6 stage(s) are there" in text
+    rc, text = pipeline(*args, "--skip-data", env=dict(offline_env(tmp_path), EVAL_ARGS="gsm8k_path=nope.jsonl"))
+    assert rc == 1, text
+    items = [line[4:] for line in text.splitlines() if line.startswith("  - ")]
+    assert items[0] == (f"data_dir={tmp_path}/d/baseline (train_gpt baseline): not there, and no stage of this "
+                        f"launch before it makes it (is the stage that makes it skipped by a --skip-* option?)")
+    assert items[1] == f"gsm8k_path=nope.jsonl in {exp}/eval_base.yaml, {exp}/eval_sweep.yaml: no such file"
+    assert items[2].startswith("openai/gsm8k (main) on the HF hub: the HF hub is unreachable") and \
+        f"fewshot_path=FILE in {exp}/eval_base.yaml, {exp}/eval_sweep.yaml" in items[2]  # nothing beside nope.jsonl
+    assert len(items) == 3, items
+
+
+def test_no_check_skips_the_preflight_and_dry_runs_do_not_run_it(user_clone, tmp_path):
+    script = os.path.join(user_clone, "slurm", "pipeline.sh")
+    rc, text = pipeline("configs/gpt2_124m_10b", "--dry-run", "--out", "o", script=script, env=offline_env(tmp_path))
+    assert rc == 0 and "preflight" not in text and commands(text), text
+    rc, text = pipeline("configs/gpt2_124m_10b", "--no-check", "--skip-data", "--skip-pretrain", "--skip-sft",
+                        "--skip-eval", "--out", str(tmp_path / "o"), script=script, env=offline_env(tmp_path))
+    assert rc == 0 and "preflight" not in text and "pipeline done" in text, text
+
+
+# ---------------------------------------------------------------------------- configs name the hub, files override
+
+
+def shipped_configs():
+    for folder, _, names in os.walk(os.path.join(ROOT, "configs")):
+        for name in sorted(names):
+            if name.endswith(".yaml"):
+                yield os.path.join(folder, name)
+
+
+def test_no_shipped_config_reads_the_shared_test_data():
+    """A user's clone has no ../shared: the configs name hub sources (or files a stage before makes); the local
+    copies of the project's tests are passed explicitly."""
+    import yaml
+
+    def strings(value):
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    for path in shipped_configs():
+        with open(path) as f:
+            values = strings(yaml.safe_load(f) or {})
+        assert not [v for v in values if "shared" in v.split("/")], path
+
+
+def fake_hub(calls, rows):
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return rows
+    return load_dataset
+
+
+def test_loaders_take_the_hub_source_a_config_names(monkeypatch):
+    import datasets
+    from tasks import gsm8k, hellaswag
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub(calls, [{"question": "q", "answer": "a\n#### 3",
+                                                                    "ctx": "c", "endings": list("abcd"), "label": 1,
+                                                                    "Body": "b", "Question": "q?", "Answer": 4}]))
+    assert gsm8k.read_gsm8k("test", "openai/gsm8k")[0]["answer"].endswith("#### 3")
+    assert gsm8k.load_svamp("ChilleD/SVAMP")[0]["gold"] == "4"
+    assert hellaswag.load_hellaswag("Rowan/hellaswag")[0]["label"] == 1
+    assert gsm8k.fewshot_pool("", near=("openai/gsm8k",))[0]["gold"] == "3"  # nothing "beside" a hub id: the hub
+    assert [c[0][0] for c in calls] == ["openai/gsm8k", "ChilleD/SVAMP", "Rowan/hellaswag", "openai/gsm8k"]
+    assert calls[0] == (("openai/gsm8k", "main"), {"split": "test"}) and calls[-1][1] == {"split": "train"}
+    assert calls[2][1] == {"split": "validation"}
+    with pytest.raises(FileNotFoundError, match="GSM8K file not found: openai/gsm8k.jsonl"):
+        gsm8k.read_gsm8k("test", "openai/gsm8k.jsonl")  # only the hub id itself means the hub
+    import gen_plans  # its SVAMP: the hub's split as it is (a local SVAMP.json is cut into train and test)
+    cfg = gen_plans.Config(data_path="ChilleD/SVAMP", split="test")
+    assert gen_plans.dataset_of(cfg) == "svamp" and len(gen_plans.load_problems(cfg)) == 1
+
+
+def test_an_offline_hub_source_names_the_key_that_takes_a_file(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{args[0]}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    cfg = common.load_config(ev.Config, [os.path.join(ROOT, "configs", "eval_base.yaml")])
+    from tasks import gsm8k
+    with pytest.raises(common.ConfigError) as e:
+        ev.local_or_hub(cfg.gsm8k_path, lambda: gsm8k.load_gsm8k(cfg.gsm8k_path), ev.task_data_key(cfg, "gsm8k"))
+    assert str(e.value).startswith("gsm8k_path names the hub (openai/gsm8k), and the HF hub did not answer "
+                                   "(openai/gsm8k (test)") and "pass a local file, e.g. gsm8k_path=" in str(e.value)
+
+
+def test_the_bd3lm_config_trains_and_validates_on_the_hub_copy(monkeypatch):
+    """configs/gsm8k_bd3lm.yaml as shipped: train rows from openai/gsm8k's train split, validation on its test
+    split (the job used to stop at once without ../shared)."""
+    import datasets
+    import train_bd3lm as bd
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub(calls, [{"question": f"q{i}", "answer": "a\n#### 1"}
+                                                                   for i in range(40)]))
+    cfg = common.load_config(bd.Config, [os.path.join(ROOT, "configs", "gsm8k_bd3lm.yaml"), "tokenizer=byte",
+                                         "seq_len=64"])
+    assert (cfg.data_path, cfg.val_data_path, cfg.tokenizer_file) == ("openai/gsm8k", "openai/gsm8k", None)
+    tok = common.Tokenizer("byte")
+    for split in ("train", "val"):
+        assert len(bd.build_rows(cfg, tok, split)[0]) > 0
+    assert [c[1]["split"] for c in calls] == ["train", "test"]
 
 
 # ---------------------------------------------------------------------------- the README's main job itself
