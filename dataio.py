@@ -277,8 +277,7 @@ def run_main(main, expected=(), preemptible=False):
     next step boundary (common.Preemption), saves and exits 0; a signal before or after its loop is remembered,
     never fatal. Any other stage stops at once with one line and exit code 128 + the signal number."""
     import pickle
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _on_stop_signal)
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
     try:
         if not preemptible:
             if RECEIVED_SIGNALS:
@@ -294,8 +293,10 @@ def run_main(main, expected=(), preemptible=False):
         sys.exit(1)
     finally:
         _signal_mode["raise"] = False
-        if preemptible:  # the run is over; while Python shuts down it restores the default (fatal) handlers
-            for sig in STOP_SIGNALS:
+        for sig in STOP_SIGNALS:
+            if not _is_stage_process():  # called in another program's process (a test): leave it as it was
+                signal.signal(sig, previous[sig])
+            elif preemptible:  # the run is over; while Python shuts down it restores the default (fatal) handlers
                 signal.signal(sig, signal.SIG_IGN)
 
 

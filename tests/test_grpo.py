@@ -458,7 +458,7 @@ BAD_INPUTS = [  # (arguments, words the one error line must hold)
     (lambda f, m: [f"model={m}", "task=gsm8k", f"task_args={{train_path: {f / 'broken.jsonl'}}}",
                    "reward_funcs=gsm8k"], "broken.jsonl:2: not a JSON line"),
     (lambda f, m: [f"model={m}", "task=gsm8k", f"task_args={{train_path: {f / 'empty.jsonl'}}}",
-                   "reward_funcs=gsm8k"], "task 'gsm8k' has no training examples"),
+                   "reward_funcs=gsm8k"], "empty.jsonl: no rows (an empty data file)"),
     (lambda f, m: [f"model={m}", "task=arithmetic", "task_args={max_operand: 2, n: 0}"],
      "task 'arithmetic' has no training examples"),
     (lambda f, m: [f"model={m}", "task=arithmetic", "task_args={nope: 1}"], "task_args {'nope': 1} do not fit"),
