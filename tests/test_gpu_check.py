@@ -24,7 +24,7 @@ def test_gpu_check_parts_run_tiny_on_cpu_and_write_one_json(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
-def test_gpu_check_sh_refuses_without_a_gpu():
-    run = subprocess.run(["bash", "bench/gpu_check.sh", "/tmp/unused"], cwd=ROOT, capture_output=True, text=True,
+def test_gpu_check_sh_refuses_without_a_gpu(tmp_path):
+    run = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "check")], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 1 and run.stderr.strip().startswith("error: bench/gpu_check.sh needs a CUDA GPU")
