@@ -45,7 +45,6 @@ import common  # first: its import installs the stop-signal handlers, before tor
 
 import dataclasses
 import json
-import math
 import os
 import pickle
 import random

@@ -28,3 +28,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def one_line_error(main, argv, capsys, expected=(), preemptible=False):
+    """Run main(argv) as a stage's entry point does (common.run_main): exit 1 and exactly one `error: ...` line on
+    stderr, no traceback. Returns that line."""
+    import common
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: main(argv), expected, preemptible)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, argv, nproc=2, timeout=600):
+    """`torchrun --nproc_per_node=N SCRIPT ARGV` on CPU (gloo) on a free port; asserts exit 0 (stderr shown)."""
+    import subprocess
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                          f"--master_port={free_port()}", os.path.join(ROOT, script), *argv], cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if not l.startswith("W1203"))[-4000:]
+    return run

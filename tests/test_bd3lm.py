@@ -14,6 +14,7 @@ import torch
 
 import common
 import train_bd3lm as bd
+import conftest
 from conftest import shared_path
 from model import GPT, GPTConfig, block_diffusion_mask
 
@@ -267,15 +268,7 @@ def test_bad_inputs_are_refused_with_the_setting_named(gsm8k_files, tmp_path):
 
 def one_line_error(argv, capsys):
     """bd.main(argv) as the script's entry point runs it (common.run_main): exit 1 and one `error:` line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_main(lambda: bd.main(argv))
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
+    return conftest.one_line_error(bd.main, argv, capsys)
 
 
 class RunsCode:

@@ -16,7 +16,7 @@ import export_hf
 import gen_plans
 import model as model_lib
 import train_gpt
-from conftest import ROOT, shared_path
+from conftest import ROOT, one_line_error, shared_path
 from test_train_gpt import tiny_args, write_arithmetic_data
 
 
@@ -71,19 +71,6 @@ class Crafted:
 
 def has_words(line, words):
     return all(w in line for w in ((words,) if isinstance(words, str) else words))
-
-
-def one_line_error(main, argv, capsys, expected=()):
-    """Run main(argv) as the script's entry point does; return its single stderr error line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_main(lambda: main(argv), expected)
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 TRAIN_CASES = [  # (arguments, words the error line must hold)

@@ -8,16 +8,9 @@ import sys
 import pytest
 
 import common
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 WORKER = os.path.join(ROOT, "tests", "fsdp_worker.py")
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(tmp_path, name, arch, steps, *opts, nproc=1):

@@ -3,15 +3,12 @@ as DDP does on the same 2 ranks (so the same prompts and, from the gathered roll
 a sharded checkpoint resumes exactly, the gathered HF folder holds the same weights, and the settings that
 cannot work are one-line errors."""
 import os
-import subprocess
-import sys
 
 import pytest
 
 import common
 import grpo
-from conftest import ROOT
-from test_fsdp import free_port
+import conftest
 from test_grpo import run_args, sft_warm
 
 
@@ -27,11 +24,7 @@ EXTRA = ["max_steps=3", "num_generations=4", "micro_batch_size=4", "gradient_acc
 
 
 def torchrun(argv, nproc=2):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                          f"--master_port={free_port()}", os.path.join(ROOT, "grpo.py"), *argv], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if not l.startswith("W1203"))[-4000:]
-    return run
+    return conftest.torchrun("grpo.py", argv, nproc)
 
 
 def records(out):

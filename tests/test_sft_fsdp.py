@@ -1,18 +1,14 @@
 """sft.py fsdp=true on CPU with gloo under torchrun: 2 sharded processes train a tiny Llama as 1 process does,
 the sharded checkpoint resumes bit-exact and on 1 process, LoRA under FSDP merges to the same model, a tiny MoE
 trains (its router loss counted), and the memory estimate prints before a run."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import sft
-from conftest import ROOT
-from test_fsdp import free_port
+import conftest
 from test_sft import hf_byte_tok, tiny_hf
 
 
@@ -32,11 +28,7 @@ def args(model, out, *extra):
 
 
 def torchrun(argv, nproc=2):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                          f"--master_port={free_port()}", os.path.join(ROOT, "sft.py"), *argv], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if not l.startswith("W1203"))[-4000:]
-    return run
+    return conftest.torchrun("sft.py", argv, nproc)
 
 
 def losses(out):

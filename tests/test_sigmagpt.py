@@ -15,6 +15,7 @@ import torch
 
 import common
 import train_sigmagpt as sg
+import conftest
 from conftest import shared_path
 from model import GPT, GPTConfig, from_hf, model_config
 
@@ -319,16 +320,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(shakespeare_dir, tmp_path):
 
 
 def one_line_error(argv, capsys):
-    """Run main(argv) as the script's entry point does (common.run_main): exit 1, one `error:` line, no traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_main(lambda: sg.main(argv), preemptible=True)
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
+    """sg.main(argv) as the script's entry point runs it (common.run_main): exit 1 and one `error:` line."""
+    return conftest.one_line_error(sg.main, argv, capsys, preemptible=True)
 
 
 ENTRY_CASES = {  # name: (arguments from (data, a trained run, tmp_path), words the error line must hold)
