@@ -671,7 +671,9 @@ def train(cfg, d, stop):
         return loss_accum, grad_norm, lr
 
     def save(step):
-        return common.save_training_checkpoint(out_dir, step, {
+        # checkpoint-N holds the weights after N optimizer steps, as the guide's (HF Trainer's) checkpoint-5000 at
+        # save_steps=5000; the state keeps the 0-based step index the loop resumes after
+        return common.save_training_checkpoint(out_dir, step + 1, {
             "kind": "sigmagpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
             "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "identity": run_identity, "step": step,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "loader": train_loader.state(),

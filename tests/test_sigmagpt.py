@@ -178,7 +178,9 @@ def test_loss_falls_on_tinyshakespeare_in_random_orders(trained_run):
     assert val[-1]["val_loss_random"] < val[0]["val_loss_random"]
     assert results["status"] == "done" and results["scored_tokens_per_step"] == 8 * 2 * 31
     # the guide's layout: config, CSV log, checkpoint-N/model.pt pruned to keep_last_k, and the PNG
-    assert [os.path.relpath(p, out) for _, p in common.list_checkpoints(out)] == ["checkpoint-39/model.pt"]
+    # checkpoint-N holds the weights after N optimizer steps (the guide's checkpoint-5000 at save_steps=5000)
+    assert [os.path.relpath(p, out) for _, p in common.list_checkpoints(out)] == ["checkpoint-40/model.pt"]
+    assert common.load_checkpoint(out)["step"] == 39  # the 0-based index of the last step done
     for name in ("config.json", "logs/training_log.csv", "log.jsonl", "loss.png", "results.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     rows = open(os.path.join(out, "logs", "training_log.csv")).read().splitlines()
@@ -269,7 +271,7 @@ def test_init_from_a_train_gpt_checkpoint_starts_as_the_ar_model(shakespeare_dir
 def test_init_from_a_sigmagpt_run_takes_its_newest_checkpoint(shakespeare_dir, trained_run, tmp_path):
     out, _ = trained_run
     saved = common.load_checkpoint(out)["model"]
-    for init_from in (out, os.path.join(out, "latest"), os.path.join(out, "checkpoint-39")):
+    for init_from in (out, os.path.join(out, "latest"), os.path.join(out, "checkpoint-40")):
         cfg = common.load_config(sg.Config, tiny_args(shakespeare_dir, str(tmp_path / "x"), init_from=init_from))
         weights = sg.build_model(cfg, common.load_meta(shakespeare_dir)).state_dict()
         assert all(torch.equal(weights[k], saved[k]) for k in saved), init_from
@@ -290,8 +292,8 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(shakespeare
         sg.main(tiny_args(shakespeare_dir, out, max_steps=30, learning_rate=1e9, resume="latest", val_interval=0,
                           log_interval=4))
     bad_step = records(out, "error")[0]["step"]
-    assert bad_step >= 2 and f"at step {bad_step}" in str(e.value) and "checkpoint-1" in str(e.value)
-    assert [s for s, _ in common.list_checkpoints(out)] == [1]  # nothing non-finite was saved
+    assert bad_step >= 2 and f"at step {bad_step}" in str(e.value) and "checkpoint-2" in str(e.value)
+    assert [s for s, _ in common.list_checkpoints(out)] == [2]  # nothing non-finite was saved
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(shakespeare_dir, tmp_path):
@@ -313,7 +315,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(shakespeare_dir, tmp_path):
     assert proc.returncode == 0, (tmp_path / "stderr").read_text()[-2000:]
     assert "received SIGTERM" in (tmp_path / "stdout").read_text()
     step, _ = common.list_checkpoints(out)[-1]
-    assert records(out, "train")[-1]["step"] == step
+    # checkpoint-N: after N steps, the last one logged (0-based step N-1)
+    assert records(out, "train")[-1]["step"] + 1 == step == common.load_checkpoint(out)["step"] + 1
 
 
 # ---------------------------------------------------------------------------- bad input
