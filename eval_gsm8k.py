@@ -27,6 +27,12 @@ Tasks
              subtraction; accuracy per suite. A multiplication token counts as the text it decodes to.
   hellaswag  acc (summed loss), acc_norm (mean loss per token, build-nanogpt) and acc_norm_char (loss per
              character, lm-evaluation-harness's acc_norm) of the ending, tasks/hellaswag.py.
+  bpb        bits per byte on math-heavy held-out text (seed 003: "lower perplexity on math-heavy text"):
+             bpb_text=gsm8k (default: the GSM8K test questions with their worked solutions, gsm8k_path) or a
+             text set of tasks/text_sets.py (openwebmath, wikitext103, text: a local file in bpb_path); each
+             document starts after the tokenizer's BOS (else its end of text, the pretraining separator) and is
+             scored in non-overlapping windows of the model's positions. Nats over UTF-8 bytes: comparable
+             across tokenizers (the mul_tokens condition's extra ids), unlike per-token loss.
   sweep      every checkpoint of a run folder -> checkpoint_results.json and a learning curve PNG per metric;
              val loss and bits per byte at each checkpoint's step from the run's log.jsonl (the numbers the
              report's curves use).
@@ -45,6 +51,7 @@ import common  # first: its import installs the stop-signal handlers, before tor
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import random
@@ -56,14 +63,15 @@ from typing import List
 import torch
 
 import engine as engine_lib
-from tasks import gsm8k, hellaswag, probes, synthetic
+from tasks import gsm8k, hellaswag, probes, synthetic, text_sets
 
-TASKS = ("gsm8k", "svamp", "synthetic", "probes", "hellaswag", "sweep", "compare")
+TASKS = ("gsm8k", "svamp", "synthetic", "probes", "hellaswag", "bpb", "sweep", "compare")
+LOSS_TASKS = ("hellaswag", "bpb")  # scored from logits, no generation
 
 
 @dataclasses.dataclass
 class Config:
-    task: str = "gsm8k"              # gsm8k | svamp | synthetic | probes | hellaswag | sweep | compare
+    task: str = "gsm8k"              # gsm8k | svamp | synthetic | probes | hellaswag | bpb | sweep | compare
     model: str = ""                  # native ckpt / run folder / RUN/latest, an exported folder, or an HF id
     out_dir: str = "out/eval"
     limit: int = 0                   # first N items (per suite for probes); 0 = all
@@ -88,6 +96,10 @@ class Config:
                                      # test problems and exemplars (tasks/synthetic.py SyntheticMath: max_value,
                                      # min_steps, max_steps, templates, ops), e.g. {max_steps: 1, max_value: 20}
     probe_max_new_tokens: int = 16
+    bpb_text: str = "gsm8k"          # task=bpb: gsm8k (test questions + worked solutions) | a tasks/text_sets.py
+                                     # name (openwebmath, wikitext103, text, ...)
+    bpb_path: str = ""               # task=bpb with a text set: a local copy (.txt/.jsonl/.parquet); "" = the hub
+    bpb_docs: int = 1000             # task=bpb with a text set: documents read (a stream's first ones); limit= cuts
     sweep_tasks: List[str] = dataclasses.field(default_factory=lambda: ["gsm8k", "probes"])
     sweep_isolate: str = "auto"      # sweep: one subprocess per checkpoint: auto (when vLLM generates: it keeps
                                      # its GPU memory until its process ends) | true | false
@@ -427,13 +439,76 @@ def task_hellaswag(cfg, lm):
     return metrics, {"n": n, **hits, "metric_protocols": HELLASWAG_PROTOCOLS}, records, time.time() - t0
 
 
+def bpb_documents(cfg):
+    """task=bpb's text: the GSM8K test questions with their worked solutions (calculator annotations kept, as
+    the dataset has them), or the documents of a text set (its eval split where it has one)."""
+    if cfg.bpb_text == "gsm8k":
+        path = task_data_path(cfg, "gsm8k")
+        rows = local_or_hub(path, lambda: gsm8k.load_gsm8k(path, "test"), task_data_key(cfg, "gsm8k"))
+        docs = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
+    else:
+        entry = text_sets.get_set(cfg.bpb_text)
+        docs = local_or_hub(cfg.bpb_path, lambda: text_sets.read_documents(
+            entry, cfg.bpb_path, entry.eval_split or entry.train_split, cfg.bpb_docs), "bpb_path")
+        docs = docs[:cfg.bpb_docs] if cfg.bpb_docs else docs
+    docs = docs[:cfg.limit] if cfg.limit else docs
+    if not docs:
+        raise ValueError(f"task=bpb: no documents in bpb_text={cfg.bpb_text} {cfg.bpb_path or ''}".rstrip())
+    return docs
+
+
+def bpb_windows(lm, docs):
+    """(document index, ids) windows: each document after a start token, cut into pieces of at most the model's
+    positions + 1 ids that overlap by one (each token after the start is predicted exactly once)."""
+    start = lm.tok.encode_prompt("") or [min(lm.tok.eos_ids)]  # BOS where the model wants one, else end of text
+    span = lm.max_positions or 1024
+    windows = []
+    for i, doc in enumerate(docs):
+        ids = start[-1:] + lm.tok.encode(doc)
+        windows += [(i, ids[lo:lo + span + 1]) for lo in range(0, len(ids) - 1, span)]
+    return windows
+
+
+@torch.no_grad()
+def task_bpb(cfg, lm):
+    """Summed next-token loss (nats) of every document token over the documents' UTF-8 bytes, in bits."""
+    docs = bpb_documents(cfg)
+    windows = sorted(bpb_windows(lm, docs), key=lambda w: len(w[1]))  # similar lengths together: little padding
+    nats, tokens = [0.0] * len(docs), [0] * len(docs)
+    t0 = time.time()
+    bar = common.progress(total=len(windows), desc="bpb")
+    for lo in range(0, len(windows), cfg.batch_size):
+        batch = windows[lo:lo + cfg.batch_size]
+        width = max(len(ids) for _, ids in batch)
+        x = torch.full((len(batch), width), lm.tok.pad_id, dtype=torch.long)
+        for j, (_, ids) in enumerate(batch):
+            x[j, :len(ids)] = torch.tensor(ids)
+        x = x.to(lm.device)
+        logits = lm.logits(x[:, :-1]).float()
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        for j, (i, ids) in enumerate(batch):  # right padding: a row's real targets are its first len(ids) - 1
+            nats[i] += loss[j, :len(ids) - 1].sum().item()
+            tokens[i] += len(ids) - 1
+        bar.update(len(batch))
+    bar.close()
+    nbytes = [len(doc.encode("utf-8")) for doc in docs]
+    records = [{"id": i, "bytes": b, "tokens": t, "nats": n, "bpb": n / math.log(2) / b if b else None}
+               for i, (b, t, n) in enumerate(zip(nbytes, tokens, nats))]
+    metrics = {f"bpb_{cfg.bpb_text}": sum(nats) / math.log(2) / sum(nbytes)}
+    counts = {"n": len(docs), "bytes": sum(nbytes), "tokens": sum(tokens), "nats": sum(nats),
+              "nll_per_token": sum(nats) / sum(tokens), "windows": len(windows),
+              "window_positions": lm.max_positions or 1024, "text": cfg.bpb_text,
+              "bytes_per_token": sum(nbytes) / sum(tokens)}
+    return metrics, counts, records, time.time() - t0
+
+
 def evaluate(cfg, lm, task, out_dir, engine=None):
     """Run one task on a loaded model and write config.json, results.json, predictions.jsonl, logs."""
     os.makedirs(out_dir, exist_ok=True)
     common.atomic_write_json(os.path.join(out_dir, "config.json"), {**dataclasses.asdict(cfg), "task": task})
     logger = common.Logger(out_dir)
-    if task == "hellaswag":
-        metrics, counts, records, seconds = task_hellaswag(cfg, lm)
+    if task in LOSS_TASKS:
+        metrics, counts, records, seconds = (task_hellaswag if task == "hellaswag" else task_bpb)(cfg, lm)
         engine_name = "loss"
     else:
         engine = engine or make_engine(cfg, lm, lm.dtype)
@@ -452,12 +527,20 @@ def evaluate(cfg, lm, task, out_dir, engine=None):
     results = {"task": task, "model": lm.name, "model_kind": lm.kind, **lm.info, "engine": engine_name,
                "protocol": cfg.protocol, "metric_protocols": metric_protocols, "metrics": metrics, "counts": counts, "n": counts["n"], "seconds": round(seconds, 3),
                "samples_per_s": counts["n"] / seconds if seconds > 0 else None,
-               "data": "generated" if task in ("synthetic", "probes") else task_data_path(cfg, task) or "hub",
+               "data": data_source(cfg, task),
                "config": {**dataclasses.asdict(cfg), "task": task}}
     common.atomic_write_json(os.path.join(out_dir, "results.json"), results)
     logger.log({"task": task, **metrics, "n": counts["n"], "seconds": round(seconds, 2),
                 "samples_per_s": results["samples_per_s"]})
     return results
+
+
+def data_source(cfg, task):
+    if task in ("synthetic", "probes"):
+        return "generated"
+    if task == "bpb":
+        return task_data_path(cfg, "gsm8k") or "hub" if cfg.bpb_text == "gsm8k" else cfg.bpb_path or "hub"
+    return task_data_path(cfg, task) or "hub"
 
 
 # -----------------------------------------------------------------------------
@@ -508,7 +591,7 @@ def sweep_isolated(cfg, tasks):
         raise common.ConfigError(f"sweep_isolate must be auto, true or false, got {cfg.sweep_isolate!r}")
     if cfg.sweep_isolate != "auto":
         return cfg.sweep_isolate == "true"
-    generates = any(t != "hellaswag" for t in tasks)
+    generates = any(t not in LOSS_TASKS for t in tasks)
     return generates and (cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()))
 
 
@@ -532,7 +615,7 @@ def sweep_checkpoint(cfg, step, path, tasks, device, dtype):
     engine = None  # one generation engine per checkpoint, shared by its tasks
     for task in tasks:
         sub = dataclasses.replace(cfg, task=task)
-        if task != "hellaswag" and engine is None:
+        if task not in LOSS_TASKS and engine is None:
             engine = make_engine(sub, lm, dtype)
         res = evaluate(sub, lm, task, os.path.join(cfg.out_dir, f"step_{step:06d}", task), engine)
         metrics.update(res["metrics"])
@@ -565,13 +648,12 @@ def run_sweep(cfg):
     run_dir, ckpts = sweep_checkpoints(cfg)
     device = resolve_device(cfg.device)
     dtype = common.resolve_dtype(cfg.dtype, device)
-    bad = [t for t in cfg.sweep_tasks if t not in ("gsm8k", "svamp", "synthetic", "probes", "hellaswag")]
-    if bad or not cfg.sweep_tasks:
-        raise common.ConfigError(f"sweep_tasks must be some of gsm8k, svamp, synthetic, probes, hellaswag; "
-                                 f"got {cfg.sweep_tasks}")
+    per_model = [t for t in TASKS if t not in ("sweep", "compare")]
+    if not cfg.sweep_tasks or any(t not in per_model for t in cfg.sweep_tasks):
+        raise common.ConfigError(f"sweep_tasks must be some of {', '.join(per_model)}; got {cfg.sweep_tasks}")
     if cfg.data_path:
         raise common.ConfigError("a sweep runs several tasks: give gsm8k_path/svamp_path/hellaswag_path, not data_path")
-    tasks = sorted(cfg.sweep_tasks, key=lambda t: t != "hellaswag")  # loss tasks first: vLLM may take the GPU after
+    tasks = sorted(cfg.sweep_tasks, key=lambda t: t not in LOSS_TASKS)  # loss tasks first: vLLM may take the GPU after
     isolate = sweep_isolated(cfg, tasks)
     os.makedirs(cfg.out_dir, exist_ok=True)
     common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
@@ -648,6 +730,8 @@ def scored_outcomes(folder):
             continue
         with open(path) as f:
             task = json.load(f)["task"]
+        if task == "bpb":  # a loss over documents, not answers: its figure is in the metrics table
+            continue
         records = common.read_jsonl(preds)
         for r in records:
             if "correct_norm" in r:  # hellaswag: correct, correct_norm, ... -> hellaswag_acc, hellaswag_acc_norm, ...
@@ -790,16 +874,22 @@ def run_compare(cfg):
         curves, final = pretraining_curves(train_run, os.path.join(run, "sweep"))
         pretraining[lab].append({"train_run": train_run, "final": final, "curves": curves})
 
+    # bits per byte on held-out text (task=bpb): lower is better; comparable across the conditions' tokenizers
+    text_bpb = {m: table[m] for m in names if m.split("/")[-1].startswith("bpb_")}
+
     os.makedirs(cfg.out_dir, exist_ok=True)
     chart = os.path.join(cfg.out_dir, "comparison.png")
-    plot_report(chart, conditions, stages, accuracy, mcnemar, tokens, pretraining)
+    plot_report(chart, conditions, stages, accuracy, mcnemar, tokens, pretraining, text_bpb)
     report = {"baseline": base, "conditions": conditions, "seeds": {c: len(seeds_of[c]) for c in conditions},
               "runs": [{"label": lab, "path": r, "metrics": m} for lab, r, m in zip(labels, cfg.runs, per_run)],
               "metrics": table, "delta_vs_baseline": delta, "stages": stages,
               "accuracy": accuracy, "mcnemar": mcnemar, "tokens_per_answer": tokens, "pretraining": pretraining,
+              "text_bpb": text_bpb,
               "notes": {"ci95": "Wilson score interval (over every seed's answers when seeds are pooled)",
                         "mcnemar": "exact two-sided, on the questions both conditions answered (seed s with seed s)",
-                        "val_bpb": "validation bits per byte: comparable across tokenizers, unlike per-token loss"},
+                        "val_bpb": "validation bits per byte: comparable across tokenizers, unlike per-token loss",
+                        "text_bpb": "task=bpb: bits per byte of held-out text (bpb_gsm8k: GSM8K test questions and "
+                                    "solutions; bpb_openwebmath: OpenWebMath pages); lower is better"},
               "chart": os.path.basename(chart)}
     common.atomic_write_json(os.path.join(cfg.out_dir, "comparison_report.json"), report)
     return report
@@ -813,13 +903,17 @@ def main_accuracies(accuracy):
     return math_names + [m for m in names if m == "hellaswag_acc_norm"], probe_names
 
 
-def plot_report(path, labels, stages, accuracy, mcnemar, tokens, pretraining):
+def plot_report(path, labels, stages, accuracy, mcnemar, tokens, pretraining, text_bpb=None):
     """One page: pretraining curves (val bits per byte or loss, HellaSwag), accuracies per stage with 95%
-    intervals and sample counts, probe suites, tokens per answer, and the paired tests."""
+    intervals and sample counts, probe suites, tokens per answer, the paired tests, and bits per byte on
+    held-out text where task=bpb ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+    fig, axes = plt.subplots(2, 4 if text_bpb else 3, figsize=(24 if text_bpb else 18, 10))
+    if text_bpb:
+        plot_text_bpb(axes[0, 3], labels, text_bpb)
+        axes[1, 3].axis("off")
     colors = {lab: f"C{j}" for j, lab in enumerate(labels)}
 
     # pretraining curves
@@ -874,6 +968,20 @@ def plot_report(path, labels, stages, accuracy, mcnemar, tokens, pretraining):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_text_bpb(ax, labels, text_bpb):
+    """Bars of bits per byte on held-out text, one group per (stage/)text, one bar per condition."""
+    names = sorted(text_bpb)
+    width = 0.8 / len(labels)
+    for j, lab in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(xs, [text_bpb[m].get(lab) or 0.0 for m in names], width, color=f"C{j}", label=lab)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([m.replace("/", "\n") for m in names], fontsize=7)
+    ax.set_title("bits per byte on held-out text (lower is better)")
+    ax.legend(fontsize=8)
 
 
 def bar_groups(ax, labels, colors, groups, accuracy, title):

@@ -361,6 +361,10 @@ def eval_gsm8k(pf, stage, cfg):
     pf.native_ranks(cfg.model, cfg.tokenizer_file)
     hub = {"gsm8k": (gsm8k.GSM8K_HUB, "main"), "svamp": (gsm8k.SVAMP_HUB, None), "hellaswag": (hellaswag.HUB, None)}
     for task in cfg.sweep_tasks if cfg.task == "sweep" else [cfg.task]:
+        if task == "bpb" and cfg.bpb_text != "gsm8k":
+            bpb_text_source(pf, cfg)
+            continue
+        task = "gsm8k" if task == "bpb" else task  # bpb_text=gsm8k: the GSM8K test split
         path, key = stage.task_data_path(cfg, task), stage.task_data_key(cfg, task)
         if task not in hub:
             continue  # synthetic, probes: generated
@@ -377,6 +381,16 @@ def eval_gsm8k(pf, stage, cfg):
             elif cfg.fewshot_path or not any(os.path.isfile(b) for b in beside):
                 pf.hub_dataset(gsm8k.GSM8K_HUB, "main", "fewshot_path=FILE")
     pf.makes(cfg.out_dir)
+
+
+def bpb_text_source(pf, cfg):
+    """task=bpb on a text set: its local copy, else its hub dataset."""
+    from tasks import text_sets
+    entry = text_sets.get_set(cfg.bpb_text)
+    if cfg.bpb_path or not entry.hub:
+        pf.local("bpb_path", cfg.bpb_path)
+    else:
+        pf.hub_dataset(entry.hub, entry.config, "bpb_path=FILE")
 
 
 def hellaswag_source(pf, key, path):
