@@ -680,13 +680,26 @@ def folder_metrics(folder):
     metrics = {}
     for path in task_results(folder):
         with open(path) as f:
-            metrics.update(json.load(f).get("metrics", {}))
+            metrics.update(result_metrics(json.load(f)))
     sweep = os.path.join(folder, "checkpoint_results.json")
     if not metrics and os.path.isfile(sweep):
         with open(sweep) as f:
             metrics.update(json.load(f)["checkpoints"][-1]["metrics"])
     if not metrics:
         raise FileNotFoundError(f"no results.json or checkpoint_results.json in {folder}")
+    return metrics
+
+
+def result_metrics(res):
+    """The comparable figures of one results.json: its metrics, the generation speed of a task that generates
+    (<task>_samples_per_s), and for train_bd3lm.py's ppl_eval its NELBO per token, the perplexity bound and the
+    NELBO of each segment (question, plan, execution)."""
+    metrics = dict(res.get("metrics", {}))
+    if res.get("task") and res["task"] not in LOSS_TASKS and res.get("samples_per_s") is not None:
+        metrics[f"{res['task']}_samples_per_s"] = res["samples_per_s"]
+    if res.get("mode") == "ppl_eval":
+        metrics.update({"nelbo": res["nelbo"], "ppl_bound": res["ppl_bound"]})
+        metrics.update({f"nelbo_{seg}": v for seg, v in (res.get("segments") or {}).items()})
     return metrics
 
 
@@ -810,7 +823,7 @@ def pretraining_curves(train_run, sweep_dir):
             with open(results) as f:
                 res = json.load(f)
             final = {k: res.get(k) for k in ("steps", "final_train_loss", "final_val_loss", "final_val_bpb",
-                                              "hellaswag_acc_norm", "tokens_seen")}
+                                              "hellaswag_acc_norm", "tokens_seen", "tokens_per_sec")}
     sweep = os.path.join(sweep_dir, "checkpoint_results.json")
     if os.path.isfile(sweep):
         with open(sweep) as f:
