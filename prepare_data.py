@@ -26,6 +26,11 @@ target_tokens, at most one shard: for 10B tokens in 100M shards that is one 100M
 split as build-nanogpt's fineweb.py. With target_tokens=0 (the whole source) auto means 100,000 tokens.
 A document may straddle the val/train boundary or two shards; the stream stops exactly at target_tokens.
 
+The test split (test_split=test, or test_path=FILE offline): another split of the source (WikiText-103's test
+split, as the sigma-GPT seed evaluates on), tokenized whole into its own test_000000.bin, ... after the stream,
+never capped by target_tokens. It is rewritten whole when missing, damaged or asked for with other settings,
+without touching the train/val shards (so an existing data folder gains one without overwrite=true).
+
 Condition mul_tokens: the tokenizer is dataio.Tokenizer(..., mul_range=(mul_min, mul_max)), which turns
 every correct, stand-alone, in-range product on one line (a*b=c, a x b = c, a × b = c, a times b is c; the
 rule is at dataio.MUL_RE) into one token, ' a*b=c' when a space precedes it. The text is the same as in
@@ -91,6 +96,9 @@ class Config:
     hf_dataset: str = ""  # '' -> the source's HF dataset id
     hf_config: str = ""  # '' -> the source's default config (sample-10BT, wikitext-103-raw-v1, main)
     hf_split: str = "train"
+    # the test split: written whole as test_NNNNNN.bin (see the docstring); both empty = no test split
+    test_split: str = ""  # the HF split to write as the test split (wikitext: test)
+    test_path: str = ""  # a local file, folder or glob of the test split instead of the hub (wiki.test.raw)
     streaming: bool = True  # stream HF datasets instead of downloading them whole
     max_docs: int = 0  # stop after this many documents (0: no limit)
     # synthetic_math: the same seed and knobs give the same text
@@ -306,10 +314,12 @@ PROGRESS = "progress.json"
 
 class ShardWriter:
     """Cuts the token stream into shards: the first val_tokens tokens into val shards, the rest into train
-    shards, shard_size tokens each, stopping at target_tokens. Records every finished shard in progress."""
+    shards, shard_size tokens each, stopping at target_tokens. Records every finished shard in progress.
+    split='test': every shard is a test shard (the test split's own stream)."""
 
-    def __init__(self, out_dir, tok, shard_size, val_tokens, target_tokens, progress, logger):
+    def __init__(self, out_dir, tok, shard_size, val_tokens, target_tokens, progress, logger, split=None):
         self.out_dir, self.tok, self.logger = out_dir, tok, logger
+        self.fixed_split = split
         self.shard_size, self.val_tokens, self.target = shard_size, val_tokens, target_tokens
         self.progress = progress
         self.dtype = dataio.token_dtype(tok.vocab_size)
@@ -320,7 +330,9 @@ class ShardWriter:
         self._start_shard()
 
     def _start_shard(self):
-        if self.total < self.val_tokens:
+        if self.fixed_split:
+            self.split, self.cap = self.fixed_split, self.shard_size
+        elif self.total < self.val_tokens:
             self.split, self.cap = "val", min(self.shard_size, self.val_tokens - self.total)
         else:
             self.split, self.cap = "train", self.shard_size
@@ -376,7 +388,7 @@ class ShardWriter:
 
 
 def shard_files(out_dir):
-    return sorted(f for f in os.listdir(out_dir) if re.match(r"^(train|val)_\d+\.bin$", f)) \
+    return sorted(f for f in os.listdir(out_dir) if re.match(r"^(train|val|test)_\d+\.bin$", f)) \
         if os.path.isdir(out_dir) else []
 
 
@@ -418,6 +430,7 @@ def load_progress(out_dir, fingerprint, overwrite, width):
                 break
             progress["shards"].append(shard)
         progress["complete"] = old.get("complete", False) and len(progress["shards"]) == len(old["shards"])
+        progress["test"] = old.get("test")  # the settings its test shards were written with
     keep = {s["file"] for s in progress["shards"]}
     for name in existing:
         if name not in keep:
@@ -459,11 +472,19 @@ def validate(cfg):
             raise ConfigError(f"synthetic_math: {e}") from None
         if not 0 <= cfg.synth_facts_fraction <= 1:
             raise ConfigError(f"synth_facts_fraction must be in [0, 1], got {cfg.synth_facts_fraction}")
-    if cfg.data_path:  # a missing, empty or binary file stops the run here, with its name
-        files = local_files(cfg.data_path)
-        for path in files:
-            if not path.endswith(".parquet"):
-                check_text_file(path, allow_empty=len(files) > 1)
+    if cfg.test_split and cfg.source not in HF_DATASETS:
+        raise ConfigError(f"test_split is a split of an HF source; source={cfg.source} has none (use test_path=FILE)")
+    if cfg.test_split and cfg.data_path and not cfg.test_path:
+        raise ConfigError("data_path reads the text locally: give the test split locally too, test_path=FILE "
+                          "(e.g. wiki.test.raw), or drop test_split")
+    if cfg.test_path and cfg.source == "synthetic_math":
+        raise ConfigError("source=synthetic_math generates its text; it takes no test_path")
+    for data_path in (cfg.data_path, cfg.test_path):  # a missing, empty or binary file stops the run here
+        if data_path:
+            files = local_files(data_path)
+            for path in files:
+                if not path.endswith(".parquet"):
+                    check_text_file(path, allow_empty=len(files) > 1)
 
 
 def resolve_val_tokens(cfg):
@@ -494,12 +515,20 @@ def prepare(cfg):
     width = np.dtype(dataio.token_dtype(tok.vocab_size)).itemsize
 
     # everything that changes the bytes of the shards; a rerun must match it to keep finished shards
-    skip = {"out_dir", "num_proc", "chunksize", "overwrite", "streaming", "tokenizer_file", "val_tokens"}
+    # (the test split is written apart, so it has its own record: progress["test"])
+    skip = {"out_dir", "num_proc", "chunksize", "overwrite", "streaming", "tokenizer_file", "val_tokens",
+            "test_split", "test_path"}
     fingerprint = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     fingerprint.update(val_tokens=val_tokens, tokenizer_spec=tok.spec)
 
     os.makedirs(out_dir, exist_ok=True)
     progress = load_progress(out_dir, fingerprint, cfg.overwrite, width)
+    test_spec = {"test_split": cfg.test_split, "test_path": cfg.test_path} if cfg.test_split or cfg.test_path else None
+    test_ok = progress["complete"] and progress.get("test") == test_spec
+    if not test_ok:  # the test split is rewritten whole (after the stream): its old shards go now
+        for s in [s for s in progress["shards"] if s["split"] == "test"]:
+            os.remove(os.path.join(out_dir, s["file"]))
+        progress["shards"] = [s for s in progress["shards"] if s["split"] != "test"]
     resuming = bool(progress["shards"])
     dataio.atomic_write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
     logger = dataio.Logger(out_dir, resume=True)
@@ -507,7 +536,7 @@ def prepare(cfg):
     num_proc = cfg.num_proc or max(1, (os.cpu_count() or 2) // 2)
 
     if progress["complete"]:
-        logger.info(f"{out_dir}: all {len(progress['shards'])} shards already written, nothing to do")
+        logger.info(f"{out_dir}: all {len(progress['shards'])} train/val shards already written")
     else:
         last = progress["shards"][-1] if resuming else {"next_doc": 0, "next_offset": 0}
         start_doc, start_offset = last["next_doc"], last["next_offset"]
@@ -538,8 +567,10 @@ def prepare(cfg):
                 doc_index += 1 if first is not None else 0
         writer.flush(doc_index, 0)  # the last, partly filled shard (when the source ran out)
         bar.close()
-        progress["complete"] = True
-        dataio.atomic_write_json(os.path.join(out_dir, PROGRESS), progress)
+    if not test_ok and test_spec:
+        write_test_split(cfg, tok, tok_args, num_proc, progress, out_dir, logger)
+    progress["complete"], progress["test"] = True, test_spec
+    dataio.atomic_write_json(os.path.join(out_dir, PROGRESS), progress)
 
     meta = build_meta(cfg, tok, progress, val_tokens, out_dir)
     dataio.atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
@@ -551,15 +582,33 @@ def prepare(cfg):
     return meta
 
 
+def write_test_split(cfg, tok, tok_args, num_proc, progress, out_dir, logger):
+    """The test split (test_path, else the hub's test_split of the source), whole, into test_NNNNNN.bin."""
+    test_cfg = dataclasses.replace(cfg, data_path=cfg.test_path, hf_split=cfg.test_split or cfg.hf_split, max_docs=0)
+    docs = iter_documents(test_cfg)
+    first = next(docs, None)
+    if first is None:
+        raise DataError(f"the test split ({cfg.test_path or cfg.test_split}) holds no documents")
+    logger.info(f"tokenizing the test split ({cfg.test_path or f'split {cfg.test_split}'}) into {out_dir}")
+    writer = ShardWriter(out_dir, tok, cfg.shard_size, 0, 0, progress, logger, split="test")
+    doc_index = 0
+    with contextlib.closing(tokenize_stream(itertools.chain([first], docs), tok, tok_args, num_proc,
+                                            cfg.chunksize)) as stream:
+        for doc_index, tokens in enumerate(stream):
+            writer.add(tokens, doc_index)
+    writer.flush(doc_index + 1, 0)
+
+
 def build_meta(cfg, tok, progress, val_tokens, out_dir):
     shards = progress["shards"]
-    per_fact, by_split = {}, {"train": 0, "val": 0}
+    per_fact, by_split = {}, {"train": 0, "val": 0, "test": 0}
     for s in shards:
         for fact, n in s["mul"].items():
             per_fact[fact] = per_fact.get(fact, 0) + n
             by_split[s["split"]] += n
     hf_name, hf_config = HF_DATASETS.get(cfg.source, (None, None))
-    last = shards[-1] if shards else {"next_doc": 0, "next_offset": 0}
+    stream = [s for s in shards if s["split"] != "test"]
+    last = stream[-1] if stream else {"next_doc": 0, "next_offset": 0}
     return {
         "source": cfg.source,
         "data_path": cfg.data_path or None,
@@ -577,13 +626,17 @@ def build_meta(cfg, tok, progress, val_tokens, out_dir):
         "dtype": np.dtype(dataio.token_dtype(tok.vocab_size)).name,
         "train_tokens": sum(s["tokens"] for s in shards if s["split"] == "train"),
         "val_tokens": sum(s["tokens"] for s in shards if s["split"] == "val"),
+        "test_tokens": sum(s["tokens"] for s in shards if s["split"] == "test"),
         "total_tokens": sum(s["tokens"] for s in shards),
         "documents": last["next_doc"] + (1 if last["next_offset"] else 0),
         "mul_injections": {"total": sum(per_fact.values()), "train": by_split["train"], "val": by_split["val"],
+                           "test": by_split["test"],
                            "per_fact": dict(sorted(per_fact.items(), key=lambda kv: -kv[1]))},
         "target_tokens": cfg.target_tokens,
         "shard_size": cfg.shard_size,
         "val_split": f"the first {val_tokens} tokens of the stream",
+        "test_split": (cfg.test_path or f"split {cfg.test_split} of the source") if cfg.test_split or cfg.test_path
+                      else None,
         "seed": cfg.seed if cfg.source == "synthetic_math" else None,
         "shards": [{"file": s["file"], "split": s["split"], "tokens": s["tokens"]} for s in shards],
         "out_dir": out_dir,
@@ -595,7 +648,7 @@ def main(argv=None):
     cfg = dataio.load_config(Config, argv)
     meta = prepare(cfg)
     print(f"wrote {len(meta['shards'])} shards to {cfg.out_dir or default_out_dir(cfg)}: "
-          f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+          f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val + {meta['test_tokens']:,} test tokens, "
           f"{meta['mul_injections']['total']:,} multiplication tokens")
     return meta
 

@@ -280,6 +280,84 @@ def test_wikitext_local_articles(tmp_path):
     assert " = = Career = = " in docs[0] and "\n\n" not in docs[0] and "\r" not in docs[0]
 
 
+def wikitext_halves(tmp_path):
+    """WikiText-2's test file cut at an article boundary: a train file and a test file that share no article."""
+    lines = open(shared_path("wikitext-2-raw", "wiki.test.raw"), encoding="utf-8", newline="").read().splitlines(True)
+    cut = next(i for i in range(1500, len(lines)) if re.match(r"^ = [^=].* = \r?$", lines[i].rstrip("\n")))
+    train, test = tmp_path / "wiki.train.raw", tmp_path / "wiki.test.raw"
+    train.write_text("".join(lines[:cut]), encoding="utf-8", newline="")
+    test.write_text("".join(lines[cut:]), encoding="utf-8", newline="")
+    return str(train), str(test)
+
+
+def split_text(out, meta, split):
+    parts = [common.read_shard(os.path.join(out, s["file"])) for s in meta["shards"] if s["split"] == split]
+    return common.Tokenizer("byte").decode(np.concatenate(parts).tolist()) if parts else ""
+
+
+def test_wikitext_test_split_is_its_own_shards(tmp_path):
+    """The test split (the sigma-GPT seed's evaluation set) is written whole beside train/val, from its own file,
+    added to an existing folder without touching the train/val shards, and rewritten when damaged."""
+    train, test = wikitext_halves(tmp_path)
+    args = ["source=wikitext", f"data_path={train}", "tokenizer=byte", "val_tokens=5000", "num_proc=1",
+            "shard_size=200000"]
+    out, meta = run(tmp_path, *args)
+    assert meta["test_tokens"] == 0 and meta["test_split"] is None and not glob.glob(os.path.join(out, "test_*"))
+    before = shard_state(out)
+    out, meta = run(tmp_path, *args, f"test_path={test}")
+    assert {k: v for k, v in shard_state(out).items() if not k.startswith("test_")} == before  # train/val kept
+    articles = [a for a in P.text_sets.wikitext_articles(open(test, encoding="utf-8", newline=""))]
+    assert articles[0].startswith(" = ") and len(articles) > 5
+    assert split_text(out, meta, "test") == "".join(a + EOT for a in articles)
+    assert meta["test_tokens"] == sum(len(a.encode()) + 1 for a in articles) > 200_000  # more than one shard of 200k
+    names = [f"test_{i:06d}.bin" for i in range(-(-meta["test_tokens"] // 200_000))]  # full shards, then the rest
+    assert [s["file"] for s in meta["shards"] if s["split"] == "test"] == names and len(names) >= 2
+    assert meta["test_split"] == test and meta["val_tokens"] == 5000
+    train_text = split_text(out, meta, "val") + split_text(out, meta, "train")
+    assert articles[0] not in train_text and train_text.startswith(" = Robert Boulter = ")
+    # train/val hold exactly what they held before the test split was added; common's loaders see the new split
+    assert common.find_shards(out, "test") == [os.path.join(out, f) for f in names]
+    # a rerun does nothing; a damaged test shard is rewritten, and the rest stays as it was
+    state = shard_state(out)
+    run(tmp_path, *args, f"test_path={test}")
+    assert shard_state(out) == state
+    with open(os.path.join(out, "test_000001.bin"), "r+b") as f:
+        f.truncate(1000)
+    out, meta2 = run(tmp_path, *args, f"test_path={test}")
+    assert split_text(out, meta2, "test") == "".join(a + EOT for a in articles)
+    assert {k: v for k, v in shard_state(out).items() if not k.startswith("test_")} == before
+    # dropping the test split removes its shards
+    out, meta3 = run(tmp_path, *args)
+    assert meta3["test_tokens"] == 0 and not glob.glob(os.path.join(out, "test_*"))
+
+
+def test_wikitext_test_split_from_the_hub_and_its_errors(tmp_path, monkeypatch):
+    calls = []
+    rows = {"train": [{"text": " = A = \n"}, {"text": " x y \n"}], "test": [{"text": " = T = \n"}, {"text": " z \n"}]}
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return iter(rows[split])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    out, meta = run(tmp_path, "source=wikitext", "tokenizer=byte", "val_tokens=0", "num_proc=1", "test_split=test")
+    assert calls == [(*P.HF_DATASETS["wikitext"], "train", True), (*P.HF_DATASETS["wikitext"], "test", True)]
+    assert split_text(out, meta, "train") == " = A = \n x y " + EOT and split_text(out, meta, "test") == " = T = \n z " + EOT
+    assert meta["test_split"] == "split test of the source"
+    # the configs' WikiText-103 data: train, the first 1M tokens as val, and the test split
+    cfg = common.load_config(P.Config, [os.path.join(ROOT, "configs", "data_wikitext103.yaml")])
+    assert (cfg.source, cfg.hf_split, cfg.test_split, cfg.val_tokens) == ("wikitext", "train", "test", 1_000_000)
+    with pytest.raises(common.ConfigError, match="test_path=FILE"):
+        run(tmp_path, "source=wikitext", "data_path=" + shared_path("wikitext-2-raw", "wiki.test.raw"), "test_split=test",
+            "tokenizer=byte", name="x")
+    with pytest.raises(common.ConfigError, match="no test_path"):
+        run(tmp_path, "source=synthetic_math", "max_docs=5", "test_path=" + shared_path("wikitext-2-raw", "wiki.test.raw"),
+            "tokenizer=byte", name="y")
+    with pytest.raises(FileNotFoundError, match="nope.raw"):
+        run(tmp_path, "source=wikitext", "data_path=" + shared_path("wikitext-2-raw", "wiki.test.raw"),
+            f"test_path={tmp_path / 'nope.raw'}", "tokenizer=byte", name="z")
+
+
 @pytest.mark.parametrize("source,rows,expected_docs", [
     ("fineweb_edu", [{"text": "one doc"}, {"text": ""}, {"text": "two doc"}], ["one doc", "two doc"]),
     ("openwebmath", [{"text": "$x^2$ is 7 x 8 = 56"}], ["$x^2$ is 7 x 8 = 56"]),
