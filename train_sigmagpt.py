@@ -7,6 +7,9 @@ New Approach to Autoregressive Models", arXiv 2404.09562). Read it top to bottom
     python train_sigmagpt.py configs/sigmagpt_fair.yaml                  # mode=fair: conditional loss
     torchrun --nproc_per_node=4 train_sigmagpt.py configs/sigmagpt_full.yaml resume=latest
     python train_sigmagpt.py configs/sigmagpt_demo.yaml mode=eval ckpt=experiments/<run>
+    python train_sigmagpt.py configs/sigmagpt_full.yaml mode=eval ckpt=experiments/<run> split=test  # WikiText-103 test
+    python train_sigmagpt.py configs/sigmagpt_full.yaml mode=compare runs=[RUN_fair,RUN_full] labels=[fair,full] \
+        split=test out_dir=experiments/sigmagpt_compare                  # comparison.json + comparison.png
     python train_sigmagpt.py configs/sigmagpt_demo.yaml mode=sample ckpt=experiments/<run> \
         prompt="The <missing>3</missing> sat on the mat." sampler=rejection
 
@@ -30,8 +33,12 @@ Modes. mode=full: every row is scored (T-1 targets per sequence, as an AR model)
 sequence splits into conditioning tokens, placed first in the order and not scored, and evaluation
 tokens, scored: round(scored_share * T) of them (at least 1, at most T-1). The loss is then that of a
 conditional model that sees a random subset and predicts the rest. mode=eval: perplexity left to right,
-in eval_orders random orders (fixed seed), and fair-mode conditional. mode=sample: generation in any
-order, infilling (`<missing>N</missing>` in the prompt), and token-based rejection sampling.
+in eval_orders random orders (fixed seed), and fair-mode conditional, on split=val (the first
+val_batches x micro_batch_size rows, as during training) or split=test (prepare_data's test split, e.g.
+WikiText-103's, all of it: what the seed evaluates on). mode=compare: the same three perplexities of several
+runs on one split, beside what each run learned from (tokens through the model vs tokens scored: fair mode's
+"~40% learning efficiency") and their val curves: comparison.json and comparison.png. mode=sample: generation
+in any order, infilling (`<missing>N</missing>` in the prompt), and token-based rejection sampling.
 
 Training loop as train_gpt.py, on common's plumbing: DDP, bf16 autocast or fp16 with a grad scaler,
 torch.compile on CUDA, gradient accumulation, epochs of max_samples sequences (or max_steps), exact resume
@@ -47,14 +54,16 @@ import contextlib
 import csv
 import dataclasses
 import glob
+import json
 import math
 import os
 import re
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -64,7 +73,7 @@ from model import GPT, GPTConfig, MODEL_SIZES, double_position_table, from_hf, m
 
 @dataclass
 class Config:
-    mode: str = "full"  # full | fair (train) | eval | sample
+    mode: str = "full"  # full | fair (train) | eval | compare | sample
     # data: token shards + meta.json written by prepare_data.py (WikiText-103: source=wikitext)
     data_dir: str = "data/wikitext103"  # token shards and meta.json (prepare_data.py)
     tokenizer_file: Optional[str] = None  # GPT-2 ranks file for offline use (eval/sample text, prompts)
@@ -118,8 +127,12 @@ class Config:
     stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
     tensorboard: bool = False  # also log to out_dir/tensorboard (tags <record type>/<key>)
     wandb_project: Optional[str] = None  # also log to this W&B project (wandb imported only when set)
-    # eval / sample
+    # eval / compare / sample
     ckpt: str = ""  # eval / sample: a run folder, RUN/latest, checkpoint-N folder or model.pt
+    split: str = "val"  # eval / compare: val | test (prepare_data's test_split / test_path: WikiText-103's test)
+    eval_rows: int = 0  # eval / compare: rows scored; 0 = val_batches x micro_batch_size (val), all of them (test)
+    runs: list[str] = field(default_factory=list)  # compare: run folders (or checkpoints) to compare
+    labels: list[str] = field(default_factory=list)  # compare: their names in the report ([] = the folder names)
     prompt: str = ""  # text; <missing>N</missing> marks N unknown tokens; without any, max_new_tokens follow
     max_new_tokens: int = 32  # unknown tokens after a prompt without <missing>
     sampler: str = "rejection"  # rejection | sequential
@@ -128,7 +141,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature
 
 
-MODES = ("full", "fair", "eval", "sample")
+MODES = ("full", "fair", "eval", "compare", "sample")
 ORDERS = ("random", "left_to_right", "curriculum")
 DTYPES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 
@@ -136,6 +149,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 def check_config(cfg):
     """Mistakes that need no data or devices to spot: refuse them before anything starts."""
     choices = (("mode", MODES), ("order", ORDERS), ("dtype", DTYPES), ("sampler", ("rejection", "sequential")),
+               ("split", ("val", "test")),
                ("sample_order", ("random", "left_to_right")), ("curriculum_granularity", ("sequence", "batch")))
     for key, allowed in choices:
         if getattr(cfg, key) not in allowed:
@@ -154,6 +168,12 @@ def check_config(cfg):
     if not cfg.name or "/" in cfg.name or os.sep in cfg.name or ".." in cfg.name:
         raise common.ConfigError(f"name '{cfg.name}' must be a plain folder name (no '/' or '..'): the run goes to "
                                  f"{cfg.out_root}/<name>_<timestamp>; use out_dir= for another place")
+    if cfg.eval_rows < 0:
+        raise common.ConfigError(f"eval_rows must be >= 0 (0 = the split's default), got {cfg.eval_rows}")
+    if cfg.mode == "compare" and len(cfg.runs) < 2:
+        raise common.ConfigError(f"mode=compare needs runs=[RUN_A,RUN_B,...] (two or more), got {cfg.runs}")
+    if cfg.mode == "compare" and cfg.labels and len(cfg.labels) != len(cfg.runs):
+        raise common.ConfigError(f"labels= names each run: {len(cfg.labels)} labels for {len(cfg.runs)} runs")
     if cfg.mode in ("eval", "sample") and not cfg.ckpt and cfg.init_from == "scratch":
         raise common.ConfigError(f"mode={cfg.mode} needs ckpt=RUN_DIR|checkpoint-N|model.pt (or init_from=)")
 
@@ -368,11 +388,34 @@ def evaluate(model, val_rows, token_bytes, cfg, d, autocast):
     return out
 
 
-def validation_set(cfg, spec, vocab_size, device):
-    """The fixed validation rows (val_batches x micro_batch_size rows of block_size tokens) and token byte lengths."""
-    rows = common.validation_rows(cfg.data_dir, cfg.val_batches * cfg.micro_batch_size, cfg.block_size - 1)
+def validation_set(cfg, spec, vocab_size, device, split="val"):
+    """The fixed rows of block_size tokens of a split and the token byte lengths. val: the first eval_rows (or
+    val_batches x micro_batch_size) rows, as every validation during training; test: the first eval_rows, or all."""
+    n_rows = cfg.eval_rows or (cfg.val_batches * cfg.micro_batch_size if split == "val" else 0)
+    if split == "val":
+        rows = common.validation_rows(cfg.data_dir, n_rows or 1 << 62, cfg.block_size - 1)
+    else:
+        rows = split_rows(cfg.data_dir, split, n_rows, cfg.block_size - 1)
     token_bytes = common.token_byte_lengths(common.Tokenizer.from_spec(spec, cfg.tokenizer_file), vocab_size)
     return rows, token_bytes.to(device)
+
+
+def split_rows(data_dir, split, n_rows, T):
+    """The first n_rows (0 = all) (T+1)-token windows of a split's shards, cut as common.validation_rows cuts the
+    val split (the tail of each shard shorter than a window is left out)."""
+    if os.path.isdir(data_dir) and not glob.glob(os.path.join(data_dir, f"{split}_*.bin")):
+        raise common.ConfigError(f"{data_dir} has no {split} split ({split}_*.bin): prepare it with prepare_data.py "
+                                 f"test_split=test (or test_path=FILE), as configs/data_wikitext103.yaml does")
+    shards = common.find_shards(data_dir, split)
+    vocab_size = common.load_meta(data_dir)["vocab_size"]
+    rows = []
+    for path in shards:
+        tokens = common.read_shard(path, vocab_size, scan=True)
+        rows += [tokens[s:s + T + 1] for s in range(0, len(tokens) - T, T)]
+    rows = rows[:n_rows] if n_rows else rows
+    if not rows:
+        raise common.ShardError(f"the {split} split of {data_dir} is shorter than one row of {T + 1} tokens")
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
 # -----------------------------------------------------------------------------
@@ -534,7 +577,7 @@ def main(argv=None):
     check_config(cfg)
     d = common.setup_dist(cfg.device)
     try:
-        if cfg.mode in ("eval", "sample"):
+        if cfg.mode in ("eval", "compare", "sample"):
             return evaluate_or_sample(cfg, d)
         with common.preemption_handlers() as stop:
             return train(cfg, d, stop)
@@ -543,35 +586,160 @@ def main(argv=None):
 
 
 def evaluate_or_sample(cfg, d):
-    """mode=eval: the three perplexities on data_dir's val split; mode=sample: generation from `prompt`.
-    A train_gpt.py checkpoint works too (converted: its left-to-right perplexity is the AR model's)."""
-    if cfg.ckpt:
-        ckpt = load_any_checkpoint(cfg.ckpt)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        if not model.config.double_position:
-            model = sigma_from_ar(model)
-        spec = ckpt["tokenizer"]
-        if cfg.mode == "eval" and common.load_meta(cfg.data_dir)["tokenizer"] != spec:
-            raise common.ConfigError(f"{cfg.ckpt} was trained with tokenizer {spec}, but {cfg.data_dir} holds "
-                                     f"{common.load_meta(cfg.data_dir)['tokenizer']}: another vocabulary")
-    else:
-        meta = common.load_meta(cfg.data_dir)
-        model, spec = build_model(cfg, meta), meta["tokenizer"]
-    if cfg.mode == "eval" and cfg.block_size > model.config.block_size:
-        raise common.ConfigError(f"block_size {cfg.block_size} is longer than the model's position table "
-                                 f"({model.config.block_size} positions)")
-    model.to(d.device).eval()
-    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
+    """mode=eval: the three perplexities on data_dir's `split`; mode=compare: those of several runs and how each
+    learned; mode=sample: generation from `prompt`. A train_gpt.py checkpoint works too (converted: its
+    left-to-right perplexity is the AR model's)."""
+    if cfg.mode == "compare":
+        return compare_runs(cfg, d)
+    model, spec = model_to_evaluate(cfg, cfg.ckpt)
     if cfg.mode == "eval":
-        results = evaluate(model, *validation_set(cfg, spec, model.config.vocab_size, d.device), cfg, d, autocast)
+        results = evaluate_split(cfg, model, spec, d)
         if d.master:
             print(common.format_record(results))
         return results
     if not d.master:  # sampling is one process's job
         return None
     tokenizer = common.Tokenizer.from_spec(spec, cfg.tokenizer_file)
-    return run_sample(cfg, model, tokenizer)
+    return run_sample(cfg, model.to(d.device), tokenizer)
+
+
+def model_to_evaluate(cfg, ckpt_path):
+    """The sigma-GPT of a checkpoint (any form checkpoint_file takes; a plain GPT converted), else the one
+    build_model makes from init_from; on the device, in eval mode, with its tokenizer spec."""
+    if ckpt_path:
+        ckpt = load_any_checkpoint(ckpt_path)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        if not model.config.double_position:
+            model = sigma_from_ar(model)
+        spec = ckpt["tokenizer"]
+    else:
+        meta = common.load_meta(cfg.data_dir)
+        model, spec = build_model(cfg, meta), meta["tokenizer"]
+    return model.eval(), spec
+
+
+def evaluate_split(cfg, model, spec, d):
+    """The three perplexities (evaluate) on cfg.split of data_dir; keys val_* or test_*, and the rows scored."""
+    data_spec = common.load_meta(cfg.data_dir)["tokenizer"]
+    if data_spec != spec:
+        raise common.ConfigError(f"{cfg.ckpt or cfg.init_from} was trained with tokenizer {spec}, but {cfg.data_dir} "
+                                 f"holds {data_spec}: another vocabulary")
+    if cfg.block_size > model.config.block_size:
+        raise common.ConfigError(f"block_size {cfg.block_size} is longer than the model's position table "
+                                 f"({model.config.block_size} positions)")
+    model.to(d.device).eval()
+    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
+    rows, token_bytes = validation_set(cfg, spec, model.config.vocab_size, d.device, cfg.split)
+    out = evaluate(model, rows, token_bytes, cfg, d, autocast)
+    model.eval()
+    out = {f"{cfg.split}_{k[len('val_'):]}": v for k, v in out.items()}
+    return {**out, "split": cfg.split, "rows": len(rows), "block_size": cfg.block_size}
+
+
+# -----------------------------------------------------------------------------
+# compare: fair vs full (or any runs) on one split, with what each learned from
+
+
+def run_dir_of(path):
+    """The run folder of a run folder, RUN/latest, checkpoint-N folder or checkpoint file."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) == "latest" or os.path.isfile(path):
+        path = os.path.dirname(path)
+    if common.SEED_CKPT_RE.match(os.path.basename(path)):
+        path = os.path.dirname(path)
+    return path
+
+
+def learning_budget(run_cfg, results, train_records, steps):
+    """What a run learned from: tokens through the model and tokens scored (fair mode scores round(share*T)
+    of the T-1 targets: the seed's "~40% learning efficiency"), from its logged scored tokens per step."""
+    T = run_cfg["block_size"]
+    n_scored = num_scored(saved_config(run_cfg), T)
+    scored_per_step = results.get("scored_tokens_per_step") or (train_records[-1]["scored_tokens"] if train_records
+                                                                 else None)
+    if scored_per_step is None:  # nothing logged: the run's own batch on one rank
+        scored_per_step = n_scored * run_cfg["micro_batch_size"] * run_cfg["grad_accum_steps"]
+    sequences_per_step = scored_per_step // n_scored
+    return {"tokens_seen": steps * sequences_per_step * (T - 1), "tokens_scored": steps * scored_per_step,
+            "learning_efficiency": n_scored / (T - 1), "sequences_per_step": sequences_per_step}
+
+
+def saved_config(run_cfg):
+    """The run's saved config as a Config (keys this version does not know are left out)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in run_cfg.items() if k in known})
+
+
+def compare_runs(cfg, d):
+    """Each run's newest checkpoint (or the checkpoint named) on the same rows of cfg.split in the same fixed
+    orders, at cfg.block_size and cfg.scored_share; with each run's tokens seen and scored and its val curves.
+    Writes comparison.json and comparison.png to out_dir (default out_root/sigmagpt_compare_<timestamp>)."""
+    labels = cfg.labels or [os.path.basename(run_dir_of(r)) for r in cfg.runs]
+    out_dir = cfg.out_dir or os.path.join(cfg.out_root, f"sigmagpt_compare_{time.strftime('%Y%m%d_%H%M%S')}")
+    entries = []
+    for label, path in zip(labels, cfg.runs):
+        ckpt_file = checkpoint_file(path)
+        if ckpt_file is None:
+            raise common.ConfigError(f"runs: {path} is not a sigma-GPT run folder or checkpoint")
+        ckpt = load_any_checkpoint(ckpt_file)
+        run_dir = run_dir_of(ckpt["path"])
+        run_cfg = ckpt.get("config") or {}
+        model, spec = model_to_evaluate(cfg, ckpt["path"])
+        scores = evaluate_split(dataclasses.replace(cfg, ckpt=ckpt["path"]), model, spec, d)
+        log = os.path.join(run_dir, "log.jsonl")
+        records_ = common.read_jsonl(log) if os.path.isfile(log) else []
+        results_path = os.path.join(run_dir, "results.json")
+        results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+        steps = ckpt["step"] + 1
+        entry = {"label": label, "run": run_dir, "checkpoint": ckpt["path"], "steps": steps,
+                 "mode": run_cfg.get("mode"), "order": run_cfg.get("order"), "scored_share": run_cfg.get("scored_share"),
+                 **{k: v for k, v in scores.items() if k not in ("split", "rows", "block_size")}}
+        if run_cfg.get("block_size"):
+            entry.update(learning_budget(run_cfg, results, [r for r in records_ if r.get("type") == "train"], steps))
+        entry["val_curve"] = [{"step": r["step"] + 1, **{k: r[k] for k in ("val_loss_l2r", "val_loss_random",
+                                                                          "val_loss_fair") if k in r}}
+                              for r in records_ if r.get("type") == "val" and r["step"] < steps]
+        entries.append(entry)
+    report = {"split": cfg.split, "data_dir": cfg.data_dir, "rows": scores["rows"], "block_size": cfg.block_size,
+              "eval_orders": cfg.eval_orders, "eval_scored_share": cfg.scored_share, "runs": entries}
+    if d.master:
+        os.makedirs(out_dir, exist_ok=True)
+        common.atomic_write_json(os.path.join(out_dir, "comparison.json"), report)
+        plot_comparison(entries, os.path.join(out_dir, "comparison.png"))
+        s = cfg.split
+        print(f"{'run':<16} {'mode':<5} {'steps':>7} {'ppl l2r':>9} {'ppl random':>10} {'ppl fair':>9} "
+              f"{'tok seen':>12} {'tok scored':>12} {'eff.':>5}")
+        for e in entries:
+            print(f"{e['label']:<16} {e['mode'] or '?':<5} {e['steps']:>7} {e[f'{s}_ppl_l2r']:>9.3f} "
+                  f"{e[f'{s}_ppl_random']:>10.3f} {e[f'{s}_ppl_fair']:>9.3f} {e.get('tokens_seen', 0):>12,} "
+                  f"{e.get('tokens_scored', 0):>12,} {e.get('learning_efficiency', 0):>5.2f}")
+        print(f"({s} split of {cfg.data_dir}: {scores['rows']} rows of {cfg.block_size}; in {out_dir})")
+    return report
+
+
+def plot_comparison(entries, path):
+    """Val loss against steps (left to right, random orders, fair) and, random orders, against tokens scored."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("val_loss_l2r", "left to right", "step"), ("val_loss_random", "random orders", "step"),
+              ("val_loss_fair", "fair (conditional)", "step"), ("val_loss_random", "random orders", "scored")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, title, x) in zip(axes, panels):
+        for e in entries:
+            pts = [(p["step"], p[key]) for p in e["val_curve"] if key in p]
+            if x == "scored" and e.get("steps"):  # tokens scored grow linearly with the steps
+                pts = [(s * e["tokens_scored"] / e["steps"], v) for s, v in pts]
+            if pts:
+                ax.plot(*zip(*pts), "o-", markersize=3, label=e["label"])
+        ax.set(xlabel="tokens scored" if x == "scored" else "step", ylabel="val loss (nats/token)", title=title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def train(cfg, d, stop):

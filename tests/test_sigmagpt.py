@@ -2,8 +2,10 @@
 permutation bookkeeping, fair-mode scoring, learning, resume, infilling, rejection sampling, bad input."""
 import dataclasses
 import itertools
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +213,80 @@ def test_eval_mode_reproduces_the_final_validation_and_sample_mode_infills(shake
             assert res["summary"]["model_calls_per_token"] == 1.0
     with pytest.raises(common.ConfigError, match="make 41 positions; the position table has 32"):
         sg.main(tiny_args(shakespeare_dir, "", mode="sample", ckpt=out, prompt="A<missing>40</missing>"))
+
+
+def test_eval_on_the_test_split_that_prepare_data_writes(tmp_path):
+    """WikiText (here WikiText-2's test file cut in two, byte tokens): prepare_data writes train, val and test;
+    mode=eval split=test scores the test split's own rows, checked against a direct computation."""
+    import prepare_data
+    lines = open(shared_path("wikitext-2-raw", "wiki.test.raw"), encoding="utf-8", newline="").read().splitlines(True)
+    cut = next(i for i in range(1500, len(lines)) if lines[i].startswith(" = ") and not lines[i].startswith(" = = "))
+    (tmp_path / "train.raw").write_text("".join(lines[:cut]), encoding="utf-8", newline="")
+    (tmp_path / "test.raw").write_text("".join(lines[cut:]), encoding="utf-8", newline="")
+    data = str(tmp_path / "data")
+    prepare_data.main([f"out_dir={data}", "source=wikitext", f"data_path={tmp_path / 'train.raw'}",
+                       f"test_path={tmp_path / 'test.raw'}", "tokenizer=byte", "val_tokens=5000", "num_proc=1"])
+    out = str(tmp_path / "run")
+    sg.main(tiny_args(data, out, max_steps=4, val_interval=0))
+    with pytest.raises(common.ConfigError, match="eval_rows must be >= 0"):
+        sg.main(tiny_args(data, "", mode="eval", ckpt=out, split="test", eval_rows=-1))
+    test = sg.main(tiny_args(data, "", mode="eval", ckpt=out, split="test", eval_rows=4))
+    val = sg.main(tiny_args(data, "", mode="eval", ckpt=out, split="val", eval_rows=4))
+    assert test["split"] == "test" and test["rows"] == 4 and "val_loss_l2r" not in test
+    assert test["test_loss_l2r"] != pytest.approx(val["val_loss_l2r"])  # other text
+    # directly: the first 4 windows of 32 bytes (stride 31) of the test articles, left to right
+    articles = list(prepare_data.text_sets.wikitext_articles(lines[cut:]))
+    ids = common.Tokenizer("byte").encode(articles[0])[:4 * 31 + 1]  # (the first article is longer)
+    rows = torch.tensor([ids[31 * i:31 * i + 32] for i in range(4)])
+    model = GPT(GPTConfig(**common.load_checkpoint(out)["model_config"]))
+    model.load_state_dict(common.load_checkpoint(out)["model"])
+    with torch.no_grad():
+        logits = model.eval()(rows[:, :-1], position_ids=torch.arange(31), target_position_ids=torch.arange(1, 32))[0]
+    direct = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()).item()
+    assert test["test_loss_l2r"] == pytest.approx(direct, rel=1e-5)
+    whole = sg.main(tiny_args(data, "", mode="eval", ckpt=out, split="test", eval_orders=1))  # eval_rows=0: all
+    n_test = common.load_meta(data)["test_tokens"]
+    assert whole["rows"] == len(range(0, n_test - 31, 31)) > 100
+    # a data folder without a test split says how to make one
+    bare = tmp_path / "no_test"
+    bare.mkdir()
+    for name in os.listdir(data):
+        if name == "meta.json" or name.startswith(("train_", "val_")):
+            shutil.copy(os.path.join(data, name), bare)
+    with pytest.raises(common.ConfigError, match="has no test split.*test_split=test"):
+        sg.main(tiny_args(str(bare), "", mode="eval", ckpt=out, split="test"))
+
+
+def test_compare_fair_and_full_runs(shakespeare_dir, tmp_path, capsys):
+    """mode=compare: both runs scored on the same rows (= mode=eval of each), tokens seen vs scored (fair: 13 of
+    the 31 targets of each sequence, full: all), and the val curves; comparison.json and comparison.png."""
+    runs = {}
+    for mode in ("fair", "full"):
+        runs[mode] = str(tmp_path / mode)
+        sg.main(tiny_args(shakespeare_dir, runs[mode], mode=mode, max_steps=6, val_interval=3))
+    out = str(tmp_path / "cmp")
+    report = sg.main(tiny_args(shakespeare_dir, out, mode="compare", runs=f"[{runs['fair']},{runs['full']}]",
+                               labels="[fair,full]"))
+    assert json.load(open(os.path.join(out, "comparison.json"))) == json.loads(json.dumps(report))
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 10_000
+    fair, full = report["runs"]
+    assert (fair["label"], fair["mode"], full["label"], full["mode"]) == ("fair", "fair", "full", "full")
+    assert fair["learning_efficiency"] == pytest.approx(13 / 31) and full["learning_efficiency"] == 1.0
+    assert fair["tokens_seen"] == full["tokens_seen"] == 6 * 16 * 31
+    assert (fair["tokens_scored"], full["tokens_scored"]) == (6 * 16 * 13, 6 * 16 * 31)
+    assert [p["step"] for p in fair["val_curve"]] == [3, 6] and fair["steps"] == full["steps"] == 6
+    for entry, mode in ((fair, "fair"), (full, "full")):
+        alone = sg.main(tiny_args(shakespeare_dir, "", mode="eval", ckpt=runs[mode]))
+        for key in ("val_loss_l2r", "val_loss_random", "val_loss_fair", "val_ppl_fair"):
+            assert entry[key] == pytest.approx(alone[key], rel=1e-6), (mode, key)
+        # the final point of the curve is the training's own last validation: the same rows and orders
+        assert entry["val_curve"][-1]["val_loss_random"] == pytest.approx(entry["val_loss_random"], rel=1e-6)
+    assert fair["val_loss_fair"] != full["val_loss_fair"]
+    assert "fair" in capsys.readouterr().out
+    with pytest.raises(common.ConfigError, match="two or more"):
+        sg.main(tiny_args(shakespeare_dir, out, mode="compare", runs=f"[{runs['fair']}]"))
+    with pytest.raises(common.ConfigError, match="1 labels for 2 runs"):
+        sg.main(tiny_args(shakespeare_dir, out, mode="compare", runs=f"[{runs['fair']},{runs['full']}]", labels="[a]"))
 
 
 def test_configs_and_sbatch_scripts():
