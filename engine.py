@@ -398,3 +398,310 @@ class VLLMEngine:
         torch.cuda.empty_cache()
         if hasattr(self, "_tmp"):
             self._tmp.cleanup()
+
+
+# -----------------------------------------------------------------------------
+# block diffusion (train_bd3lm.py's models): block by block, a KV cache of clean blocks
+
+
+class BlockKVCache:
+    """Keys/values of the clean blocks so far, in model.KVCache's protocol (open / update / advance / pos).
+    The new tokens attend to every cached token and to each other (a block is bidirectional), unless `mask`
+    is set. With store=False the new keys/values are read with the cached ones but not kept: the noisy
+    block being denoised; store=True appends a finished clean block."""
+
+    def __init__(self, store=False):
+        self.k, self.v, self.store, self.pos, self.mask = {}, {}, store, 0, None
+
+    def open(self, padding_mask):
+        B, T = padding_mask.shape
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(1, 1, T, self.pos + T, dtype=torch.bool, device=padding_mask.device)
+
+    def update(self, layer, k, v):
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], dim=1), torch.cat([self.v[layer], v], dim=1)
+        if self.store:
+            self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def advance(self, T):
+        if self.store:
+            self.pos += T
+
+
+def top_p_filter(probs, top_p, rule="hf"):
+    """Nucleus, renormalised. rule=hf (transformers' TopP): the smallest set of most likely tokens whose mass
+    reaches top_p, so the token that crosses top_p is kept; rule=reference (bd3lms' _nucleus_sample): the tokens
+    whose cumulative mass stays within top_p, so the crossing token is dropped (the most likely one always stays)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(-1)
+    if rule == "reference":
+        drop = cum > top_p
+        drop[..., 0] = False
+    else:
+        drop = cum - sorted_p > top_p  # tokens entirely beyond the nucleus
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+def block_logits(model, x, lo, hi, block_ids, cache, exec_positions=None):
+    """Logits (B, hi-lo, V) for the noisy block x[:, lo:hi] given the clean tokens before it."""
+    ex = None if exec_positions is None else exec_positions.to(x.device)[None]
+    if cache is not None:  # the cache holds exactly the clean tokens before lo
+        logits, _ = model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache,
+                          exec_positions=None if ex is None else ex[:, lo:hi])
+        return logits
+    ids = block_ids[:hi].to(x.device)  # no cache: the clean prefix and the noisy block, block-causal
+    logits, _ = model(x[:, :hi], attn_mask=ids[None, :] <= ids[:, None],
+                      exec_positions=None if ex is None else ex[:, :hi])
+    return logits[:, lo:]
+
+
+def choose_reveals(still, sampler, step, steps, generator):
+    """Which masked positions (B, n) get their token now. first_hitting: one per row (uniformly among the
+    still masked ones); ancestral step i of T from t=1-i/T to s=1-(i+1)/T: each w.p. (t - s) / t."""
+    if sampler == "first_hitting":
+        scores = torch.rand(still.shape, device=still.device, generator=generator).masked_fill(~still, -1.0)
+        pick = torch.zeros_like(still)
+        pick.scatter_(1, scores.argmax(dim=1, keepdim=True), True)
+        return pick & still
+    t, s = 1.0 - step / steps, max(1.0 - (step + 1) / steps, 0.0)
+    return still & (torch.rand(still.shape, device=still.device, generator=generator) < (t - s) / t)
+
+
+@torch.no_grad()
+def block_diffusion_generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id, cfg, generator,
+                             use_cache, exec_positions=None, temperature=1.0):
+    """Fill every position of x (B, L) that is not `fixed` (the prompt), block by block. After an end of
+    text, the rest of that segment is padding (as in training). cfg: the sampling settings (sampler,
+    sample_steps, top_p, top_p_rule: a train_bd3lm Config or a BlockSampling); a revealed token is drawn from
+    softmax(logits / temperature) under top-p, or is the argmax at temperature 0. Returns (tokens, network
+    calls)."""
+    x = torch.where(fixed, x, torch.full_like(x, mask_id))
+    B, L = x.shape
+    bounds = [0] + [i for i in range(1, L) if block_ids[i] != block_ids[i - 1]] + [L]
+    cache = BlockKVCache() if use_cache else None
+    nfe = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        step = 0
+        while True:
+            still = x[:, lo:hi] == mask_id
+            if not still.any():
+                break
+            steps = cfg.sample_steps if cfg.sampler == "ancestral" else 1
+            reveal = choose_reveals(still, cfg.sampler, min(step, steps - 1), steps, generator)
+            step += 1
+            if not reveal.any():
+                continue  # no token changes in this step: no network call needed
+            logits = block_logits(model, x, lo, hi, block_ids, cache, exec_positions)[..., :n_vocab].float()
+            nfe += 1
+            rows, cols = reveal.nonzero(as_tuple=True)  # draw only the tokens revealed now
+            picked = logits[rows, cols]
+            if temperature == 0.0:
+                x[rows, lo + cols] = picked.argmax(-1)
+            else:
+                probs = top_p_filter(torch.softmax(picked / temperature, dim=-1), cfg.top_p, cfg.top_p_rule)
+                x[rows, lo + cols] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id)
+        if cache is not None and hi < L:  # the clean block joins the cache: one pass, no logits
+            cache.store = True
+            ex = None if exec_positions is None else exec_positions[lo:hi].to(x.device)[None]
+            model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache, logits_len=0,
+                  exec_positions=ex)
+            cache.store = False
+        last_start = segment_ends[-2] if len(segment_ends) > 1 else 0
+        if hi < L and lo >= last_start and ended_all(x[:, last_start:hi], fixed[:, last_start:hi], eos_id):
+            x[:, hi:] = torch.where(x[:, hi:] == mask_id, torch.full_like(x[:, hi:], eos_id), x[:, hi:])
+            break  # every row has finished its last segment: the rest is padding
+    return x, nfe
+
+
+def ended_all(x, fixed, eos_id):
+    return bool(((x == eos_id) & ~fixed).any(dim=1).all())
+
+
+def pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id):
+    """Positions after a generated end of text, up to the segment's end, become padding (eos)."""
+    seg_start = max([0] + [e for e in segment_ends if e <= lo])
+    seg_end = min(e for e in segment_ends if e >= hi)
+    generated = (x[:, seg_start:hi] == eos_id) & ~fixed[:, seg_start:hi]
+    seen = generated.cumsum(dim=1) > 0
+    after = torch.zeros_like(x[:, seg_start:seg_end], dtype=torch.bool)
+    after[:, :hi - seg_start] = seen
+    after[:, hi - seg_start:] = seen[:, -1:]
+    after[:, :hi - seg_start] &= ~generated  # the end-of-text token itself stays
+    region = x[:, seg_start:seg_end]
+    x[:, seg_start:seg_end] = torch.where(after & ~fixed[:, seg_start:seg_end], torch.full_like(region, eos_id),
+                                          region)
+    fixed[:, hi:seg_end] |= after[:, hi - seg_start:]  # later blocks of this segment are already decided
+
+
+@dataclasses.dataclass
+class BlockSampling:
+    """How block_diffusion_generate denoises a block."""
+    sampler: str = "first_hitting"  # first_hitting (one token per network call) | ancestral (sample_steps steps)
+    sample_steps: int = 16          # ancestral: T steps per block
+    top_p: float = 1.0              # nucleus
+    top_p_rule: str = "hf"          # hf: keep the token that crosses top_p | reference: drop it (bd3lms)
+    temperature: float = 0.0        # BlockDiffusionEngine: 0 = each revealed token is the argmax (greedy)
+
+
+def bd3lm_layout(ckpt):
+    """The row layout a train_bd3lm.py checkpoint was trained with: [MASK] id, real ids, block size, segments."""
+    info = ckpt["bd3lm"]
+    return {"mask_id": info["mask_id"], "n_vocab": info["n_vocab"], "block_size": info["block_size"],
+            "seq_len": info["seq_len"], "segment_lens": list(info["segment_lens"]),
+            "segment_names": list(info["segment_names"]), "data": info["data"]}
+
+
+def load_block_diffusion_model(name, tokenizer_file="", device="cpu", dtype=torch.float32, use_ema=True):
+    """A train_bd3lm.py checkpoint (file, run folder, RUN/latest) as a LoadedModel of kind 'bd3lm', with the EMA
+    weights unless use_ema=False; info['bd3lm'] holds its row layout (bd3lm_layout)."""
+    ckpt = common.load_checkpoint(name, expected_kind="bd3lm")
+    gpt = model_lib.GPT(model_lib.GPTConfig(**ckpt["model_config"]))
+    gpt.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
+    gpt.to(device=device, dtype=dtype).eval()
+    tok = common.Tokenizer.from_spec(ckpt["tokenizer"], tokenizer_file or model_lib.run_tokenizer_file(ckpt))
+    layout = bd3lm_layout(ckpt)
+    info = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
+            "tokenizer": tok.spec, "ema": bool(use_ema and ckpt.get("ema")), "bd3lm": layout}
+    # a flat model's prompt and answer share its seq_len positions; a hierarchical one reads only the question
+    # (see BlockDiffusionEngine), so a prompt has no length limit there
+    max_positions = layout["seq_len"] if layout["data"] != "hierarchical" else None
+    return LoadedModel(gpt, NativeTokenizer(tok), name, "bd3lm", max_positions, info, native_checkpoint=ckpt["path"])
+
+
+@dataclasses.dataclass
+class SegmentCompletion(Completion):
+    """A Completion of a hierarchical model: `text` is its execution segment, `segments` every generated one."""
+    segments: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def record(self):
+        """What a predictions.jsonl record keeps beside the scored completion: the plan."""
+        return {k: v for k, v in self.segments.items() if k not in ("question", "execution")}
+
+
+def question_of(prompt):
+    """The last question of a few-shot ('Question: q\\nAnswer:') or chat ('User: q\\nAssistant:') prompt; a
+    prompt in neither form is taken whole."""
+    for opener, closer in (("Question: ", "\nAnswer:"), ("User: ", "\nAssistant:")):
+        start = prompt.rfind(opener)
+        end = prompt.rfind(closer)
+        if 0 <= start < end:
+            return prompt[start + len(opener):end]
+    return prompt
+
+
+class BlockDiffusionEngine:
+    """Engine's interface for a BD3-LM (load_block_diffusion_model): a row of the model's layout per sample,
+    generated block by block (block_diffusion_generate) with the clean blocks in a KV cache.
+    Flat model: the prompt ids open the row, the row runs to the block holding prompt + max_new_tokens (at most
+    seq_len), the completion is what follows the prompt, cut at end of text and at max_new_tokens.
+    Hierarchical model ([question | plan | execution]): the prompt's last question becomes the question segment
+    as in training ('Question: q\\n' + end of text, padded); plan and execution are generated, the completion is
+    the execution segment and the plan is kept in SegmentCompletion.segments.
+    seed=None draws from the engine's own generator (seeded once at construction), so one evaluation is
+    repeatable; logprobs are not computed (a masked diffusion model has no left-to-right token probability)."""
+    name = "bd3lm"
+
+    def __init__(self, lm, batch_size=16, sampling=None, kv_cache=True, seed=0):
+        self.lm, self.batch_size, self.kv_cache = lm, batch_size, kv_cache
+        self.sampling = sampling or BlockSampling()
+        self.layout = lm.info["bd3lm"]
+        self.generator = torch.Generator(device=lm.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=None, top_p=None, top_k=0, stop=(), num_samples=1,
+                 seed=None, logprobs=False):
+        """prompts: lists of token ids -> per prompt, a list of num_samples Completions. temperature / top_p
+        None: the engine's BlockSampling; top_k is not supported (0 only)."""
+        sampling = dataclasses.replace(self.sampling, **{k: v for k, v in (("temperature", temperature),
+                                                                           ("top_p", top_p)) if v is not None})
+        temperature = sampling.temperature
+        check_sampling(temperature, sampling.top_p, top_k, num_samples)
+        if top_k or logprobs:
+            raise ValueError("the block-diffusion engine samples with top_p only and gives no logprobs")
+        generator = self.generator if seed is None else torch.Generator(device=self.lm.device).manual_seed(seed)
+        rows = [p for p in prompts for _ in range(num_samples)]
+        outs = []
+        for start in range(0, len(rows), self.batch_size):
+            outs += self.generate_batch(rows[start:start + self.batch_size], max_new_tokens, temperature, sampling,
+                                        list(stop), generator)
+        return [outs[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+    def generate_batch(self, prompts, max_new_tokens, temperature, sampling, stop, generator):
+        lay, tok = self.layout, self.lm.tok
+        hierarchical = lay["data"] == "hierarchical"
+        segment_lens = lay["segment_lens"] if hierarchical else [self.flat_length(prompts, max_new_tokens)]
+        x, fixed = self.prompt_rows(prompts, segment_lens)
+        device = self.lm.device
+        ends = [sum(segment_lens[:i + 1]) for i in range(len(segment_lens))]
+        exec_positions = model_lib.exec_positions_of(segment_lens, self.lm.model.config.exec_layers)
+        with common.autocast(device.type, self.lm.dtype):
+            out, _ = block_diffusion_generate(self.lm.model, x.to(device), fixed.to(device),
+                                              model_lib.make_block_ids(segment_lens, lay["block_size"]), ends,
+                                              lay["mask_id"], lay["n_vocab"], tok.pad_id, sampling, generator,
+                                              self.kv_cache, exec_positions, temperature)
+        out, completions = out.cpu(), []
+        for i in range(len(prompts)):
+            segments = segment_ids(out[i].tolist(), fixed[i].tolist(), segment_lens, lay["segment_names"],
+                                   tok.eos_ids)
+            ids = segments[lay["segment_names"][-1]][:max_new_tokens]
+            c = SegmentCompletion(segments={k: tok.decode(strip_eos(v, tok)) for k, v in segments.items()}) \
+                if hierarchical else Completion()
+            c.ids, c.finish_reason = ids, "eos" if ids and ids[-1] in tok.eos_ids else "length"
+            text = tok.decode(c.content_ids)
+            if stop and cut_at_stop(text, stop) != text:
+                c.finish_reason = "stop"
+            c.text = cut_at_stop(text, stop)
+            completions.append(c)
+        return completions
+
+    def flat_length(self, prompts, max_new_tokens):
+        """Positions of a flat batch: the longest prompt + max_new_tokens, up to a whole block, at most seq_len."""
+        bs, L = self.layout["block_size"], self.layout["seq_len"]
+        longest = max(len(p) for p in prompts)
+        if longest >= L:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's {L} positions")
+        return min(L, -(-(longest + max_new_tokens) // bs) * bs)
+
+    def prompt_rows(self, prompts, segment_lens):
+        """(x, fixed): rows of the layout's length with the prompt tokens fixed (the rest is generated)."""
+        tok, L = self.lm.tok, sum(segment_lens)
+        x = torch.full((len(prompts), L), tok.pad_id, dtype=torch.long)
+        fixed = torch.zeros(len(prompts), L, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            if self.layout["data"] == "hierarchical":
+                ids = tok.encode(f"Question: {question_of(tok.decode(p))}\n") + [tok.pad_id]
+                ids = ids[:segment_lens[0]] + [tok.pad_id] * (segment_lens[0] - len(ids))  # as in training
+            else:
+                ids = list(p)
+            x[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            fixed[i, :len(ids)] = True
+        return x, fixed
+
+    def close(self):
+        pass
+
+
+def segment_ids(row, fixed_row, segment_lens, segment_names, eos_ids):
+    """{segment name: its generated ids up to and including its first end of text}, of one generated row (after
+    an end of text the rest of a segment is padding)."""
+    out, pos = {}, 0
+    for name, n in zip(segment_names, segment_lens):
+        ids = [t for t, f in zip(row[pos:pos + n], fixed_row[pos:pos + n]) if not f]
+        ends = [i for i, t in enumerate(ids) if t in eos_ids]
+        out[name] = ids[:ends[0] + 1] if ends else ids
+        pos += n
+    return out
+
+
+def strip_eos(ids, tok):
+    """ids without a final end of text."""
+    return ids[:-1] if ids and ids[-1] in tok.eos_ids else ids

@@ -108,6 +108,10 @@ class Config:
     train_runs: List[str] = dataclasses.field(default_factory=list)  # compare: their pretraining runs (curves)
     stages: List[str] = dataclasses.field(default_factory=lambda: ["pretrain", "sft", "grpo"])  # compare
     gpu_memory_utilization: float = 0.85  # vLLM
+    bd3lm_options: dict = dataclasses.field(default_factory=dict)  # a train_bd3lm.py model's sampling (keys of
+                                     # BD3LM_OPTIONS): sampler (first_hitting | ancestral), sample_steps, top_p,
+                                     # top_p_rule (hf | reference), temperature (0: greedy, the default), kv_cache,
+                                     # seed, use_ema (true: the EMA weights)
 
 
 # -----------------------------------------------------------------------------
@@ -158,8 +162,6 @@ def resolve_device(device):
 OTHER_KINDS = {
     "sigmagpt": ("a sigma-GPT checkpoint (any-order autoregression, double position encoding)",
                  "python train_sigmagpt.py CONFIG.yaml mode=eval ckpt={ckpt}"),
-    "bd3lm": ("a BD3-LM checkpoint (block diffusion)",
-              "python train_bd3lm.py CONFIG.yaml mode=gsm8k_eval checkpoint={ckpt}"),
     "sft": ("a training checkpoint of sft.py", "the HF folder the finished run writes: model={run}/hf"),
     "grpo": ("a training checkpoint of grpo.py", "the HF folder the finished run writes: model={run}/hf"),
 }
@@ -186,9 +188,32 @@ def hf_config_file(path):
         return True
 
 
+BD3LM_OPTIONS = {"sampler": str, "sample_steps": int, "top_p": float, "top_p_rule": str, "temperature": float,
+                 "kv_cache": bool, "seed": int, "use_ema": bool}
+
+
+def bd3lm_options(cfg):
+    """bd3lm_options= checked: {key: value} of BD3LM_OPTIONS."""
+    opts = dict(cfg.bd3lm_options or {})
+    unknown = sorted(set(opts) - set(BD3LM_OPTIONS))
+    if unknown:
+        raise common.ConfigError(f"bd3lm_options {unknown} unknown; the keys are {', '.join(BD3LM_OPTIONS)}")
+    for key, kind in BD3LM_OPTIONS.items():
+        if key in opts and not isinstance(opts[key], kind) and not (kind is float and isinstance(opts[key], int)):
+            raise common.ConfigError(f"bd3lm_options {key}={opts[key]!r} is not a {kind.__name__}")
+    if opts.get("sampler", "first_hitting") not in ("first_hitting", "ancestral"):
+        raise common.ConfigError(f"bd3lm_options sampler={opts['sampler']!r} is not first_hitting or ancestral")
+    if opts.get("top_p_rule", "hf") not in ("hf", "reference"):
+        raise common.ConfigError(f"bd3lm_options top_p_rule={opts['top_p_rule']!r} is not hf or reference")
+    return opts
+
+
 def load_model(name, cfg, device, dtype):
-    """engine.load_model; a checkpoint of another trainer or a run folder without checkpoints is named for what
-    it is, with what evaluates it."""
+    """engine.load_model, or a train_bd3lm.py checkpoint (engine.load_block_diffusion_model); a checkpoint of
+    another trainer or a run folder without checkpoints is named for what it is, with what evaluates it."""
+    if checkpoint_kind(name)[0] == "bd3lm":
+        return engine_lib.load_block_diffusion_model(name, cfg.tokenizer_file, device, dtype,
+                                                     bd3lm_options(cfg).get("use_ema", True))
     try:
         return engine_lib.load_model(name, cfg.tokenizer_file, device, dtype)
     except pickle.UnpicklingError as e:  # transformers reading a pytorch_model.bin with torch's weights_only
@@ -215,6 +240,14 @@ def load_model(name, cfg, device, dtype):
 def make_engine(cfg, lm, dtype):
     if cfg.engine not in ("auto", "vllm", "hf"):
         raise common.ConfigError(f"engine must be auto, vllm or hf, got {cfg.engine!r}")
+    if lm.kind == "bd3lm":  # block diffusion: its own sampler (engine.BlockDiffusionEngine), in plain PyTorch
+        if cfg.engine == "vllm":
+            raise common.ConfigError("engine=vllm cannot sample a BD3-LM (block diffusion); use engine=auto or hf")
+        opts = bd3lm_options(cfg)
+        sampling = engine_lib.BlockSampling(**{k: opts[k] for k in ("sampler", "sample_steps", "top_p", "top_p_rule",
+                                                                    "temperature") if k in opts})
+        return engine_lib.BlockDiffusionEngine(lm, cfg.batch_size, sampling, opts.get("kv_cache", True),
+                                               opts.get("seed", 0))
     if cfg.engine == "vllm" and not common.vllm_available():
         raise common.ConfigError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
     if cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()):
@@ -265,7 +298,8 @@ def run_generation(items, lm, engine, max_new_tokens, stop, score_fn, desc):
         outs = engine.generate([encoded[i] for i in chunk], max_new_tokens, stop=stop)
         for i, (out,) in zip(chunk, outs):
             rec = {"id": items[i]["id"], "prompt": items[i]["prompt"], "completion": out.text,
-                   "gold": items[i]["gold"], "new_tokens": len(out.content_ids), **score_fn(items[i], out.text)}
+                   "gold": items[i]["gold"], "new_tokens": len(out.content_ids), **score_fn(items[i], out.text),
+                   **getattr(out, "record", {})}  # a hierarchical BD3-LM's plan (engine.SegmentCompletion)
             if "fewshot_k" in items[i]:
                 rec["fewshot_k"] = items[i]["fewshot_k"]
             records[i] = rec

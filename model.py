@@ -177,6 +177,25 @@ def flex_block_diffusion_mask(block_ids):
                              B=None, H=None, Q_LEN=2 * L, KV_LEN=2 * L, device=block_ids.device)
 
 
+def exec_positions_of(segment_lens, exec_layers):
+    """(L,) bool: the execution segment (the last), for a model with an execution module; else None."""
+    if not exec_layers or len(segment_lens) < 3:
+        return None
+    return torch.arange(sum(segment_lens)) >= sum(segment_lens[:-1])
+
+
+def make_block_ids(segment_lens, block_size):
+    """(L,) block index of every position: blocks of block_size that restart at each segment boundary
+    (the last block of a segment may be shorter)."""
+    ids, next_id = [], 0
+    for n in segment_lens:
+        n_blocks = -(-n // block_size)
+        ids += [next_id + i // block_size for i in range(n)]
+        next_id += n_blocks
+    return torch.tensor(ids, dtype=torch.long)
+
+
+
 class KVCache:
     """Keys and values of every layer for a batch of rows being generated, preallocated to max_len slots.
     All rows write at one slot position (prompts are left-padded to one length); `valid` marks the slots that
@@ -506,6 +525,158 @@ def from_hf(hf_model_or_name):
     gpt = GPT(config)
     gpt.load_hf_state_dict(hf.state_dict())
     return gpt
+
+
+# -----------------------------------------------------------------------------
+# the published BD3-LM checkpoints (kuleshov-group/bd3lm-owt-block_size4/8/16 on the HF hub) as our GPT.
+# Their network is a DiT: token embedding without a position table, rotary positions on queries and keys, per
+# layer a LayerNorm (weight, no bias) followed by adaLN's shift and scale, fused qkv without bias, an output
+# projection and an MLP whose results are multiplied by adaLN's gates, and a final layer with its own adaLN and
+# a biased linear head. adaLN reads c = silu(sigma_map(sigma)); BD3-LM has no time conditioning, so sigma is 0
+# and c, hence every shift/scale/gate, is a constant vector. It folds exactly into our layers:
+#   LayerNorm(x) * w * (1 + scale) + shift  ->  LayerNorm weight w * (1 + scale), bias shift
+#   gate * (W y + b)                         ->  W' = gate[:, None] * W, b' = gate * b
+# Rotary positions are model.py's pos_encoding="rope" (the same rotate-half layout), the head bias head_bias.
+
+
+def is_published_bd3lm(name):
+    """An HF folder (config.json beside safetensors/bin weights; a run folder has config.json beside ckpt_*.pt),
+    or an owner/name hub id that is no local path."""
+    if os.path.isdir(name):
+        files = os.listdir(name)
+        return "config.json" in files and any(f.endswith(".safetensors") or f == "pytorch_model.bin" for f in files)
+    return not os.path.exists(name) and name.count("/") == 1 and not name.endswith((".pt", "/latest")) \
+        and not name.startswith((".", "/"))
+
+
+def read_published_bd3lm(name):
+    """(state dict, config dict) of a published BD3-LM: a local folder, or the hub (downloaded once, cached)."""
+    folder = name
+    if not os.path.isdir(name):
+        try:
+            from huggingface_hub import snapshot_download
+            folder = snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.bin"])
+        except Exception as e:  # offline, no such repository, no permission
+            reason = " ".join(str(e).split())[:160]
+            raise common.ConfigError(f"init_from '{name}' is no local checkpoint or folder and the HF hub could "
+                                     f"not provide it ({type(e).__name__}: {reason})") from e
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    state = {}
+    if files:
+        from safetensors.torch import load_file
+        for n in files:
+            state.update(load_file(os.path.join(folder, n)))
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        state = read_weights_bin(os.path.join(folder, "pytorch_model.bin"))
+    else:
+        raise common.ConfigError(f"{name}: no *.safetensors or pytorch_model.bin beside its config.json")
+    return state, config
+
+
+def read_weights_bin(path):
+    """A pytorch_model.bin: a pickle, so only tensors may come out of it (weights_only); a file that would build
+    other objects, or run code, is refused with what it asked for."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        raise ValueError(f"{path} holds objects other than tensors; refusing to load it (a .bin file is a pickle "
+                         f"and could run code){': ' + blocked[0] if blocked else ''}") from e
+    except Exception as e:  # truncated, not a torch file
+        raise ValueError(f"could not read {path}: {' '.join(str(e).split())[:200]}") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (names -> tensors)")
+    return state
+
+
+PUBLISHED_DROPOUT = 0.1  # BD3LMConfig's default, for a config.json that does not name its dropout
+
+
+def published_bd3lm(name, vocab_size, mask_id, block_size=None):
+    """(model config dict, state dict in our names, label) for a published BD3-LM, with the checks that the
+    mapping is exact: no time conditioning, and its vocabulary = our tokenizer's ids then [MASK]; and that it was
+    trained with the configured block size (the one-block pretraining checkpoint, block size = model_length,
+    starts any block size, as in the reference's recipe). The config carries its dropout."""
+    state, config = read_published_bd3lm(name)
+    trained = config.get("block_size")
+    one_block = trained is not None and trained == config.get("model_length")
+    if block_size is not None and trained is not None and trained != block_size and not one_block:
+        raise common.ConfigError(f"{name} was trained with block size {trained}, but block_size={block_size} here: "
+                                 f"set block_size={trained}, or start from the block-size-{block_size} checkpoint")
+    if config.get("time_conditioning", False):
+        raise common.ConfigError(f"{name} conditions on the noise level (time_conditioning); our GPT has no "
+                                 "timestep input, so its adaLN cannot be folded into constant weights")
+    n_dit_vocab = state[dit_key(state, "vocab_embed.embedding")].shape[0]
+    if mask_id is not None and n_dit_vocab != mask_id + 1:
+        raise common.ConfigError(f"{name} has {n_dit_vocab} token ids ([MASK] = {n_dit_vocab - 1}); the tokenizer "
+                                 f"here puts [MASK] at {mask_id} (the published models use the gpt2 tokenizer)")
+    gpt_config, mapped = dit_to_gpt(state, config["n_heads"], config.get("model_length", 1024), vocab_size)
+    gpt_config.dropout = float(config.get("dropout", PUBLISHED_DROPOUT))
+    return asdict(gpt_config), mapped, f"{name} (published BD3-LM, block size {trained})"
+
+
+def dit_key(state, name):
+    """The stored key of a DiT weight: HF files prefix the backbone's names with 'backbone.'."""
+    for key in (f"backbone.{name}", name):
+        if key in state:
+            return key
+    raise common.ConfigError(f"the BD3-LM state dict lacks '{name}' (nor 'backbone.{name}')")
+
+
+@torch.no_grad()
+def dit_to_gpt(state, n_head, model_length, vocab_size=None):
+    """The DiT's weights as a GPTConfig (pos_encoding='rope', head_bias) and a state dict in our names; the
+    vocabulary padded to vocab_size with zero rows ([MASK] and padding are never predicted: SUBS)."""
+    w = {k: v.float() for k, v in state.items()}
+    get = lambda name: w[dit_key(w, name)]  # noqa: E731
+    embedding = get("vocab_embed.embedding")
+    n_vocab, n_embd = embedding.shape
+    n_layer = len({k.split("blocks.")[1].split(".")[0] for k in w if "blocks." in k})
+    vocab_size = vocab_size or common.padded_vocab_size(n_vocab)
+    adaln = any("adaLN_modulation" in k for k in w)
+    if adaln:  # the conditioning vector at sigma = 0: the sinusoidal embedding of 0 is [cos 0 ..., sin 0 ...]
+        freq_dim = get("sigma_map.mlp.0.weight").shape[1]
+        t_freq = torch.cat([torch.ones(freq_dim // 2), torch.zeros(freq_dim - freq_dim // 2)])
+        hidden = F.silu(get("sigma_map.mlp.0.weight") @ t_freq + get("sigma_map.mlp.0.bias"))
+        c = F.silu(get("sigma_map.mlp.2.weight") @ hidden + get("sigma_map.mlp.2.bias"))
+
+    def modulation(prefix, n):
+        if not adaln:  # plain LayerNorms: shift 0, scale 0, gate 1
+            return ([torch.zeros(n_embd), torch.zeros(n_embd), torch.ones(n_embd)] * 2)[:n]
+        return list((get(f"{prefix}.adaLN_modulation.weight") @ c + get(f"{prefix}.adaLN_modulation.bias")).chunk(n))
+
+    out = {}
+    padded = torch.zeros(vocab_size, n_embd)
+    padded[:n_vocab] = embedding
+    out["transformer.wte.weight"] = padded
+    for i in range(n_layer):
+        b, o = f"blocks.{i}", f"transformer.h.{i}"
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(b, 6)
+        out[f"{o}.ln_1.weight"] = get(f"{b}.norm1.weight") * (1 + scale_msa)
+        out[f"{o}.ln_1.bias"] = shift_msa
+        out[f"{o}.attn.c_attn.weight"] = get(f"{b}.attn_qkv.weight")
+        out[f"{o}.attn.c_attn.bias"] = torch.zeros(3 * n_embd)
+        out[f"{o}.attn.c_proj.weight"] = gate_msa[:, None] * get(f"{b}.attn_out.weight")
+        out[f"{o}.attn.c_proj.bias"] = torch.zeros(n_embd)
+        out[f"{o}.ln_2.weight"] = get(f"{b}.norm2.weight") * (1 + scale_mlp)
+        out[f"{o}.ln_2.bias"] = shift_mlp
+        out[f"{o}.mlp.c_fc.weight"] = get(f"{b}.mlp.0.weight")
+        out[f"{o}.mlp.c_fc.bias"] = get(f"{b}.mlp.0.bias")
+        out[f"{o}.mlp.c_proj.weight"] = gate_mlp[:, None] * get(f"{b}.mlp.2.weight")
+        out[f"{o}.mlp.c_proj.bias"] = gate_mlp * get(f"{b}.mlp.2.bias")
+    shift, scale = modulation("output_layer", 2)
+    out["transformer.ln_f.weight"] = get("output_layer.norm_final.weight") * (1 + scale)
+    out["transformer.ln_f.bias"] = shift
+    head, head_bias = torch.zeros(vocab_size, n_embd), torch.zeros(vocab_size)
+    head[:n_vocab], head_bias[:n_vocab] = get("output_layer.linear.weight"), get("output_layer.linear.bias")
+    out["lm_head.weight"], out["lm_head.bias"] = head, head_bias
+    config = GPTConfig(block_size=model_length, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_embd, bias=True, tie_embeddings=False, pos_encoding="rope", head_bias=True)
+    return config, out
+
 
 
 def save_hf_folder(gpt, tok, folder, info):

@@ -6,7 +6,7 @@ Block diffusion language models (BD3-LM; Arriola et al., "Block Diffusion", ICLR
     torchrun --nproc_per_node=4 train_bd3lm.py configs/gsm8k_hierarchical.yaml # [question | plan | execution]
     python train_bd3lm.py configs/gsm8k_bd3lm.yaml mode=ppl_eval checkpoint=out/gsm8k_bd3lm/latest
     python train_bd3lm.py configs/gsm8k_bd3lm.yaml mode=sample checkpoint=out/gsm8k_bd3lm/latest num_samples=8
-    python train_bd3lm.py configs/gsm8k_bd3lm.yaml mode=gsm8k_eval checkpoint=out/gsm8k_bd3lm/latest limit=200
+    python eval_gsm8k.py model=out/gsm8k_bd3lm/latest task=gsm8k out_dir=out/gsm8k_bd3lm/gsm8k limit=200   # accuracy
 
 The idea. A sequence of L tokens is cut into blocks. Across blocks the model is autoregressive; inside a
 block it is a masked diffusion model: each token of a block is replaced by [MASK] with probability t (one t
@@ -22,9 +22,10 @@ Vectorized training: the network reads [x_t | x_0] (2L tokens, positions 0..L-1 
 model.block_diffusion_mask: noisy tokens see their own noisy block and the clean copy of earlier blocks,
 clean tokens see clean tokens of their own and earlier blocks. Only the noisy half goes through the head.
 
-Sampling generates block by block: a block starts all [MASK] and is denoised (first-hitting: one token per
-network call; or T ancestral steps), then its clean tokens are pushed once through the network into a
-KV cache that every later block reads.
+Sampling (engine.block_diffusion_generate) generates block by block: a block starts all [MASK] and is denoised
+(first-hitting: one token per network call; or T ancestral steps), then its clean tokens are pushed once through
+the network into a KV cache that every later block reads. eval_gsm8k.py scores these models through
+engine.BlockDiffusionEngine, with the prompts, scoring, results.json and compare of every other model.
 
 Hierarchical data (data=hierarchical) lays a problem out as [question | plan | execution] segments of fixed
 lengths; blocks restart at every segment boundary, so the segments are causal by segment with block
@@ -39,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -48,7 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from tasks import gsm8k as gsm8k_task, synthetic
-from model import GPT, GPTConfig, MODEL_SIZES, block_diffusion_mask, flex_block_diffusion_mask, model_config
+from engine import BlockKVCache, block_diffusion_generate as generate
+from model import (GPT, GPTConfig, MODEL_SIZES, block_diffusion_mask, exec_positions_of, flex_block_diffusion_mask,
+                   is_published_bd3lm, make_block_ids, model_config, published_bd3lm)
 
 KIND = "bd3lm"
 SEGMENTS = ("question", "plan", "execution")
@@ -57,11 +61,11 @@ PLAN_FIELDS = ("question", "plan", "execution")
 
 @dataclass
 class Config:
-    mode: str = "train"  # train | ppl_eval | sample | gsm8k_eval | compare
+    mode: str = "train"  # train | ppl_eval | sample (GSM8K accuracy and comparisons: eval_gsm8k.py)
     # data: gsm8k (flat Question/Answer rows) | hierarchical (plans JSON) | shards (prepare_data.py)
     data: str = "gsm8k"  # gsm8k | hierarchical | shards
     data_path: str = ""  # GSM8K train jsonl (empty: the HF hub)
-    val_data_path: str = ""  # GSM8K test jsonl, for validation, ppl_eval and gsm8k_eval
+    val_data_path: str = ""  # GSM8K test jsonl, for validation and ppl_eval
     plans_path: str = ""  # hierarchical: gen_plans.py JSON (train)
     val_plans_path: str = ""  # hierarchical: JSON for validation / evaluation
     data_dir: str = ""  # shards: prepare_data.py output folder
@@ -137,11 +141,8 @@ class Config:
     stop_after_step: int = -1  # end this invocation after this step with a checkpoint, as if preempted
     tensorboard: bool = False  # also log to out_dir/tensorboard (tags <record type>/<key>)
     wandb_project: Optional[str] = None  # also log to this W&B project (wandb imported only when set)
-    # evaluation and sampling (modes ppl_eval, sample, gsm8k_eval)
-    checkpoint: str = ""  # ppl_eval / sample / gsm8k_eval: a checkpoint file, run folder or RUN/latest
-    # compare: run folders (hierarchical, flat, AR ...), each with its results.json and optional ppl/, gsm8k/
-    runs: List[str] = field(default_factory=list)  # compare: the run folders
-    labels: List[str] = field(default_factory=list)  # compare: one label per run (default: the folder names)
+    # evaluation and sampling (modes ppl_eval, sample)
+    checkpoint: str = ""  # ppl_eval / sample: a checkpoint file, run folder or RUN/latest
     use_ema: bool = True  # evaluate the EMA weights
     eval_batch_size: int = 16  # rows per evaluation / generation batch
     eval_batches: int = 0  # ppl_eval: 0 = the whole evaluation set
@@ -152,7 +153,6 @@ class Config:
     top_p_rule: str = "hf"  # hf: keep the token whose probability crosses top_p | reference: drop it (bd3lms)
     kv_cache: bool = True  # cache the clean blocks while sampling
     num_samples: int = 4  # sample: how many
-    limit: int = 0  # gsm8k_eval: first `limit` test problems (0 = all)
     # benchmark: time bench_steps steps, write results.json, exit
     bench: bool = False  # time bench_steps training steps, write results.json, exit (no checkpoints)
     bench_steps: int = 10  # timed steps
@@ -160,13 +160,25 @@ class Config:
     two_pass: bool = False  # noisy and clean halves in two passes (what the vectorized pass replaces; same loss)
 
 
-MODES = ("train", "ppl_eval", "sample", "gsm8k_eval", "compare")
+MODES = ("train", "ppl_eval", "sample")
+# the modes eval_gsm8k.py took over, and the command that replaces each
+RETIRED_MODES = {
+    "gsm8k_eval": "python eval_gsm8k.py model=RUN/latest task=gsm8k out_dir=RUN/gsm8k (task=synthetic "
+                  "synthetic_options={max_steps: N, templates: [...]} for a synthetic_plans run)",
+    "compare": "python eval_gsm8k.py task=compare runs=[RUN_A,RUN_B,...] labels=[...] (each run folder with its "
+               "ppl/ and gsm8k/ results)"}
 TOP_P_RULES = ("hf", "reference")
 NOISE_FLOOR = 1e-3  # the reference's sampling_eps: the lowest mask rate a searched range starts at
 
 
+def refuse_retired_mode(mode):
+    if mode in RETIRED_MODES:
+        raise common.ConfigError(f"mode={mode} moved to eval_gsm8k.py: {RETIRED_MODES[mode]}")
+
+
 def check_config(cfg):
     """Mistakes that need no data or devices: refuse them before anything starts."""
+    refuse_retired_mode(cfg.mode)
     choices = {"mode": MODES, "data": ("gsm8k", "hierarchical", "shards"), "tokenizer": ("gpt2", "byte"),
                "model": tuple(MODEL_SIZES),
                "lr_schedule": ("constant", "cosine"), "sampler": ("first_hitting", "ancestral"),
@@ -207,9 +219,7 @@ def check_config(cfg):
     unknown = [t for t in cfg.synthetic_templates if t not in synthetic.TEMPLATES]
     if unknown:
         raise common.ConfigError(f"synthetic_templates {unknown} are not among {', '.join(synthetic.TEMPLATES)}")
-    if cfg.mode == "compare" and len(cfg.runs) < 2:
-        raise common.ConfigError("mode=compare needs runs=[run_dir,run_dir,...] (two or more run folders)")
-    if cfg.mode not in ("train", "compare") and not cfg.checkpoint:
+    if cfg.mode != "train" and not cfg.checkpoint:
         raise common.ConfigError(f"mode={cfg.mode} needs checkpoint=PATH (a file, run folder or RUN/latest)")
 
 
@@ -276,7 +286,7 @@ def reference_differences(cfg, mode, noise=None):
             if cfg.clip_search_statistic == "block" and "padding" in out:
                 grid.append("a block's mean is over its scored tokens, blocks of padding only left out")
             out["clip_search"] = "; ".join(grid)
-    if mode in ("sample", "gsm8k_eval"):
+    if mode == "sample":
         if cfg.top_p < 1.0 and cfg.top_p_rule == "hf":
             out["top_p_rule"] = ("nucleus keeps the token that crosses top_p (transformers' rule); the reference "
                                  "drops it: top_p_rule=reference")
@@ -295,24 +305,6 @@ def segment_lengths(cfg):
 
 def segment_names(cfg):
     return ["question", "execution"] if cfg.flat_plans else list(SEGMENTS)
-
-
-def exec_positions_of(segment_lens, exec_layers):
-    """(L,) bool: the execution segment (the last), for a model with an execution module; else None."""
-    if not exec_layers or len(segment_lens) < 3:
-        return None
-    return torch.arange(sum(segment_lens)) >= sum(segment_lens[:-1])
-
-
-def make_block_ids(segment_lens, block_size):
-    """(L,) block index of every position: blocks of block_size that restart at each segment boundary
-    (the last block of a segment may be shorter)."""
-    ids, next_id = [], 0
-    for n in segment_lens:
-        n_blocks = math.ceil(n / block_size)
-        ids += [next_id + i // block_size for i in range(n)]
-        next_id += n_blocks
-    return torch.tensor(ids, dtype=torch.long)
 
 
 # -----------------------------------------------------------------------------
@@ -626,140 +618,6 @@ def attention_mask_for(block_ids, device, use_flex):
 
 
 # -----------------------------------------------------------------------------
-# sampling: block by block, a KV cache of clean blocks
-
-
-class BlockKVCache:
-    """Keys/values of the clean blocks so far, in model.KVCache's protocol (open / update / advance / pos).
-    The new tokens attend to every cached token and to each other (a block is bidirectional), unless `mask`
-    is set. With store=False the new keys/values are read with the cached ones but not kept: the noisy
-    block being denoised; store=True appends a finished clean block."""
-
-    def __init__(self, store=False):
-        self.k, self.v, self.store, self.pos, self.mask = {}, {}, store, 0, None
-
-    def open(self, padding_mask):
-        B, T = padding_mask.shape
-        if self.mask is not None:
-            return self.mask
-        return torch.ones(1, 1, T, self.pos + T, dtype=torch.bool, device=padding_mask.device)
-
-    def update(self, layer, k, v):
-        if layer in self.k:
-            k, v = torch.cat([self.k[layer], k], dim=1), torch.cat([self.v[layer], v], dim=1)
-        if self.store:
-            self.k[layer], self.v[layer] = k, v
-        return k, v
-
-    def advance(self, T):
-        if self.store:
-            self.pos += T
-
-
-def top_p_filter(probs, top_p, rule="hf"):
-    """Nucleus, renormalised. rule=hf (transformers' TopP): the smallest set of most likely tokens whose mass
-    reaches top_p, so the token that crosses top_p is kept; rule=reference (bd3lms' _nucleus_sample): the tokens
-    whose cumulative mass stays within top_p, so the crossing token is dropped (the most likely one always stays)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    cum = sorted_p.cumsum(-1)
-    if rule == "reference":
-        drop = cum > top_p
-        drop[..., 0] = False
-    else:
-        drop = cum - sorted_p > top_p  # tokens entirely beyond the nucleus
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return filtered / filtered.sum(-1, keepdim=True)
-
-
-def block_logits(model, x, lo, hi, block_ids, cache, exec_positions=None):
-    """Logits (B, hi-lo, V) for the noisy block x[:, lo:hi] given the clean tokens before it."""
-    ex = None if exec_positions is None else exec_positions.to(x.device)[None]
-    if cache is not None:  # the cache holds exactly the clean tokens before lo
-        logits, _ = model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache,
-                          exec_positions=None if ex is None else ex[:, lo:hi])
-        return logits
-    ids = block_ids[:hi].to(x.device)  # no cache: the clean prefix and the noisy block, block-causal
-    logits, _ = model(x[:, :hi], attn_mask=ids[None, :] <= ids[:, None],
-                      exec_positions=None if ex is None else ex[:, :hi])
-    return logits[:, lo:]
-
-
-def choose_reveals(still, sampler, step, steps, generator):
-    """Which masked positions (B, n) get their token now. first_hitting: one per row (uniformly among the
-    still masked ones); ancestral step i of T from t=1-i/T to s=1-(i+1)/T: each w.p. (t - s) / t."""
-    if sampler == "first_hitting":
-        scores = torch.rand(still.shape, device=still.device, generator=generator).masked_fill(~still, -1.0)
-        pick = torch.zeros_like(still)
-        pick.scatter_(1, scores.argmax(dim=1, keepdim=True), True)
-        return pick & still
-    t, s = 1.0 - step / steps, max(1.0 - (step + 1) / steps, 0.0)
-    return still & (torch.rand(still.shape, device=still.device, generator=generator) < (t - s) / t)
-
-
-@torch.no_grad()
-def generate(model, x, fixed, block_ids, segment_ends, mask_id, n_vocab, eos_id, cfg, generator, use_cache,
-             exec_positions=None):
-    """Fill every position of x (B, L) that is not `fixed` (the prompt), block by block. After an end of
-    text, the rest of that segment is padding (as in training). Returns (tokens, network calls)."""
-    x = torch.where(fixed, x, torch.full_like(x, mask_id))
-    B, L = x.shape
-    bounds = [0] + [i for i in range(1, L) if block_ids[i] != block_ids[i - 1]] + [L]
-    cache = BlockKVCache() if use_cache else None
-    nfe = 0
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        step = 0
-        while True:
-            still = x[:, lo:hi] == mask_id
-            if not still.any():
-                break
-            steps = cfg.sample_steps if cfg.sampler == "ancestral" else 1
-            reveal = choose_reveals(still, cfg.sampler, min(step, steps - 1), steps, generator)
-            step += 1
-            if not reveal.any():
-                continue  # no token changes in this step: no network call needed
-            logits = block_logits(model, x, lo, hi, block_ids, cache, exec_positions)[..., :n_vocab].float()
-            nfe += 1
-            rows, cols = reveal.nonzero(as_tuple=True)  # draw only the tokens revealed now
-            probs = top_p_filter(F.softmax(logits[rows, cols], dim=-1), cfg.top_p, cfg.top_p_rule)
-            x[rows, lo + cols] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id)
-        if cache is not None and hi < L:  # the clean block joins the cache: one pass, no logits
-            cache.store = True
-            ex = None if exec_positions is None else exec_positions[lo:hi].to(x.device)[None]
-            model(x[:, lo:hi], position_ids=torch.arange(lo, hi, device=x.device), kv_cache=cache, logits_len=0,
-                  exec_positions=ex)
-            cache.store = False
-        last_start = segment_ends[-2] if len(segment_ends) > 1 else 0
-        if hi < L and lo >= last_start and ended_all(x[:, last_start:hi], fixed[:, last_start:hi], eos_id):
-            x[:, hi:] = torch.where(x[:, hi:] == mask_id, torch.full_like(x[:, hi:], eos_id), x[:, hi:])
-            break  # every row has finished its last segment: the rest is padding
-    return x, nfe
-
-
-def ended_all(x, fixed, eos_id):
-    return bool(((x == eos_id) & ~fixed).any(dim=1).all())
-
-
-def pad_after_end_of_text(x, fixed, lo, hi, segment_ends, eos_id):
-    """Positions after a generated end of text, up to the segment's end, become padding (eos)."""
-    seg_start = max([0] + [e for e in segment_ends if e <= lo])
-    seg_end = min(e for e in segment_ends if e >= hi)
-    generated = (x[:, seg_start:hi] == eos_id) & ~fixed[:, seg_start:hi]
-    seen = generated.cumsum(dim=1) > 0
-    after = torch.zeros_like(x[:, seg_start:seg_end], dtype=torch.bool)
-    after[:, :hi - seg_start] = seen
-    after[:, hi - seg_start:] = seen[:, -1:]
-    after[:, :hi - seg_start] &= ~generated  # the end-of-text token itself stays
-    region = x[:, seg_start:seg_end]
-    x[:, seg_start:seg_end] = torch.where(after & ~fixed[:, seg_start:seg_end], torch.full_like(region, eos_id),
-                                          region)
-    fixed[:, hi:seg_end] |= after[:, hi - seg_start:]  # later blocks of this segment are already decided
-
-
-# -----------------------------------------------------------------------------
 # model and checkpoints
 
 
@@ -808,157 +666,6 @@ def build_model(cfg, vocab_size, d, mask_id=None):
     return model
 
 
-# -----------------------------------------------------------------------------
-# the published BD3-LM checkpoints (kuleshov-group/bd3lm-owt-block_size4/8/16 on the HF hub) as our GPT.
-# Their network is a DiT: token embedding without a position table, rotary positions on queries and keys, per
-# layer a LayerNorm (weight, no bias) followed by adaLN's shift and scale, fused qkv without bias, an output
-# projection and an MLP whose results are multiplied by adaLN's gates, and a final layer with its own adaLN and
-# a biased linear head. adaLN reads c = silu(sigma_map(sigma)); BD3-LM has no time conditioning, so sigma is 0
-# and c, hence every shift/scale/gate, is a constant vector. It folds exactly into our layers:
-#   LayerNorm(x) * w * (1 + scale) + shift  ->  LayerNorm weight w * (1 + scale), bias shift
-#   gate * (W y + b)                         ->  W' = gate[:, None] * W, b' = gate * b
-# Rotary positions are model.py's pos_encoding="rope" (the same rotate-half layout), the head bias head_bias.
-
-
-def is_published_bd3lm(name):
-    """An HF folder (config.json beside safetensors/bin weights; a run folder has config.json beside ckpt_*.pt),
-    or an owner/name hub id that is no local path."""
-    if os.path.isdir(name):
-        files = os.listdir(name)
-        return "config.json" in files and any(f.endswith(".safetensors") or f == "pytorch_model.bin" for f in files)
-    return not os.path.exists(name) and name.count("/") == 1 and not name.endswith((".pt", "/latest")) \
-        and not name.startswith((".", "/"))
-
-
-def read_published_bd3lm(name):
-    """(state dict, config dict) of a published BD3-LM: a local folder, or the hub (downloaded once, cached)."""
-    folder = name
-    if not os.path.isdir(name):
-        try:
-            from huggingface_hub import snapshot_download
-            folder = snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.bin"])
-        except Exception as e:  # offline, no such repository, no permission
-            reason = " ".join(str(e).split())[:160]
-            raise common.ConfigError(f"init_from '{name}' is no local checkpoint or folder and the HF hub could "
-                                     f"not provide it ({type(e).__name__}: {reason})") from e
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    state = {}
-    if files:
-        from safetensors.torch import load_file
-        for n in files:
-            state.update(load_file(os.path.join(folder, n)))
-    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        state = read_weights_bin(os.path.join(folder, "pytorch_model.bin"))
-    else:
-        raise common.ConfigError(f"{name}: no *.safetensors or pytorch_model.bin beside its config.json")
-    return state, config
-
-
-def read_weights_bin(path):
-    """A pytorch_model.bin: a pickle, so only tensors may come out of it (weights_only); a file that would build
-    other objects, or run code, is refused with what it asked for."""
-    import pickle
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-        raise ValueError(f"{path} holds objects other than tensors; refusing to load it (a .bin file is a pickle "
-                         f"and could run code){': ' + blocked[0] if blocked else ''}") from e
-    except Exception as e:  # truncated, not a torch file
-        raise ValueError(f"could not read {path}: {' '.join(str(e).split())[:200]}") from e
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (names -> tensors)")
-    return state
-
-
-PUBLISHED_DROPOUT = 0.1  # BD3LMConfig's default, for a config.json that does not name its dropout
-
-
-def published_bd3lm(name, vocab_size, mask_id, block_size=None):
-    """(model config dict, state dict in our names, label) for a published BD3-LM, with the checks that the
-    mapping is exact: no time conditioning, and its vocabulary = our tokenizer's ids then [MASK]; and that it was
-    trained with the configured block size (the one-block pretraining checkpoint, block size = model_length,
-    starts any block size, as in the reference's recipe). The config carries its dropout."""
-    state, config = read_published_bd3lm(name)
-    trained = config.get("block_size")
-    one_block = trained is not None and trained == config.get("model_length")
-    if block_size is not None and trained is not None and trained != block_size and not one_block:
-        raise common.ConfigError(f"{name} was trained with block size {trained}, but block_size={block_size} here: "
-                                 f"set block_size={trained}, or start from the block-size-{block_size} checkpoint")
-    if config.get("time_conditioning", False):
-        raise common.ConfigError(f"{name} conditions on the noise level (time_conditioning); our GPT has no "
-                                 "timestep input, so its adaLN cannot be folded into constant weights")
-    n_dit_vocab = state[dit_key(state, "vocab_embed.embedding")].shape[0]
-    if mask_id is not None and n_dit_vocab != mask_id + 1:
-        raise common.ConfigError(f"{name} has {n_dit_vocab} token ids ([MASK] = {n_dit_vocab - 1}); the tokenizer "
-                                 f"here puts [MASK] at {mask_id} (the published models use the gpt2 tokenizer)")
-    gpt_config, mapped = dit_to_gpt(state, config["n_heads"], config.get("model_length", 1024), vocab_size)
-    gpt_config.dropout = float(config.get("dropout", PUBLISHED_DROPOUT))
-    return dataclasses.asdict(gpt_config), mapped, f"{name} (published BD3-LM, block size {trained})"
-
-
-def dit_key(state, name):
-    """The stored key of a DiT weight: HF files prefix the backbone's names with 'backbone.'."""
-    for key in (f"backbone.{name}", name):
-        if key in state:
-            return key
-    raise common.ConfigError(f"the BD3-LM state dict lacks '{name}' (nor 'backbone.{name}')")
-
-
-@torch.no_grad()
-def dit_to_gpt(state, n_head, model_length, vocab_size=None):
-    """The DiT's weights as a GPTConfig (pos_encoding='rope', head_bias) and a state dict in our names; the
-    vocabulary padded to vocab_size with zero rows ([MASK] and padding are never predicted: SUBS)."""
-    w = {k: v.float() for k, v in state.items()}
-    get = lambda name: w[dit_key(w, name)]  # noqa: E731
-    embedding = get("vocab_embed.embedding")
-    n_vocab, n_embd = embedding.shape
-    n_layer = len({k.split("blocks.")[1].split(".")[0] for k in w if "blocks." in k})
-    vocab_size = vocab_size or common.padded_vocab_size(n_vocab)
-    adaln = any("adaLN_modulation" in k for k in w)
-    if adaln:  # the conditioning vector at sigma = 0: the sinusoidal embedding of 0 is [cos 0 ..., sin 0 ...]
-        freq_dim = get("sigma_map.mlp.0.weight").shape[1]
-        t_freq = torch.cat([torch.ones(freq_dim // 2), torch.zeros(freq_dim - freq_dim // 2)])
-        hidden = F.silu(get("sigma_map.mlp.0.weight") @ t_freq + get("sigma_map.mlp.0.bias"))
-        c = F.silu(get("sigma_map.mlp.2.weight") @ hidden + get("sigma_map.mlp.2.bias"))
-
-    def modulation(prefix, n):
-        if not adaln:  # plain LayerNorms: shift 0, scale 0, gate 1
-            return ([torch.zeros(n_embd), torch.zeros(n_embd), torch.ones(n_embd)] * 2)[:n]
-        return list((get(f"{prefix}.adaLN_modulation.weight") @ c + get(f"{prefix}.adaLN_modulation.bias")).chunk(n))
-
-    out = {}
-    padded = torch.zeros(vocab_size, n_embd)
-    padded[:n_vocab] = embedding
-    out["transformer.wte.weight"] = padded
-    for i in range(n_layer):
-        b, o = f"blocks.{i}", f"transformer.h.{i}"
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(b, 6)
-        out[f"{o}.ln_1.weight"] = get(f"{b}.norm1.weight") * (1 + scale_msa)
-        out[f"{o}.ln_1.bias"] = shift_msa
-        out[f"{o}.attn.c_attn.weight"] = get(f"{b}.attn_qkv.weight")
-        out[f"{o}.attn.c_attn.bias"] = torch.zeros(3 * n_embd)
-        out[f"{o}.attn.c_proj.weight"] = gate_msa[:, None] * get(f"{b}.attn_out.weight")
-        out[f"{o}.attn.c_proj.bias"] = torch.zeros(n_embd)
-        out[f"{o}.ln_2.weight"] = get(f"{b}.norm2.weight") * (1 + scale_mlp)
-        out[f"{o}.ln_2.bias"] = shift_mlp
-        out[f"{o}.mlp.c_fc.weight"] = get(f"{b}.mlp.0.weight")
-        out[f"{o}.mlp.c_fc.bias"] = get(f"{b}.mlp.0.bias")
-        out[f"{o}.mlp.c_proj.weight"] = gate_mlp[:, None] * get(f"{b}.mlp.2.weight")
-        out[f"{o}.mlp.c_proj.bias"] = gate_mlp * get(f"{b}.mlp.2.bias")
-    shift, scale = modulation("output_layer", 2)
-    out["transformer.ln_f.weight"] = get("output_layer.norm_final.weight") * (1 + scale)
-    out["transformer.ln_f.bias"] = shift
-    head, head_bias = torch.zeros(vocab_size, n_embd), torch.zeros(vocab_size)
-    head[:n_vocab], head_bias[:n_vocab] = get("output_layer.linear.weight"), get("output_layer.linear.bias")
-    out["lm_head.weight"], out["lm_head.bias"] = head, head_bias
-    config = GPTConfig(block_size=model_length, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                       n_embd=n_embd, bias=True, tie_embeddings=False, pos_encoding="rope", head_bias=True)
-    return config, out
-
-
 def load_any_checkpoint(path, kinds):
     try:
         ckpt = common.load_checkpoint(path)
@@ -998,6 +705,9 @@ class EMA:
 
 
 def main(argv=None):
+    for arg in argv if argv is not None else sys.argv[1:]:  # before load_config refuses their keys (runs=, limit=)
+        if arg.startswith("mode="):
+            refuse_retired_mode(arg[len("mode="):])
     cfg = common.load_config(Config, argv)
     check_config(cfg)
     d = common.setup_dist(cfg.device)
@@ -1007,11 +717,7 @@ def main(argv=None):
                 return train(cfg, d, stop)
         if cfg.mode == "ppl_eval":
             return ppl_eval(cfg, d)
-        if cfg.mode == "sample":
-            return sample(cfg, d)
-        if cfg.mode == "compare":
-            return compare(cfg)
-        return gsm8k_eval(cfg, d)
+        return sample(cfg, d)
     finally:
         common.cleanup_dist(d)
 
@@ -1426,107 +1132,6 @@ def sample(cfg, d):
         print(f"{len(prompts)} samples, {nfe} network calls, {generated / seconds:,.0f} tokens/s "
               f"({'with' if cfg.kv_cache else 'without'} KV cache) -> {cfg.out_dir}/samples.jsonl")
     return results
-
-
-def gsm8k_eval(cfg, d):
-    """GSM8K test accuracy: the question is the prompt, the model generates the rest (for the hierarchical
-    model, plan and execution kept apart). results.json + predictions.jsonl in eval_gsm8k.py's layout."""
-    model, ckpt, info, tok = eval_setup(cfg, d)
-    if cfg.data == "hierarchical":
-        items = plan_items(cfg, "val")
-        questions = [it["question"] for it in items]
-        golds = [gsm8k_task.normalize_number(str(it["answer_numerical"])) if it.get("answer_numerical") is not None
-                 else gsm8k_task.final_answer(it["execution"]) for it in items]
-    else:
-        rows = gsm8k_task.load_gsm8k(cfg.val_data_path, "test")
-        questions, golds = [r["question"] for r in rows], [r["gold"] for r in rows]
-    if cfg.limit:
-        questions, golds = questions[:cfg.limit], golds[:cfg.limit]
-    records, nfe_total, seconds, generated = [], 0, 0.0, 0
-    for start in common.progress(range(0, len(questions), cfg.eval_batch_size), master=d.master, desc="gsm8k"):
-        qs = questions[start:start + cfg.eval_batch_size]
-        prompts = qs if cfg.data == "hierarchical" else [f"Question: {q}\nAnswer:" for q in qs]
-        out, fixed, nfe, secs = run_generation(cfg, d, model, info, tok, prompts)
-        nfe_total, seconds, generated = nfe_total + nfe, seconds + secs, generated + int((~fixed).sum())
-        for i, q in enumerate(qs):
-            segs = decode_segments(tok, out[i].tolist(), fixed[i].tolist(), info)
-            completion = segs.get("execution", segs.get("all", ""))
-            gold = golds[start + i]
-            records.append({"id": start + i, "question": q, "gold": gold, "completion": completion,
-                            **({"plan": segs["plan"]} if "plan" in segs else {}),
-                            **gsm8k_task.score_completion(completion, gold),
-                            "new_tokens": int((~fixed[i]).sum())})
-    n = len(records)
-    strict = sum(r["correct"]["strict"] for r in records)
-    flexible = sum(r["correct"]["flexible"] for r in records)
-    task = "synthetic" if cfg.synthetic_plans else "gsm8k"  # the offline stand-in's own test problems
-    metrics = {f"{task}_strict": strict / n, f"{task}_flexible": flexible / n}
-    counts = {"n": n, "strict_correct": strict, "flexible_correct": flexible,
-              "no_number": sum(r["extracted"]["flexible"] is None for r in records), "nfe": nfe_total,
-              "generated_tokens": generated, "prompt_format": "question_segment" if cfg.data == "hierarchical"
-              else "zero-shot Question/Answer"}
-    results = {"task": task, "model": ckpt["path"], "model_kind": KIND, "engine": f"bd3lm-{cfg.sampler}",
-               "metrics": metrics, "counts": counts, "n": n, "seconds": round(seconds, 3),
-               "samples_per_s": n / seconds if seconds > 0 else None, "tokens_per_sec": generated / seconds,
-               "block_size": cfg.block_size, "top_p": cfg.top_p, "top_p_rule": cfg.top_p_rule,
-               "reference_differences": reference_differences(cfg, "gsm8k_eval"), "config": common.config_dict(cfg)}
-    if d.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "predictions.jsonl.tmp"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(os.path.join(cfg.out_dir, "predictions.jsonl.tmp"), os.path.join(cfg.out_dir, "predictions.jsonl"))
-        common.atomic_write_json(os.path.join(cfg.out_dir, "results.json"), results)
-        print(f"{task} strict {strict}/{n} = {strict / n:.3f}, flexible {flexible / n:.3f} -> {cfg.out_dir}")
-    return results
-
-
-
-def run_figures(folder):
-    """A run's comparable figures: NELBO per token (ppl_eval's, else the last validation), its perplexity bound,
-    GSM8K accuracy, training tokens/s. A train_gpt.py run (AR) reports its cross-entropy, which is its NLL."""
-    def read(*parts):
-        path = os.path.join(folder, *parts)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-        return {}
-    train, ppl, gsm8k = read("results.json"), read("ppl", "results.json"), read("gsm8k", "results.json")
-    if not (train or ppl or gsm8k):
-        raise FileNotFoundError(f"no results.json in {folder} (nor in its ppl/ or gsm8k/ subfolders)")
-    nelbo = ppl.get("nelbo", train.get("final_val_loss"))
-    return {"nelbo": nelbo, "ppl_bound": math.exp(nelbo) if nelbo is not None else None,
-            "gsm8k_strict": next((v for k, v in gsm8k.get("metrics", {}).items() if k.endswith("_strict")), None),
-            "train_tokens_per_sec": train.get("tokens_per_sec"), "block_size": train.get("block_size"),
-            "segments": ppl.get("segments")}
-
-
-def compare(cfg):
-    """Hierarchical vs flat vs AR (or any runs) -> comparison.json and comparison.png, one bar chart per figure."""
-    labels = list(cfg.labels) or [os.path.basename(os.path.normpath(r)) for r in cfg.runs]
-    if len(labels) != len(cfg.runs):
-        raise common.ConfigError(f"{len(labels)} labels for {len(cfg.runs)} runs")
-    table = {label: run_figures(run) for label, run in zip(labels, cfg.runs)}
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    common.atomic_write_json(os.path.join(cfg.out_dir, "comparison.json"), {"runs": dict(zip(labels, cfg.runs)),
-                                                                           "figures": table})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figures = [("nelbo", "NELBO per token (nats)"), ("gsm8k_strict", "GSM8K accuracy"),
-               ("train_tokens_per_sec", "training tokens/s")]
-    figures = [(k, title) for k, title in figures if any(table[lab][k] is not None for lab in labels)]
-    fig, axes = plt.subplots(1, max(len(figures), 1), figsize=(4.5 * max(len(figures), 1), 3.5), squeeze=False)
-    for ax, (key, title) in zip(axes[0], figures):
-        values = [table[lab][key] or 0.0 for lab in labels]
-        ax.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "comparison.png"), dpi=120)
-    plt.close(fig)
-    for label in labels:
-        print(f"{label:>16}: " + " | ".join(f"{k} {v:.4g}" for k, v in table[label].items() if isinstance(v, float)))
-    return table
 
 
 if __name__ == "__main__":

@@ -11,5 +11,5 @@ python train_bd3lm.py "$CONFIG" "${COMMON[@]}" max_steps=100 warmup_steps=10 val
     log_interval=10 out_dir="$OUT" resume=latest
 python train_bd3lm.py "$CONFIG" "${COMMON[@]}" mode=ppl_eval checkpoint="$OUT/latest" eval_batches=4 out_dir="$OUT/ppl"
 python train_bd3lm.py "$CONFIG" "${COMMON[@]}" mode=sample checkpoint="$OUT/latest" num_samples=4 out_dir="$OUT/samples"
-python train_bd3lm.py "$CONFIG" "${COMMON[@]}" mode=gsm8k_eval checkpoint="$OUT/latest" limit=20 out_dir="$OUT/gsm8k"
+python eval_gsm8k.py model="$OUT/latest" task=gsm8k limit=20 out_dir="$OUT/gsm8k"
 echo "done: $OUT"

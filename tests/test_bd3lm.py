@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import common
+import engine
+import eval_gsm8k as ev
 import train_bd3lm as bd
 import conftest
 from conftest import shared_path
@@ -181,8 +183,8 @@ def test_kv_cached_sampling_gives_the_same_tokens(sampler, segments):
 
 def test_top_p_keeps_the_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    assert torch.allclose(bd.top_p_filter(probs, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
-    assert torch.equal(bd.top_p_filter(probs, 1.0), probs)
+    assert torch.allclose(engine.top_p_filter(probs, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.equal(engine.top_p_filter(probs, 1.0), probs)
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -196,26 +198,43 @@ def test_loss_falls_on_gsm8k_and_ppl_eval_is_deterministic(gsm8k_files, tmp_path
     assert res["final_val_loss"] is not None and os.path.isfile(os.path.join(out, "loss.png"))
     ckpt = common.load_checkpoint(out, expected_kind="bd3lm")
     assert ckpt["ema"] is not None and ckpt["bd3lm"]["mask_id"] == 257
-    ev = dict(mode="ppl_eval", checkpoint=f"{out}/latest", eval_batch_size=8, eval_batches=2)
-    first = bd.main(gsm8k_args(gsm8k_files, f"{out}/ppl", **ev))
-    again = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e2"), **ev))
-    other = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e3"), **{**ev, "seed": 4}))
+    ev_ppl = dict(mode="ppl_eval", checkpoint=f"{out}/latest", eval_batch_size=8, eval_batches=2)
+    first = bd.main(gsm8k_args(gsm8k_files, f"{out}/ppl", **ev_ppl))
+    again = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e2"), **ev_ppl))
+    other = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "e3"), **{**ev_ppl, "seed": 4}))
     assert first["nelbo"] == again["nelbo"] and first["nelbo"] != other["nelbo"]
     assert first["ppl_bound"] < 257  # better than uniform over the bytes
-    # generation: GSM8K questions as prompts, eval_gsm8k.py's layout
-    g = bd.main(gsm8k_args(gsm8k_files, f"{out}/gsm8k", mode="gsm8k_eval", checkpoint=out, limit=3,
-                           eval_batch_size=3))
+    # generation: GSM8K questions as prompts, through eval_gsm8k.py (engine.BlockDiffusionEngine)
+    g = ev.main(eval_args(gsm8k_files, f"{out}/gsm8k", model=out, limit=3, batch_size=3))
     preds = common.read_jsonl(f"{out}/gsm8k/predictions.jsonl")
-    assert g["n"] == 3 and "gsm8k_strict" in g["metrics"] and len(preds) == 3 and g["counts"]["nfe"] > 0
-    assert all({"question", "gold", "completion", "correct", "extracted"} <= set(p) for p in preds)
-    # the compare report: this run against an autoregressive one (block size 1) of 3 steps
+    assert g["n"] == 3 and "gsm8k_strict" in g["metrics"] and len(preds) == 3 and g["counts"]["generated_tokens"] > 0
+    assert g["engine"] == "bd3lm" and g["model_kind"] == "bd3lm" and g["bd3lm"]["mask_id"] == 257
+    assert all({"prompt", "gold", "completion", "correct", "extracted"} <= set(p) for p in preds)
+    # the compare report (eval_gsm8k.py task=compare): this run against an autoregressive one (block size 1)
     ar = str(tmp_path / "ar")
     bd.main(gsm8k_args(gsm8k_files, ar, block_size=1, max_steps=3, val_interval=3))
-    table = bd.main(gsm8k_args(gsm8k_files, str(tmp_path / "cmp"), mode="compare", runs=f"[{out},{ar}]",
-                               labels="[bd3lm,ar]"))
-    assert table["bd3lm"]["nelbo"] == first["nelbo"] and table["ar"]["block_size"] == 1
-    assert table["bd3lm"]["gsm8k_strict"] == g["metrics"]["gsm8k_strict"] and table["ar"]["gsm8k_strict"] is None
+    ar_ppl = bd.main(gsm8k_args(gsm8k_files, f"{ar}/ppl", **{**ev_ppl, "checkpoint": ar}))
+    report = ev.main(["task=compare", f"runs=[{out},{ar}]", "labels=[bd3lm,ar]", f"out_dir={tmp_path / 'cmp'}"])
+    table = report["metrics"]
+    assert table["nelbo"]["bd3lm"] == first["nelbo"] and ar_ppl["block_size"] == 1
+    assert table["gsm8k_strict"]["bd3lm"] == g["metrics"]["gsm8k_strict"] and table["gsm8k_strict"]["ar"] is None
     assert os.path.isfile(str(tmp_path / "cmp" / "comparison.png"))
+
+
+def eval_args(files, out_dir, **overrides):
+    """eval_gsm8k.py on the test rows of `files`, CPU, 32 new tokens (a flat model of 64 positions)."""
+    args = dict(task="gsm8k", data_path=files[1], fewshot_path=files[0], max_new_tokens=32, device="cpu",
+                dtype="float32", out_dir=out_dir)
+    args.update(overrides)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+@pytest.mark.parametrize("retired, names", [("gsm8k_eval", "python eval_gsm8k.py model=RUN/latest"),
+                                            ("compare", "python eval_gsm8k.py task=compare")])
+def test_retired_modes_name_the_eval_gsm8k_command(retired, names, tmp_path):
+    with pytest.raises(common.ConfigError, match="moved to eval_gsm8k.py") as e:
+        bd.main([f"mode={retired}", "runs=[a,b]", "limit=3", f"out_dir={tmp_path}"])
+    assert names in str(e.value) and "\n" not in str(e.value)
 
 
 def test_hierarchical_training_logs_segment_losses_and_resumes_exactly(tmp_path):
@@ -545,7 +564,7 @@ def test_a_run_with_the_reference_search_scores_its_36_ranges(tmp_path):
 
 def test_top_p_rules_on_a_hand_made_distribution():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.5, 0.15, 0.3]])  # the second row: the same, shuffled
-    hf, ref = (lambda p: bd.top_p_filter(probs, p, "hf")), (lambda p: bd.top_p_filter(probs, p, "reference"))
+    hf, ref = (lambda p: engine.top_p_filter(probs, p, "hf")), (lambda p: engine.top_p_filter(probs, p, "reference"))
     # p = 0.7: 0.5 + 0.3 crosses it; HF keeps the crossing token, the reference drops it
     assert torch.allclose(hf(0.7), torch.tensor([[0.625, 0.375, 0, 0], [0, 0.625, 0, 0.375]]))
     assert torch.allclose(ref(0.7), torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
@@ -576,9 +595,9 @@ def test_ppl_eval_rows_do_not_depend_on_its_seed_and_its_rates_are_stratified(tm
     seen = []
     original = bd.sample_mask_rates
     monkeypatch.setattr(bd, "sample_mask_rates", lambda *a, **k: seen.append(a[4]) or original(*a, **k))
-    ev = dict(mode="ppl_eval", checkpoint=run, eval_batch_size=2, eval_batches=2, **synth)
-    one = bd.main(plans_args(str(tmp_path / "e1"), **{**ev, "seed": 1}))
-    two = bd.main(plans_args(str(tmp_path / "e2"), **{**ev, "seed": 2}))
+    ev_ppl = dict(mode="ppl_eval", checkpoint=run, eval_batch_size=2, eval_batches=2, **synth)
+    one = bd.main(plans_args(str(tmp_path / "e1"), **{**ev_ppl, "seed": 1}))
+    two = bd.main(plans_args(str(tmp_path / "e2"), **{**ev_ppl, "seed": 2}))
     assert one["rows_digest"] == two["rows_digest"] and one["nelbo"] != two["nelbo"]  # same rows, other noise
     assert one["data_seed"] == two["data_seed"] == 5  # the trained run's seed (plans_args' seed=5)
     assert seen and all(seen) and one["antithetic"] is True  # stratified over batch x blocks, as the reference
@@ -621,3 +640,53 @@ def test_train_results_list_the_reference_differences(gsm8k_files, tmp_path):
     saved = json.load(open(tmp_path / "run" / "results.json"))["reference_differences"]
     assert saved == res["reference_differences"] and {"backbone", "strata_order", "first_token"} <= set(saved)
     assert "padding" not in saved  # wrapped GSM8K rows have no padding
+
+
+# ---------------------------------------------------------------------------- the block-diffusion engine
+
+
+def test_block_diffusion_engine_reproduces_the_direct_sampler_on_the_question_segment(tmp_path):
+    """eval_gsm8k's engine on a hierarchical checkpoint: the prompt's last question becomes the question segment
+    exactly as in training, and plan and execution are what block_diffusion_generate gives for that row with the
+    same generator; the completion is the execution segment, the plan is kept beside it."""
+    run = str(tmp_path / "hier")
+    bd.main(plans_args(run, max_steps=2, val_interval=0, ckpt_interval=0))
+    lm = engine.load_block_diffusion_model(run)
+    sampling = engine.BlockSampling(sampler="ancestral", sample_steps=2, top_p=0.9, temperature=1.0)
+    eng = engine.BlockDiffusionEngine(lm, batch_size=4, sampling=sampling, seed=7)
+    questions = ["Tom has 3 apples and buys 4 more. How many apples?", "What is 6 times 7?"]
+    prompts = [lm.tok.encode_prompt(f"Question: an exemplar\nAnswer: 1\n#### 1\n\nQuestion: {q}\nAnswer:")
+               for q in questions]
+    outs = eng.generate(prompts, max_new_tokens=32, stop=["Question:"])
+
+    cfg = bd.Config(sampler="ancestral", sample_steps=2, top_p=0.9, data="hierarchical")
+    info = lm.info["bd3lm"]
+    x, fixed = bd.prompt_rows(cfg, lm.tok.tok, info, questions)
+    ids = bd.make_block_ids(info["segment_lens"], info["block_size"])
+    direct, _ = bd.generate(lm.model, x, fixed.clone(), ids, bd.segment_ends(info), info["mask_id"], info["n_vocab"],
+                            lm.tok.tok.eot_id, cfg, torch.Generator().manual_seed(7), True)
+    for i, (c,) in enumerate(outs):
+        segs = bd.decode_segments(lm.tok.tok, direct[i].tolist(), fixed[i].tolist(), info)
+        assert c.segments["plan"] == segs["plan"] and c.record == {"plan": segs["plan"]}
+        assert c.text == segs["execution"].split("Question:")[0] and len(c.content_ids) <= 32
+        assert c.finish_reason in ("eos", "stop", "length")
+
+
+def test_flat_engine_keeps_the_prompt_and_greedy_is_repeatable(gsm8k_files, tmp_path):
+    """A flat checkpoint: at most max_new_tokens per sample, num_samples per prompt, and at temperature 0 (the
+    evaluator's default) the same engine seed gives the same tokens; bad settings are refused in one line."""
+    out = str(tmp_path / "flat")
+    bd.main(gsm8k_args(gsm8k_files, out, max_steps=2))
+    lm = engine.load_block_diffusion_model(f"{out}/latest")
+    assert lm.kind == "bd3lm" and lm.max_positions == 64 and lm.info["ema"] is True
+    prompts = [lm.tok.encode_prompt("Question: 2+2?\nAnswer:"), lm.tok.encode_prompt("Q")]
+    a = engine.BlockDiffusionEngine(lm, seed=1).generate(prompts, 20, num_samples=2)
+    b = engine.BlockDiffusionEngine(lm, seed=1).generate(prompts, 20, num_samples=2)
+    assert [[c.ids for c in row] for row in a] == [[c.ids for c in row] for row in b]
+    assert all(len(row) == 2 and all(len(c.ids) <= 20 for c in row) for row in a)
+    with pytest.raises(ValueError, match="no room"):
+        engine.BlockDiffusionEngine(lm).generate([[65] * 64], 8)
+    with pytest.raises(common.ConfigError, match="engine=vllm cannot sample a BD3-LM"):
+        ev.make_engine(ev.Config(engine="vllm"), lm, torch.float32)
+    with pytest.raises(common.ConfigError, match="bd3lm_options"):
+        ev.make_engine(ev.Config(bd3lm_options={"smapler": "ancestral"}), lm, torch.float32)

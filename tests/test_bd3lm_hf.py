@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import model as model_lib
 import train_bd3lm as bd
 from model import GPT, block_diffusion_mask
 
@@ -154,7 +155,7 @@ def noisy_pair(n_vocab, B, n, seed=1):
 def test_mapped_model_matches_the_published_dit(adaln):
     n_vocab, n, block_size = 67, 16, 4
     state = published_state(n_vocab, adaln=adaln)
-    config, mapped = bd.dit_to_gpt(state, n_head=2, model_length=n)
+    config, mapped = model_lib.dit_to_gpt(state, n_head=2, model_length=n)
     assert config.pos_encoding == "rope" and config.head_bias and config.vocab_size == 128  # padded to 64s
     model = GPT(config).eval()
     model.load_state_dict(mapped, strict=True)
@@ -173,7 +174,7 @@ def test_mapped_model_matches_the_published_dit(adaln):
 def test_mapped_model_samples_the_same_with_and_without_kv_cache():
     """Rotary positions through the block KV cache: cached keys are rotated at their own positions."""
     n_vocab, n = 67, 16
-    config, mapped = bd.dit_to_gpt(published_state(n_vocab), n_head=2, model_length=n)
+    config, mapped = model_lib.dit_to_gpt(published_state(n_vocab), n_head=2, model_length=n)
     model = GPT(config).eval()
     model.load_state_dict(mapped)
     cfg = bd.Config(sampler="first_hitting", top_p=1.0)
@@ -236,11 +237,11 @@ def test_published_bd3lm_refusals(tmp_path):
     folder = str(tmp_path / "timed")
     write_published_folder(folder, published_state(258), time_conditioning=True)
     with pytest.raises(common.ConfigError, match="time_conditioning"):
-        bd.published_bd3lm(folder, 320, 257)
+        model_lib.published_bd3lm(folder, 320, 257)
     folder = str(tmp_path / "other_vocab")
     write_published_folder(folder, published_state(67))
     with pytest.raises(common.ConfigError, match=r"\[MASK\] at 257"):
-        bd.published_bd3lm(folder, 320, 257)
+        model_lib.published_bd3lm(folder, 320, 257)
 
 
 def test_unreachable_hub_is_a_one_line_error(tmp_path):
@@ -261,7 +262,7 @@ def test_published_block_size_must_match_and_the_dropout_is_carried(tmp_path, ca
     folder = str(tmp_path / "bd3lm-owt-block_size16")
     write_published_folder(folder, state, dropout=0.25)
     with pytest.raises(common.ConfigError, match="trained with block size 16, but block_size=8 here"):
-        bd.published_bd3lm(folder, 320, 257, block_size=8)
+        model_lib.published_bd3lm(folder, 320, 257, block_size=8)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         common.run_main(lambda: bd.main(plans_args(str(tmp_path / "r8"), init_from=folder, block_size=8)))
@@ -280,8 +281,8 @@ def test_published_block_size_must_match_and_the_dropout_is_carried(tmp_path, ca
     assert chosen.config.dropout == 0.0
     unnamed = str(tmp_path / "no_dropout_key")
     write_published_folder(unnamed, state)
-    assert bd.published_bd3lm(unnamed, 320, 257, block_size=16)[0]["dropout"] == bd.PUBLISHED_DROPOUT == 0.1
+    assert model_lib.published_bd3lm(unnamed, 320, 257, block_size=16)[0]["dropout"] == model_lib.PUBLISHED_DROPOUT == 0.1
     pretrain = str(tmp_path / "bd3lm-owt-block_size128-pretrain")  # model_length 128: one block, any block size
     write_published_folder(pretrain, state, block_size=128)
-    base, _, label = bd.published_bd3lm(pretrain, 320, 257, block_size=8)
+    base, _, label = model_lib.published_bd3lm(pretrain, 320, 257, block_size=8)
     assert base["n_layer"] == 2 and "block size 128" in label

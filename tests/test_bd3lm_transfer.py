@@ -1,5 +1,5 @@
 """The transfer experiment (seed 001, experiment 3) at tiny scale: the shipped configs run end to end (source
-models, frozen-plan and full fine-tuning, the flat model, ppl_eval, gsm8k_eval, compare), freeze=plan leaves the
+models, frozen-plan and full fine-tuning, the flat model, ppl_eval, eval_gsm8k.py's synthetic task and compare), freeze=plan leaves the
 plan module bit-identical (weights and EMA) while the execution module moves, and configs/svamp_transfer.yaml runs
 on gen_plans.py-format plans with the GPT-2 tokenizer."""
 import json
@@ -8,6 +8,7 @@ import os
 import torch
 
 import common
+import eval_gsm8k as ev
 import train_bd3lm as bd
 from conftest import shared_path
 
@@ -24,6 +25,14 @@ FLAT = dict(flat_plans="true", exec_len=80, exec_layers=0, freeze="none")
 def run(config, out_dir, **overrides):
     args = {**TINY, **overrides, "out_dir": out_dir}
     return bd.main([config] + [f"{k}={v}" for k, v in args.items()])
+
+
+def evaluate(model, out_dir, **overrides):
+    """eval_gsm8k.py task=synthetic on the target's held-out families, zero-shot (the question segment)."""
+    args = {"task": "synthetic", "model": model, "fewshot": 0, "max_new_tokens": 128, "batch_size": 4,
+            "synthetic_options": "{max_steps: 2, templates: [sharing, reading, classroom, time]}", "device": "cpu",
+            "dtype": "float32", "out_dir": out_dir, **overrides}
+    return ev.main([f"{k}={v}" for k, v in args.items()])
 
 
 def test_transfer_demo_configs_run_end_to_end_and_freeze_plan_keeps_the_plan_module(tmp_path):
@@ -50,17 +59,25 @@ def test_transfer_demo_configs_run_end_to_end_and_freeze_plan_keeps_the_plan_mod
 
     for label in ("frozen_plan", "full", "flat"):
         run(TARGET, f"{out}/{label}/ppl", mode="ppl_eval", checkpoint=f"{out}/{label}/latest")
-        run(TARGET, f"{out}/{label}/gsm8k", mode="gsm8k_eval", checkpoint=f"{out}/{label}/latest", limit=4,
-            sampler="ancestral", sample_steps=2)
-    table = bd.main(["mode=compare", f"runs=[{out}/frozen_plan,{out}/full,{out}/flat]",
-                     "labels=[frozen_plan,full_finetune,flat]", f"out_dir={out}/compare"])
+        evaluate(f"{out}/{label}/latest", f"{out}/{label}/gsm8k", limit=4,
+                 bd3lm_options="{sampler: ancestral, sample_steps: 2, temperature: 1.0, top_p: 0.9}")
+    report = ev.main(["task=compare", f"runs=[{out}/frozen_plan,{out}/full,{out}/flat]",
+                      "labels=[frozen_plan,full_finetune,flat]", f"out_dir={out}/compare"])
+    table = {c: {m: v[c] for m, v in report["metrics"].items()} for c in report["conditions"]}
     assert set(table) == {"frozen_plan", "full_finetune", "flat"}
     for figures in table.values():
-        assert figures["nelbo"] > 0 and 0.0 <= figures["gsm8k_strict"] <= 1.0
-    assert set(table["frozen_plan"]["segments"]) == {"question", "plan", "execution"}
-    assert set(table["flat"]["segments"]) == {"question", "execution"}
+        assert figures["nelbo"] > 0 and 0.0 <= figures["synthetic_strict"] <= 1.0
+    segments = lambda c: {m for m, v in table[c].items() if m.startswith("nelbo_") and v is not None}  # noqa: E731
+    assert segments("frozen_plan") == {"nelbo_question", "nelbo_plan", "nelbo_execution"}
+    assert segments("flat") == {"nelbo_question", "nelbo_execution"}
     with open(f"{out}/frozen_plan/gsm8k/results.json") as f:  # the target: the held-out problem families
-        assert json.load(f)["config"]["synthetic_templates"] == ["sharing", "reading", "classroom", "time"]
+        target = json.load(f)
+    assert target["config"]["synthetic_options"]["templates"] == ["sharing", "reading", "classroom", "time"]
+    assert common.load_checkpoint(target["checkpoint"])["config"]["synthetic_templates"] == \
+        target["config"]["synthetic_options"]["templates"]
+    plans = common.read_jsonl(f"{out}/frozen_plan/gsm8k/predictions.jsonl")
+    assert len(plans) == 4 and all("plan" in p for p in plans)  # hierarchical: the plan kept beside the answer
+    assert not any("plan" in p for p in common.read_jsonl(f"{out}/flat/gsm8k/predictions.jsonl"))
     assert os.path.isfile(f"{out}/compare/comparison.png")
 
 
