@@ -737,6 +737,117 @@ def flops_per_token(model, L):
     return 2 * model.flops_per_token(2 * L) - 6 * model.lm_head.weight.numel()
 
 
+@dataclass
+class Objective:
+    """What the loss needs beside the weights: the block layout (on the device), its attention mask, the
+    [MASK] id and the real ids, the execution positions, the segment names and the autocast context."""
+    block_ids: torch.Tensor
+    attn_mask: object
+    mask_id: int
+    n_vocab: int
+    exec_positions: Optional[torch.Tensor]
+    seg_names: List[str]
+    autocast: object
+
+    def terms(self, net, x0, beta, omega, antithetic, generator, two_pass=False, resample=False):
+        return nelbo_terms(net, x0, self.block_ids, self.attn_mask, self.mask_id, self.n_vocab, beta, omega,
+                           antithetic, generator, two_pass, self.exec_positions, resample)
+
+
+@dataclass
+class Training:
+    """The trained objects: the (wrapped) model, its plain module, the optimizer, the EMA and the loaders."""
+    model: torch.nn.Module
+    raw_model: GPT
+    optimizer: torch.optim.Optimizer
+    ema: Optional["EMA"]
+    train_loader: object
+    val_loader: object
+
+
+def train_step(cfg, d, run, obj, noise, accum, step):
+    """One optimizer step; device tensors only (no host sync): [loss sum, tokens, per-segment sums and
+    tokens], the gradient norm, the learning rate."""
+    run.optimizer.zero_grad(set_to_none=True)
+    stats = torch.zeros(2 + 2 * len(obj.seg_names), device=d.device)
+    batches = [run.train_loader.next_batch() for _ in range(accum)]
+    # the noise of a step depends only on (seed, step, rank): a resumed run, on any number of ranks, draws
+    # exactly what the uninterrupted one drew, with no per-rank RNG state in the checkpoint
+    noise_rng = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + step) * 1024 + d.rank)
+    # the loss is the NELBO per token of the whole step (all micro batches, all ranks)
+    n_tokens = common.all_reduce(sum(v.sum() for _, v, _ in batches).float().to(d.device), "sum", d)
+    for micro, (x0, valid, seg) in enumerate(batches):
+        x0, valid, seg = x0.to(d.device), valid.to(d.device), seg.to(d.device)
+        with run.model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
+            with obj.autocast:
+                terms = obj.terms(run.model, x0, noise[0], noise[1], cfg.antithetic, noise_rng, cfg.two_pass,
+                                  cfg.resample) * valid
+            loss_sum = terms.sum()
+            (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
+        stats[0] += loss_sum.detach()
+        stats[1] += valid.sum()
+        for s in range(len(obj.seg_names)):
+            in_seg = valid & (seg == s)
+            stats[2 + 2 * s] += (terms.detach() * in_seg).sum()
+            stats[3 + 2 * s] += in_seg.sum()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    lr = common.lr_at(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps,
+                      cfg.lr_schedule)
+    common.set_lr(run.optimizer, lr)
+    run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update(run.raw_model, step)
+    return stats, grad_norm, lr
+
+
+def save_run(cfg, d, run, obj, spec, run_identity, step, val_loss, noise):
+    raw = run.raw_model
+    return common.save_training_checkpoint(cfg.out_dir, step, {
+        "kind": KIND, "model": raw.state_dict(), "model_config": dataclasses.asdict(raw.config),
+        "ema": run.ema.model.state_dict() if run.ema is not None else None, "tokenizer": spec,
+        "bd3lm": {"mask_id": obj.mask_id, "n_vocab": obj.n_vocab, "block_size": cfg.block_size,
+                  "seq_len": cfg.seq_len, "segment_lens": segment_lengths(cfg), "segment_names": obj.seg_names,
+                  "data": cfg.data},
+        "config": common.config_dict(cfg), "identity": run_identity, "step": step,
+        "optimizer": run.optimizer.state_dict(), "loader": run.train_loader.state(), "rng": common.rng_state(),
+        "val_loss": val_loss, "noise_range": noise}, d, cfg.keep_last_k)
+
+
+def validation_nelbo(cfg, d, run, obj):
+    """The validation NELBO per token with the EMA weights: the same batches and the same noise every time.
+    Always over t in [eval_noise_beta, 1], as the reference's validation: under a clipped (or searched) training
+    range the training loss is no bound, the validation NELBO stays one."""
+    net = run.ema.model if run.ema is not None else run.raw_model
+    run.val_loader.reset()
+    g = torch.Generator(device=d.device).manual_seed(cfg.seed + 17 + d.rank)
+    totals = torch.zeros(2, device=d.device)
+    net.eval()
+    with torch.no_grad():
+        for _ in range(cfg.val_batches):
+            x0, valid, _ = run.val_loader.next_batch()
+            x0, valid = x0.to(d.device), valid.to(d.device)
+            with obj.autocast:
+                terms = obj.terms(net, x0, cfg.eval_noise_beta, 1.0, cfg.antithetic, g, resample=cfg.resample) * valid
+            totals += torch.stack([terms.sum(), valid.sum().float()])
+    run.raw_model.train()
+    totals = common.all_reduce(totals, "sum", d)
+    return (totals[0] / totals[1]).item()
+
+
+def search_clip_range(cfg, d, run, obj, noise, step, logger):
+    """The clip range of lowest loss variance on the first validation batches; the loss uses it from now (noise
+    is updated in place)."""
+    run.val_loader.reset()
+    batches = [run.val_loader.next_batch() for _ in range(cfg.clip_search_batches)]
+    noise[0], noise[1], variances = search_noise_range(
+        run.ema.model if run.ema is not None else run.raw_model, batches, obj.block_ids, obj.attn_mask, obj.mask_id,
+        obj.n_vocab, cfg.clip_search_widths, cfg.seed + 29, obj.autocast, d, obj.exec_positions,
+        cfg.clip_search_statistic, cfg.clip_search_delta, cfg.resample)
+    logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
+                "variance": variances[tuple(noise)], "candidates": len(variances),
+                "statistic": cfg.clip_search_statistic})
+
+
 def train(cfg, d, stop):
     per_step = cfg.micro_batch_size * d.world_size
     if cfg.batch_size % per_step:
@@ -809,85 +920,10 @@ def train(cfg, d, stop):
     if truncated:
         logger.info(f"rows truncated (per segment): {truncated}")
 
-    def train_step(step):
-        """One optimizer step; device tensors only (no host sync): [loss sum, tokens, per-segment sums and
-        tokens], the gradient norm, the learning rate."""
-        optimizer.zero_grad(set_to_none=True)
-        stats = torch.zeros(2 + 2 * len(seg_names), device=d.device)
-        batches = [train_loader.next_batch() for _ in range(accum)]
-        # the noise of a step depends only on (seed, step, rank): a resumed run, on any number of ranks, draws
-        # exactly what the uninterrupted one drew, with no per-rank RNG state in the checkpoint
-        noise_rng = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + step) * 1024 + d.rank)
-        # the loss is the NELBO per token of the whole step (all micro batches, all ranks)
-        n_tokens = common.all_reduce(sum(v.sum() for _, v, _ in batches).float().to(d.device), "sum", d)
-        for micro, (x0, valid, seg) in enumerate(batches):
-            x0, valid, seg = x0.to(d.device), valid.to(d.device), seg.to(d.device)
-            with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
-                with autocast:
-                    terms = nelbo_terms(model, x0, block_ids, attn_mask, mask_id, n_vocab, noise[0], noise[1],
-                                        cfg.antithetic, noise_rng, cfg.two_pass, exec_pos, cfg.resample) * valid
-                loss_sum = terms.sum()
-                (loss_sum * d.world_size / n_tokens).backward()  # DDP averages the ranks' gradients
-            stats[0] += loss_sum.detach()
-            stats[1] += valid.sum()
-            for s in range(len(seg_names)):
-                in_seg = valid & (seg == s)
-                stats[2 + 2 * s] += (terms.detach() * in_seg).sum()
-                stats[3 + 2 * s] += in_seg.sum()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = common.lr_at(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps,
-                          cfg.lr_schedule)
-        common.set_lr(optimizer, lr)
-        optimizer.step()
-        if ema is not None:
-            ema.update(raw_model, step)
-        return stats, grad_norm, lr
-
+    obj = Objective(block_ids, attn_mask, mask_id, n_vocab, exec_pos, seg_names, autocast)
+    run = Training(model, raw_model, optimizer, ema, train_loader, val_loader)
     if cfg.bench:
-        return bench(cfg, d, train_step, logger, tokens_per_step)
-
-    def save(step):
-        return common.save_training_checkpoint(cfg.out_dir, step, {
-            "kind": KIND, "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
-            "ema": ema.model.state_dict() if ema is not None else None, "tokenizer": spec,
-            "bd3lm": {"mask_id": mask_id, "n_vocab": n_vocab, "block_size": cfg.block_size, "seq_len": cfg.seq_len,
-                      "segment_lens": segment_lengths(cfg), "segment_names": seg_names, "data": cfg.data},
-            "config": common.config_dict(cfg), "identity": run_identity, "step": step,
-            "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
-            "val_loss": val_loss, "noise_range": noise}, d, cfg.keep_last_k)
-
-    def evaluate():
-        """The validation NELBO per token with the EMA weights: the same batches and the same noise every time.
-        Always over t in [eval_noise_beta, 1], as the reference's validation: under a clipped (or searched) training
-        range the training loss is no bound, the validation NELBO stays one."""
-        net = ema.model if ema is not None else raw_model
-        val_loader.reset()
-        g = torch.Generator(device=d.device).manual_seed(cfg.seed + 17 + d.rank)
-        totals = torch.zeros(2, device=d.device)
-        net.eval()
-        with torch.no_grad():
-            for _ in range(cfg.val_batches):
-                x0, valid, _ = val_loader.next_batch()
-                x0, valid = x0.to(d.device), valid.to(d.device)
-                with autocast:
-                    terms = nelbo_terms(net, x0, block_ids, attn_mask, mask_id, n_vocab, cfg.eval_noise_beta, 1.0,
-                                        cfg.antithetic, g, exec_positions=exec_pos, resample=cfg.resample) * valid
-                totals += torch.stack([terms.sum(), valid.sum().float()])
-        raw_model.train()
-        totals = common.all_reduce(totals, "sum", d)
-        return (totals[0] / totals[1]).item()
-
-    def search_clip_range(step):
-        """The clip range of lowest loss variance on the first validation batches; the loss uses it from now."""
-        val_loader.reset()
-        batches = [val_loader.next_batch() for _ in range(cfg.clip_search_batches)]
-        noise[0], noise[1], variances = search_noise_range(
-            ema.model if ema is not None else raw_model, batches, block_ids, attn_mask, mask_id, n_vocab,
-            cfg.clip_search_widths, cfg.seed + 29, autocast, d, exec_pos, cfg.clip_search_statistic,
-            cfg.clip_search_delta, cfg.resample)
-        logger.log({"type": "clip_search", "step": step, "beta": noise[0], "omega": noise[1],
-                    "variance": variances[tuple(noise)], "candidates": len(variances),
-                    "statistic": cfg.clip_search_statistic})
+        return bench(cfg, d, lambda step: train_step(cfg, d, run, obj, noise, accum, step), logger, tokens_per_step)
 
     stopped = common.stopped_before_start(stop, d, logger, start_step)
     if stopped:
@@ -900,7 +936,7 @@ def train(cfg, d, stop):
     interval_stats, train_loss, status, step, seg_losses = None, None, "done", start_step - 1, {}
     logger.progress(total=cfg.max_steps, initial=start_step)
     for step in range(start_step, cfg.max_steps):
-        stats, grad_norm, lr = train_step(step)
+        stats, grad_norm, lr = train_step(cfg, d, run, obj, noise, accum, step)
         timer.step(tokens_per_step)
         watch.update(step, stats[0], grad_norm)
         interval_stats = stats if interval_stats is None else interval_stats + stats
@@ -927,11 +963,12 @@ def train(cfg, d, stop):
                     **seg_losses, **speed, "tokens": (step + 1) * tokens_per_step})
         logger.postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed.get('tokens_per_sec', 0):,.0f}")
         if val_now:
-            val_loss = evaluate()
+            val_loss = validation_nelbo(cfg, d, run, obj)
             logger.log({"type": "val", "step": step, "val_loss": val_loss})
         if clip_now:
-            search_clip_range(step)
+            search_clip_range(cfg, d, run, obj, noise, step, logger)
         # a signal or stop_after_step ends the run here, after its checkpoint (the last step ends it anyway)
+        save = lambda s: save_run(cfg, d, run, obj, spec, run_identity, s, val_loss, noise)  # noqa: E731
         status = common.save_or_exit(due, signal_stop, stop, step, save, logger) or status
         if status != "done":
             break
