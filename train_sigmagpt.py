@@ -742,16 +742,149 @@ def plot_comparison(entries, path):
     return path
 
 
-def train(cfg, d, stop):
-    meta = common.load_meta(cfg.data_dir)
+# -----------------------------------------------------------------------------
+# training: the plan, the state, one step, the records; train() puts them together
+
+
+@dataclass
+class Plan:
+    """The shape of a run: sequences of T tokens, B per micro batch, accum micro batches a step, n_scored targets
+    each; an epoch of steps_per_epoch steps (samples_per_epoch sequences), max_steps in all."""
+    T: int
+    B: int
+    accum: int
+    sequences_per_step: int
+    n_scored: int
+    samples_per_epoch: int
+    steps_per_epoch: int
+    max_steps: int
+
+
+def plan_run(cfg, loader, world_size):
+    """An epoch: max_samples sequences (or all the train shards hold), then the loader starts over."""
     T, B, accum = cfg.block_size, cfg.micro_batch_size, cfg.grad_accum_steps
-    sequences_per_step = B * accum * d.world_size
-    train_loader = common.ShardLoader(cfg.data_dir, "train", B, T - 1, d.rank, d.world_size)
-    # an epoch: max_samples sequences (or all the shards hold), then the loader starts over
-    available = sum(len(common.read_shard(p)) - 1 for p in train_loader.shards) // (T - 1)
+    sequences_per_step = B * accum * world_size
+    available = sum(len(common.read_shard(p)) - 1 for p in loader.shards) // (T - 1)
     samples_per_epoch = min(cfg.max_samples, available) if cfg.max_samples > 0 else available
     steps_per_epoch = max(1, samples_per_epoch // sequences_per_step)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
+    return Plan(T, B, accum, sequences_per_step, num_scored(cfg, T), samples_per_epoch, steps_per_epoch, max_steps)
+
+
+@dataclass
+class TrainState:
+    """What a step changes and a checkpoint keeps; model is the wrapped module (DDP, compile), raw the plain one."""
+    model: torch.nn.Module
+    raw: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: common.ShardLoader
+    autocast: object
+    dtype: torch.dtype
+    val: dict
+
+
+def build_state(cfg, meta, ckpt, loader, d):
+    """The model (a checkpoint's, else build_model's), optimizer, grad scaler, data position and RNG, restored
+    from the checkpoint when resuming."""
+    common.seed_everything(cfg.seed, d.device_type)
+    if ckpt:
+        raw = GPT(GPTConfig(**ckpt["model_config"]))
+        raw.load_state_dict(ckpt["model"])
+    else:
+        raw = build_model(cfg, meta)
+    raw.to(d.device)
+    model = common.wrap_model(raw, d, cfg.compile)
+    dtype = common.resolve_dtype(cfg.dtype, d.device)
+    scaler = torch.amp.GradScaler(d.device_type, enabled=dtype == torch.float16)  # fp16 only: loss scaling
+    optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), d.device_type)
+    state = TrainState(model, raw, optimizer, scaler, loader, common.autocast(d.device_type, dtype), dtype, {})
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        loader.set_state(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"])
+        state.val = ckpt.get("val", {})
+    return state
+
+
+def train_step(state, plan, cfg, d, step):
+    """One optimizer step over plan.accum micro batches; returns device tensors (no host sync)."""
+    if step > 0 and step % plan.steps_per_epoch == 0:
+        state.loader.reset()  # a new epoch over the same max_samples sequences, in new orders
+    share = random_share(cfg, step, plan.max_steps)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=d.device)
+    for micro in range(plan.accum):
+        x, y = state.loader.next_batch()
+        seq = torch.cat([x, y[:, -1:]], dim=1)
+        perm = draw_orders(plan.B, plan.T, share, order_generator(cfg.seed, "train", d.rank, step, micro),
+                           per_batch=cfg.order == "curriculum" and cfg.curriculum_granularity == "batch")
+        x, pos, next_pos, y = (t.to(d.device, non_blocking=True) for t in sigma_batch(seq, perm, plan.n_scored))
+        with state.model.no_sync() if d.ddp and micro < plan.accum - 1 else contextlib.nullcontext():
+            with state.autocast:
+                _, loss = state.model(x, y, position_ids=pos, target_position_ids=next_pos)
+            # the mean over the scored tokens of the step (every micro batch scores the same number)
+            loss = loss / plan.accum
+            loss_accum += loss.detach()
+            state.scaler.scale(loss).backward()
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    lr = common.lr_at(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, cfg.warmup_steps, plan.max_steps)
+    common.set_lr(state.optimizer, lr)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return loss_accum, grad_norm, lr
+
+
+def save_state(out_dir, step, state, cfg, meta, run_identity, d):
+    """checkpoint-N holds the weights after N optimizer steps, as the guide's (HF Trainer's) checkpoint-5000 at
+    save_steps=5000; the state keeps the 0-based step index the loop resumes after."""
+    raw = state.raw
+    return common.save_training_checkpoint(out_dir, step + 1, {
+        "kind": "sigmagpt", "model": raw.state_dict(), "model_config": dataclasses.asdict(raw.config),
+        "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "identity": run_identity, "step": step,
+        "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(), "loader": state.loader.state(),
+        "rng": common.rng_state(), "val": state.val}, d, cfg.keep_last_k, layout="seed")
+
+
+# the guide's CSV log beside log.jsonl
+CSV_FIELDS = ["step", "epoch", "loss", "lr", "scored_tokens", "tokens_per_sec", "val_loss_l2r", "val_loss_random",
+              "val_loss_fair"]
+
+
+def open_csv_log(out_dir, ckpt):
+    """logs/training_log.csv: a header for a fresh run; a resumed one loses the rows past its checkpoint (a crash
+    between checkpoints), which it logs again."""
+    csv_path = os.path.join(out_dir, "logs", "training_log.csv")
+    os.makedirs(os.path.dirname(csv_path), exist_ok=True)
+    if ckpt:
+        trim_csv(csv_path, ckpt["step"])
+    else:
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(CSV_FIELDS)
+    return csv_path
+
+
+def append_csv(csv_path, row):
+    with open(csv_path, "a", newline="") as f:
+        csv.writer(f).writerow([row.get(k, "") for k in CSV_FIELDS])
+
+
+def plot_run(out_dir, cfg):
+    common.plot_log_curves(out_dir, [
+        ("sigma-GPT " + os.path.basename(os.path.normpath(out_dir)), "loss (nats/token)",
+         [("train", "loss", "train"), ("val", "val_loss_l2r", "val, left to right"),
+          ("val", "val_loss_random", f"val, {cfg.eval_orders} random orders"),
+          ("val", "val_loss_fair", f"val, fair (scored share {cfg.scored_share})")])])
+
+
+def train(cfg, d, stop):
+    meta = common.load_meta(cfg.data_dir)
+    train_loader = common.ShardLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.block_size - 1, d.rank,
+                                      d.world_size)
+    plan = plan_run(cfg, train_loader, d.world_size)
+    T, max_steps, steps_per_epoch = plan.T, plan.max_steps, plan.steps_per_epoch
     out_dir = run_folder(cfg, d)
 
     # ---- where to start: fresh, or from a checkpoint (model, optimizer, scaler, step, data position, RNG)
@@ -761,91 +894,28 @@ def train(cfg, d, stop):
     finished = common.already_finished(ckpt, max_steps, d)
     if finished:
         return finished
-
-    common.seed_everything(cfg.seed, d.device_type)
-    if ckpt:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    else:
-        model = build_model(cfg, meta)
-    model.to(d.device)
-    raw_model = model  # plain module: checkpoints, evaluation, sampling
-    model = common.wrap_model(model, d, cfg.compile)
-    dtype = common.resolve_dtype(cfg.dtype, d.device)
-    autocast = common.autocast(d.device_type, dtype)
-    scaler = torch.amp.GradScaler(d.device_type, enabled=dtype == torch.float16)  # fp16 only: loss scaling
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                              d.device_type)
-    val = {}
-    val_rows, token_bytes = validation_set(cfg, meta["tokenizer"], raw_model.config.vocab_size, d.device)
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        train_loader.set_state(ckpt["loader"])
-        common.set_rng_state(ckpt["rng"])
-        val = ckpt.get("val", {})
+    state = build_state(cfg, meta, ckpt, train_loader, d)
+    # validation during training: always the first val_batches x micro_batch_size rows (eval_rows is mode=eval's)
+    val_rows, token_bytes = validation_set(dataclasses.replace(cfg, eval_rows=0), meta["tokenizer"],
+                                           state.raw.config.vocab_size, d.device)
 
     logger = common.Logger(out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
-    # the guide's CSV log beside log.jsonl: rows past the checkpoint (a crash between checkpoints) are redone
-    csv_path = os.path.join(out_dir, "logs", "training_log.csv")
-    csv_fields = ["step", "epoch", "loss", "lr", "scored_tokens", "tokens_per_sec", "val_loss_l2r",
-                  "val_loss_random", "val_loss_fair"]
+    csv_path = open_csv_log(out_dir, ckpt) if d.master else None
     if d.master:
-        os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-        if ckpt:
-            trim_csv(csv_path, ckpt["step"])
-        else:
-            with open(csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(csv_fields)
         common.atomic_write_json(os.path.join(out_dir, "config.json"), common.config_dict(cfg))
-    n_scored = num_scored(cfg, T)
-    scored_per_step = n_scored * sequences_per_step
+    scored_per_step = plan.n_scored * plan.sequences_per_step
     peak, device_name = common.peak_flops(d.device_type)
-    logger.info(f"sigma-GPT {cfg.mode} mode, order {cfg.order}: {raw_model.num_params() / 1e6:.2f}M non-embedding "
-                f"params from {cfg.init_from} | {d.device} x{d.world_size} ({device_name}), {dtype}, "
-                f"{sequences_per_step} sequences of {T} tokens/step = {B} x {accum} accum x {d.world_size} ranks | "
-                f"{scored_per_step} scored tokens/step | {max_steps} steps ({steps_per_epoch}/epoch of "
-                f"{samples_per_epoch} sequences) | {out_dir}")
+    logger.info(f"sigma-GPT {cfg.mode} mode, order {cfg.order}: {state.raw.num_params() / 1e6:.2f}M non-embedding "
+                f"params from {cfg.init_from} | {d.device} x{d.world_size} ({device_name}), {state.dtype}, "
+                f"{plan.sequences_per_step} sequences of {T} tokens/step = {plan.B} x {plan.accum} accum x "
+                f"{d.world_size} ranks | {scored_per_step} scored tokens/step | {max_steps} steps "
+                f"({steps_per_epoch}/epoch of {plan.samples_per_epoch} sequences) | {out_dir}")
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
 
-    def train_step(step):
-        """One optimizer step over `accum` micro batches; returns device tensors (no host sync)."""
-        if step > 0 and step % steps_per_epoch == 0:
-            train_loader.reset()  # a new epoch over the same max_samples sequences, in new orders
-        share = random_share(cfg, step, max_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=d.device)
-        for micro in range(accum):
-            x, y = train_loader.next_batch()
-            seq = torch.cat([x, y[:, -1:]], dim=1)
-            perm = draw_orders(B, T, share, order_generator(cfg.seed, "train", d.rank, step, micro),
-                               per_batch=cfg.order == "curriculum" and cfg.curriculum_granularity == "batch")
-            x, pos, next_pos, y = (t.to(d.device, non_blocking=True) for t in sigma_batch(seq, perm, n_scored))
-            with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
-                with autocast:
-                    _, loss = model(x, y, position_ids=pos, target_position_ids=next_pos)
-                # the mean over the scored tokens of the step (every micro batch scores the same number)
-                loss = loss / accum
-                loss_accum += loss.detach()
-                scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = common.lr_at(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, cfg.warmup_steps, max_steps)
-        common.set_lr(optimizer, lr)
-        scaler.step(optimizer)
-        scaler.update()
-        return loss_accum, grad_norm, lr
-
     def save(step):
-        # checkpoint-N holds the weights after N optimizer steps, as the guide's (HF Trainer's) checkpoint-5000 at
-        # save_steps=5000; the state keeps the 0-based step index the loop resumes after
-        return common.save_training_checkpoint(out_dir, step + 1, {
-            "kind": "sigmagpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
-            "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "identity": run_identity, "step": step,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "loader": train_loader.state(),
-            "rng": common.rng_state(), "val": val}, d, cfg.keep_last_k, layout="seed")
+        return save_state(out_dir, step, state, cfg, meta, run_identity, d)
 
     stopped = common.stopped_before_start(stop, d, logger, start_step)
     if stopped:
@@ -854,16 +924,16 @@ def train(cfg, d, stop):
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
     # tokens through the model, scored or not (fair mode masks only the loss)
-    tokens_per_step = sequences_per_step * (T - 1)
-    timer = common.StepTimer(d.device_type, raw_model.flops_per_token(T - 1), peak, d.world_size)
+    tokens_per_step = plan.sequences_per_step * (T - 1)
+    timer = common.StepTimer(d.device_type, state.raw.flops_per_token(T - 1), peak, d.world_size)
     run_t0 = time.time()
     train_loss, status, step = None, "done", start_step - 1
     logger.progress(total=max_steps, initial=start_step)
     for step in range(start_step, max_steps):
-        loss_accum, grad_norm, lr = train_step(step)
+        loss_accum, grad_norm, lr = train_step(state, plan, cfg, d, step)
         timer.step(tokens_per_step)
         # under fp16 an overflowing gradient is the grad scaler's business (it skips that step), not divergence
-        watch.update(step, loss_accum, None if scaler.is_enabled() else grad_norm)
+        watch.update(step, loss_accum, None if state.scaler.is_enabled() else grad_norm)
         logger.bar.update(1)
         due = common.due(step, max_steps, cfg.log_interval, cfg.ckpt_interval, cfg.val_interval, cfg.stop_after_step,
                          first_step=start_step)
@@ -879,21 +949,20 @@ def train(cfg, d, stop):
                   "random_share": random_share(cfg, step, max_steps), **speed}
         logger.log(record)
         logger.postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed.get('tokens_per_sec', 0):,.0f}")
-        row = {k: record.get(k, "") for k in csv_fields}
+        row = dict(record)
         if due.eval and cfg.val_batches > 0:
-            val = evaluate(raw_model, val_rows, token_bytes, cfg, d, autocast)
-            logger.log({"type": "val", "step": step, **val})
-            row.update({k: val[k] for k in ("val_loss_l2r", "val_loss_random", "val_loss_fair")})
+            state.val = evaluate(state.raw, val_rows, token_bytes, cfg, d, state.autocast)
+            logger.log({"type": "val", "step": step, **state.val})
+            row.update(state.val)
         if d.master:
-            with open(csv_path, "a", newline="") as f:
-                csv.writer(f).writerow([row[k] for k in csv_fields])
+            append_csv(csv_path, row)
         status = common.save_or_exit(due, signal_stop, stop, step, save, logger) or status
         if status != "done":
             break
         timer.restart()  # evaluation and saving are not training time
 
     speed = timer.summary()
-    results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, **val, "order": cfg.order,
+    results = {"status": status, "steps": step + 1, "final_train_loss": train_loss, **state.val, "order": cfg.order,
                **({"curriculum_granularity": cfg.curriculum_granularity} if cfg.order == "curriculum" else {}),
                "scored_tokens_per_step": scored_per_step, "tokens_per_sec": speed["tokens_per_sec"],
                "mfu": speed["mfu"], "peak_mem_gb": speed["peak_mem_gb"], "seconds": time.time() - run_t0,
@@ -901,11 +970,7 @@ def train(cfg, d, stop):
                "resumed_from_step": start_step - 1 if ckpt else None}
     common.finish(out_dir, results, d, logger)
     if d.master:
-        common.plot_log_curves(out_dir, [
-            ("sigma-GPT " + os.path.basename(os.path.normpath(out_dir)), "loss (nats/token)",
-             [("train", "loss", "train"), ("val", "val_loss_l2r", "val, left to right"),
-              ("val", "val_loss_random", f"val, {cfg.eval_orders} random orders"),
-              ("val", "val_loss_fair", f"val, fair (scored share {cfg.scored_share})")])])
+        plot_run(out_dir, cfg)
         if status == "done":
             logger.info(f"done: {step + 1} steps, train loss {train_loss:.4f}, results in {out_dir}")
     return results
