@@ -705,3 +705,22 @@ def segment_ids(row, fixed_row, segment_lens, segment_names, eos_ids):
 def strip_eos(ids, tok):
     """ids without a final end of text."""
     return ids[:-1] if ids and ids[-1] in tok.eos_ids else ids
+
+
+# -----------------------------------------------------------------------------
+# sigma-GPT (train_sigmagpt.py) left to right: with target positions = own + 1 (model.GPT's default under
+# double_position) it is a causal LM, so Engine and its KV cache generate with it unchanged
+
+
+def load_sigmagpt_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
+    """A train_sigmagpt.py checkpoint as a native LoadedModel, read left to right (info['order'] says so). vLLM
+    cannot run it: its HF export would drop the second position code."""
+    ckpt = common.load_checkpoint(name, expected_kind="sigmagpt")
+    gpt = model_lib.GPT(model_lib.GPTConfig(**ckpt["model_config"]))
+    gpt.load_state_dict(ckpt["model"])
+    gpt.to(device=device, dtype=dtype).eval()
+    tok = common.Tokenizer.from_spec(ckpt["tokenizer"], tokenizer_file or model_lib.run_tokenizer_file(ckpt))
+    info = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
+            "tokenizer": tok.spec, "source_kind": "sigmagpt", "order": "left_to_right"}
+    return LoadedModel(gpt, NativeTokenizer(tok), name, "native", gpt.config.block_size, info,
+                       native_checkpoint=ckpt["path"])

@@ -1,6 +1,7 @@
 """
 One evaluation tool for every model the repository makes or loads: a native checkpoint (file, run folder,
-RUN/latest), a folder written by export_hf.py, or any HF causal LM (hub id or folder).
+RUN/latest) of train_gpt.py, train_bd3lm.py (sampled block by block: engine.BlockDiffusionEngine, bd3lm_options=)
+or train_sigmagpt.py (read left to right), a folder written by export_hf.py, or any HF causal LM (hub id or folder).
 
     python eval_gsm8k.py task=gsm8k model=out/run/latest out_dir=out/eval/run limit=200 \
         data_path=../shared/data/gsm8k/test.jsonl tokenizer_file=../shared/data/tokenizers/gpt2.tiktoken
@@ -160,8 +161,6 @@ def resolve_device(device):
 # the checkpoints of this repository that are not a left-to-right LM this script evaluates, by the kind they
 # record, and what evaluates them ({ckpt}: the model= given, {run}: its run folder)
 OTHER_KINDS = {
-    "sigmagpt": ("a sigma-GPT checkpoint (any-order autoregression, double position encoding)",
-                 "python train_sigmagpt.py CONFIG.yaml mode=eval ckpt={ckpt}"),
     "sft": ("a training checkpoint of sft.py", "the HF folder the finished run writes: model={run}/hf"),
     "grpo": ("a training checkpoint of grpo.py", "the HF folder the finished run writes: model={run}/hf"),
 }
@@ -211,9 +210,12 @@ def bd3lm_options(cfg):
 def load_model(name, cfg, device, dtype):
     """engine.load_model, or a train_bd3lm.py checkpoint (engine.load_block_diffusion_model); a checkpoint of
     another trainer or a run folder without checkpoints is named for what it is, with what evaluates it."""
-    if checkpoint_kind(name)[0] == "bd3lm":
+    kind = checkpoint_kind(name)[0]
+    if kind == "bd3lm":
         return engine_lib.load_block_diffusion_model(name, cfg.tokenizer_file, device, dtype,
                                                      bd3lm_options(cfg).get("use_ema", True))
+    if kind == "sigmagpt":  # read left to right (its orders' perplexities: train_sigmagpt.py mode=eval)
+        return engine_lib.load_sigmagpt_model(name, cfg.tokenizer_file, device, dtype)
     try:
         return engine_lib.load_model(name, cfg.tokenizer_file, device, dtype)
     except pickle.UnpicklingError as e:  # transformers reading a pytorch_model.bin with torch's weights_only
@@ -250,6 +252,10 @@ def make_engine(cfg, lm, dtype):
                                                opts.get("seed", 0))
     if cfg.engine == "vllm" and not common.vllm_available():
         raise common.ConfigError("engine=vllm needs the vllm package and a CUDA GPU; use engine=hf (plain PyTorch) here")
+    if lm.info.get("source_kind") == "sigmagpt":  # two position codes: no HF architecture holds them
+        if cfg.engine == "vllm":
+            raise common.ConfigError("engine=vllm cannot run a sigma-GPT (double position encoding); use engine=hf")
+        return engine_lib.Engine(lm, cfg.batch_size)
     if cfg.engine == "vllm" or (cfg.engine == "auto" and common.vllm_available()):
         return engine_lib.VLLMEngine(lm, dtype, max(cfg.batch_size, 512), cfg.gpu_memory_utilization)
     return engine_lib.Engine(lm, cfg.batch_size)

@@ -39,10 +39,6 @@ def files(tmp_path_factory):
     (root / "empty.jsonl").write_text("\n")
     os.makedirs(root / "alone")  # a GSM8K test file with no train.jsonl beside it (exemplars: the hub)
     (root / "alone" / "test.jsonl").write_text('{"question": "What is 2+2?", "answer": "#### 4"}\n')
-    # a sigma-GPT run in its seed layout: the run's own config.json, checkpoint-N/model.pt of kind "sigmagpt"
-    os.makedirs(root / "sigmagpt")
-    (root / "sigmagpt" / "config.json").write_text(json.dumps({"mode": "fair", "order": "random"}))
-    common.save_checkpoint(str(root / "sigmagpt" / "checkpoint-2" / "model.pt"), {**state, "kind": "sigmagpt"})
     os.makedirs(root / "run_config_only")
     (root / "run_config_only" / "config.json").write_text(json.dumps({"mode": "fair", "order": "random"}))
     # an HF folder whose weights file builds an object when unpickled (refused, never run)
@@ -59,7 +55,7 @@ def files(tmp_path_factory):
             "run": str(root / "run"), "broken": str(root / "broken.jsonl"),
             "fieldless": str(root / "fieldless.jsonl"), "yaml": str(root / "bad.yaml"),
             "empty": str(root / "empty.jsonl"), "alone": str(root / "alone" / "test.jsonl"),
-            "sigmagpt": str(root / "sigmagpt"), "run_config_only": str(root / "run_config_only"),
+            "run_config_only": str(root / "run_config_only"),
             "crafted": str(root / "crafted"), "plans_dict": str(root / "plans_dict.json"),
             "plans_fieldless": str(root / "plans_fieldless.json")}
 
@@ -95,9 +91,6 @@ EVAL_CASES = [
     (lambda f: [f"model={f['good']}", "protocol=harness"], "protocol must be one of project, lm_eval"),
     (lambda f: [f"model={f['good']}", f"data_path={f['empty']}"], "empty.jsonl: no rows (an empty data file)"),
     (lambda f: [f"model={f['good']}", f"data_path={f['empty']}", "task=hellaswag"], "no HellaSwag items"),
-    (lambda f: [f"model={f['sigmagpt']}"], ("is a sigma-GPT checkpoint", "kind 'sigmagpt'",
-                                            "evaluate it with python train_sigmagpt.py CONFIG.yaml mode=eval ckpt=")),
-    (lambda f: [f"model={f['sigmagpt']}/checkpoint-2"], ("kind 'sigmagpt'", "train_sigmagpt.py")),
     (lambda f: [f"model={f['run_config_only']}"], "neither an HF model folder (its config.json has no model_type"),
     (lambda f: [f"model={f['crafted']}"], "holds objects other than tensors, numbers, strings and lists; refusing"),
 ]
