@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 import model as model_lib
 from tasks import sft_sets, text_sets
+from tasks.chat import prompt_text, render_segments, stop_strings  # the one chat format (eval prompts too)
 
 
 @dataclass
@@ -246,38 +247,6 @@ def has_mul_tokens(tok):
 # examples -> token ids with a completion mask
 
 
-def render_segments(messages, fmt, tok):
-    """A chat as [(text, is_completion)], with the EOS closing each reply implied by is_completion (added by
-    encode_example; eos_turns: after every turn). chat_template: the template's own text, each assistant turn (with
-    its end-of-turn marker) found as the difference between the rendering with and without it."""
-    if fmt == "eos_turns":  # DialoGPT's format: the turns' bare text, each closed by EOS
-        return [(m["content"].strip(), m["role"] == "assistant") for m in messages]
-    if fmt == "chat_template":
-        segments, done = [], ""
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prompt = tok.tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            full = tok.tok.apply_chat_template(messages[:i + 1], tokenize=False)
-            if not full.startswith(prompt) or not prompt.startswith(done):
-                raise common.ConfigError("the model's chat template does not render turns as prefixes; use "
-                                         "prompt_format=user_assistant")
-            segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
-        return segments
-    segments, pending = [], ""
-    for m in messages:
-        if m["role"] == "assistant":
-            segments += [(pending, False), (" " + m["content"].strip(), True)]
-            pending = "\n"
-        elif fmt == "plain":
-            pending += m["content"]
-        else:
-            pending += f"{'User' if m['role'] == 'user' else 'System'}: {m['content'].strip()}\n" + (
-                "Assistant:" if m["role"] == "user" else "")
-    return segments
-
-
 def encode_example(messages, fmt, tok, max_length):
     """-> (ids, target mask, cut): the mask is True on the tokens that carry loss (replies and their EOS).
     Longer than max_length: the tokens on the left go (the prompt first) and `cut` says so."""
@@ -298,11 +267,6 @@ def last_reply(messages):
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
-def prompt_text(head, fmt, tok):
-    """The text of the turns before a reply (user_assistant and plain), up to where the reply starts."""
-    return "".join(t for t, _ in render_segments(head + [{"role": "assistant", "content": ""}], fmt, tok)[:-1])
-
-
 def prompt_ids(messages, fmt, tok):
     """The prompt a model continues to answer the chat's last reply (generation accuracy)."""
     head = messages[:last_reply(messages)]
@@ -311,10 +275,6 @@ def prompt_ids(messages, fmt, tok):
     if fmt == "eos_turns":
         return [t for i, m in enumerate(head) for t in tok.encode(m["content"].strip(), first=i == 0) + [tok.eos_id]]
     return tok.encode(prompt_text(head, fmt, tok), first=True)
-
-
-def stop_strings(fmt):
-    return {"user_assistant": ["\nUser:"], "plain": ["\n\n"]}.get(fmt, [])
 
 
 def encode_seq2seq(messages, fmt, tok, max_length, start_id):

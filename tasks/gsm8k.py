@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 
 import dataio
 from tasks.base import Task
+from tasks.chat import CHAT_STOP, chat_prompt  # noqa: F401 (CHAT_STOP: eval_gsm8k and tests read it here)
 
 # -----------------------------------------------------------------------------
 # numbers: normalisation, exact comparison, the answer after '####'
@@ -187,8 +188,7 @@ def fewshot_pool(path="", near=()):
 # -----------------------------------------------------------------------------
 # prompts
 
-CHAT_TEMPLATE = "User: {question}\nAssistant:"  # the format sft.py trains
-CHAT_STOP = ["User:"]
+CHAT_TEMPLATE = "User: {question}\nAssistant:"  # what chat_prompt renders (tasks/chat.py, the format sft.py trains)
 FEWSHOT_STOP = ["\n\n", "Question:"]
 
 
@@ -199,7 +199,7 @@ def format_qa(question, answer):
 
 def build_prompt(question, exemplars):
     if not exemplars:
-        return CHAT_TEMPLATE.format(question=question)
+        return chat_prompt(question)
     return fewshot_prompt(question, exemplars)
 
 

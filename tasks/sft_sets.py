@@ -35,7 +35,8 @@ from typing import Callable, Optional, Sequence, Union
 import dataio
 from tasks.arithmetic import Arithmetic
 from tasks.base import Task
-from tasks.gsm8k import CHAT_STOP, CHAT_TEMPLATE, extract_strict, final_answer, same_number
+from tasks.chat import CHAT_STOP, chat_prompt
+from tasks.gsm8k import extract_strict, final_answer, same_number
 from tasks.synthetic import SyntheticMath
 
 # -----------------------------------------------------------------------------
@@ -628,7 +629,7 @@ class SFTSetTask(Task):
         return out
 
     def prompt(self, example, exemplars=()):
-        return CHAT_TEMPLATE.format(question=example["question"])
+        return chat_prompt(example["question"])
 
     def stop(self, exemplars=()):
         return CHAT_STOP
