@@ -1,13 +1,15 @@
 """Seed 001's "hierarchical vs flat" experiment on tiny models: Model A (configs/gsm8k_hierarchical.yaml), Model B
 (configs/gsm8k_flat.yaml) and Model C, the AR baseline on the same plans data (configs/gsm8k_plans_ar.yaml),
-trained from their own configs, evaluated, and compared by eval_gsm8k.py task=compare."""
+trained from their own configs, evaluated (ppl_eval; GSM8K through eval_gsm8k.py), and compared by eval_gsm8k.py task=compare."""
 import json
 import os
+import shutil
 
 import pytest
 
 import eval_gsm8k as ev
 import train_bd3lm as bd
+from conftest import shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = os.path.join(ROOT, "tests", "fixtures", "plans_small.json")
@@ -35,6 +37,10 @@ def runs(tmp_path_factory):
         for seed in (1, 2):  # the evaluation's own noise: two seeds
             bd.main(tiny(config, run, mode="ppl_eval", checkpoint=f"{run}/latest", seed=seed,
                          out_dir=f"{run}/ppl{seed}"))
+        # accuracy and generation speed, as for every model: eval_gsm8k.py on the run (greedy, zero-shot)
+        ev.main(["task=gsm8k", f"model={run}/latest", f"gsm8k_path={shared_path('gsm8k', 'test.jsonl')}", "limit=3",
+                 "fewshot=0", "max_new_tokens=32", f"out_dir={run}/eval/gsm8k"])
+        shutil.copytree(f"{run}/ppl1", f"{run}/eval/ppl")
     return root
 
 
@@ -55,7 +61,7 @@ def test_model_c_is_the_ar_model_its_nelbo_has_no_noise(runs):
 
 def test_the_three_models_compare_on_perplexity_and_training_speed(runs, tmp_path):
     labels = list(MODELS)
-    folders = [str(runs / label / "ppl1") for label in labels]
+    folders = [str(runs / label / "eval") for label in labels]
     out = tmp_path / "cmp"
     rep = ev.main(["task=compare", f"runs=[{','.join(folders)}]", f"labels=[{','.join(labels)}]",
                    f"train_runs=[{','.join(str(runs / lab) for lab in labels)}]", f"out_dir={out}"])
@@ -67,4 +73,8 @@ def test_the_three_models_compare_on_perplexity_and_training_speed(runs, tmp_pat
     assert rep["delta_vs_baseline"]["nelbo"]["ar"] == pytest.approx(nelbo(runs, "ar", 1) - nelbo(runs, "hierarchical", 1))
     assert set(rep["metrics"]) >= {"nelbo_question", "nelbo_execution", "ppl_bound"}
     assert rep["metrics"]["nelbo_plan"]["flat"] is None  # the flat model has no plan segment
+    for label in labels:  # accuracy with its interval, and speed, from eval_gsm8k.py's results of each model
+        assert rep["accuracy"]["eval"][label]["gsm8k_strict"]["n"] == 3
+        assert rep["metrics"]["gsm8k_samples_per_s"][label] > 0
+    assert set(rep["mcnemar"]["eval"]) == {"flat", "ar"}
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
