@@ -12,7 +12,7 @@ Formats:
                   difference between the rendering with and without them
 """
 
-from common import ConfigError
+from dataio import ConfigError  # dataio, not common: tasks/ stay free of torch (prepare_data imports them)
 
 # the next turn's header, which a user_assistant model writes after its reply and EOS when it runs on
 CHAT_STOP = ["User:"]
