@@ -271,6 +271,17 @@ EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, 
                    IsADirectoryError, PermissionError)
 
 
+def _exit_without_teardown():
+    """A torchrun rank whose work is done and written leaves with exit 0 after Python's exit handlers (W&B,
+    TensorBoard, tqdm) but without the interpreter's teardown: on CPU, gloo's threads sometimes abort that
+    teardown ("terminate called without an active exception", exit -6), which would fail a finished run."""
+    import atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_main(main, expected=(), preemptible=False):
     """A stage's `if __name__ == "__main__"`. Bad input (EXPECTED_ERRORS and `expected`) ends in one line
     `error: ...` on stderr and exit code 1. SIGTERM / SIGUSR1: a trainer (preemptible) reads the signal at its
@@ -284,6 +295,8 @@ def run_main(main, expected=(), preemptible=False):
                 raise Interrupted(getattr(signal, RECEIVED_SIGNALS[0]))
             _signal_mode["raise"] = True
         main()
+        if _is_stage_process() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _exit_without_teardown()
     except Interrupted as e:
         print(f"stopped: received {e} before the work was done (finished files are kept, nothing half-written)",
               file=sys.stderr)
