@@ -526,9 +526,11 @@ def task_bpb(cfg, lm):
         x = x.to(lm.device)
         logits = lm.logits(x[:, :-1]).float()
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-        for j, (i, ids) in enumerate(batch):  # right padding: a row's real targets are its first len(ids) - 1
-            nats[i] += loss[j, :len(ids) - 1].sum().item()
-            tokens[i] += len(ids) - 1
+        lengths = torch.tensor([len(ids) - 1 for _, ids in batch], device=lm.device)  # right padding: a row's
+        real = torch.arange(width - 1, device=lm.device) < lengths[:, None]        # real targets come first
+        for (i, _), row_nats, n in zip(batch, (loss * real).sum(1).tolist(), lengths.tolist()):  # one sync a batch
+            nats[i] += row_nats
+            tokens[i] += n
         bar.update(len(batch))
     bar.close()
     nbytes = [len(doc.encode("utf-8")) for doc in docs]
