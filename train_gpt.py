@@ -202,45 +202,51 @@ def main(argv=None):
     return common.launch(train, cfg)
 
 
-def train(cfg, d, stop):
-    accum = grad_accum_steps(cfg, d.world_size)
+def load_data_meta(cfg):
+    """meta.json of the data, checked against the tokenizer the config expects."""
     meta = common.load_meta(cfg.data_dir)
     if cfg.tokenizer is not None and meta["tokenizer"]["kind"] != cfg.tokenizer:
         raise common.ConfigError(f"tokenizer '{cfg.tokenizer}' was asked for, but {cfg.data_dir} holds "
                                  f"'{meta['tokenizer']['kind']}' tokens")
-    vocab_size = common.padded_vocab_size(meta["vocab_size"])
+    return meta
 
-    # ---- where to start: fresh, or from a checkpoint (model, optimizer, step, data position, RNG)
-    run_identity = identity(cfg)
-    ckpt = None if cfg.bench else common.restore(cfg.out_dir, cfg.resume, "gpt", run_identity, d.master)
-    start_step = ckpt["step"] + 1 if ckpt else 0
-    finished = common.already_finished(ckpt, cfg.max_steps, d)
-    if finished:
-        return finished
 
+@dataclass
+class Training:
+    """The trained objects: the (wrapped) model, its plain module, the optimizer and the train loader."""
+    model: torch.nn.Module
+    raw_model: GPT
+    optimizer: torch.optim.Optimizer
+    train_loader: common.ShardLoader
+
+
+def build_training(cfg, d, meta, ckpt):
+    """The model on the device (from the checkpoint, or built fresh), wrapped for compile / DDP, its optimizer
+    and the train loader; a checkpoint also restores the optimizer, the loader's position and the RNG state."""
     common.seed_everything(cfg.seed, d.device_type)
     if ckpt:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     else:
-        model = build_model(cfg, vocab_size)
+        model = build_model(cfg, common.padded_vocab_size(meta["vocab_size"]))
     if meta["vocab_size"] > model.config.vocab_size:
         raise common.ConfigError(f"data vocab {meta['vocab_size']} exceeds the model's {model.config.vocab_size}")
     model.to(d.device)
     raw_model = model  # plain module: checkpoints, evaluation (variable shapes would recompile)
     model = common.wrap_model(model, d, cfg.compile)
-    dtype = common.resolve_dtype(cfg.dtype, d.device)
-    autocast = common.autocast(d.device_type, dtype)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), d.device_type)
     train_loader = common.ShardLoader(cfg.data_dir, "train", cfg.micro_batch_size, cfg.block_size,
                                       d.rank, d.world_size)
-    val_loss = val_bpb = None
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         train_loader.set_state(ckpt["loader"])
         common.set_rng_state(ckpt["rng"])
-        val_loss, val_bpb = ckpt.get("val_loss"), ckpt.get("val_bpb")
+    return Training(model, raw_model, optimizer, train_loader)
 
+
+def eval_data(cfg, d, meta, raw_model):
+    """What evaluation reads, prepared once: the fixed validation rows, the token byte lengths for bits per byte
+    (None without a tokenizer) and the tokenized HellaSwag items (None unless hellaswag_file is set)."""
     # every val shard is read now (a corrupt one fails here, not at the first validation hours in)
     val_rows = common.validation_rows(cfg.data_dir, cfg.val_steps * cfg.micro_batch_size, cfg.block_size)
     tokenizer = token_bytes = hellaswag_items = None
@@ -258,65 +264,84 @@ def train(cfg, d, stop):
         # tokenized once here, not at every evaluation; contexts longer than the block lose tokens from the left
         hellaswag_items = encode_items(tokenizer, load_hellaswag(cfg.hellaswag_file, cfg.hellaswag_limit or None),
                                        max_len=raw_model.config.block_size)
+    return val_rows, token_bytes, hellaswag_items
+
+
+def train_step(cfg, d, run, autocast, accum, step):
+    """One optimizer step over `accum` micro batches; returns device tensors (no host sync) and the lr."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=d.device)
+    for micro in range(accum):
+        x, y = run.train_loader.next_batch()
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        # DDP all-reduces gradients only on the last micro step; before that they just accumulate
+        # (no_sync must cover the forward too: DDP arms its reducer there)
+        with run.model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
+            with autocast:
+                _, loss = run.model(x, y)
+            loss = loss / accum  # the mean over the whole step, not a sum over micro batches
+            loss_accum += loss.detach()
+            loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    lr = common.lr_at(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+    common.set_lr(run.optimizer, lr)
+    run.optimizer.step()
+    return loss_accum, grad_norm, lr
+
+
+def save_run(cfg, d, run, meta, run_identity, step, val_loss, val_bpb):
+    raw = run.raw_model
+    return common.save_training_checkpoint(cfg.out_dir, step, {
+        "kind": "gpt", "model": raw.state_dict(), "model_config": dataclasses.asdict(raw.config),
+        "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "identity": run_identity, "step": step,
+        "optimizer": run.optimizer.state_dict(), "loader": run.train_loader.state(), "rng": common.rng_state(),
+        "val_loss": val_loss, "val_bpb": val_bpb}, d, cfg.keep_last_k)
+
+
+def train(cfg, d, stop):
+    accum = grad_accum_steps(cfg, d.world_size)
+    meta = load_data_meta(cfg)
+
+    # ---- where to start: fresh, or from a checkpoint (model, optimizer, step, data position, RNG)
+    run_identity = identity(cfg)
+    ckpt = None if cfg.bench else common.restore(cfg.out_dir, cfg.resume, "gpt", run_identity, d.master)
+    start_step = ckpt["step"] + 1 if ckpt else 0
+    finished = common.already_finished(ckpt, cfg.max_steps, d)
+    if finished:
+        return finished
+    run = build_training(cfg, d, meta, ckpt)
+    val_loss, val_bpb = (ckpt.get("val_loss"), ckpt.get("val_bpb")) if ckpt else (None, None)
+    dtype = common.resolve_dtype(cfg.dtype, d.device)
+    autocast = common.autocast(d.device_type, dtype)
+    val_rows, token_bytes, hellaswag_items = eval_data(cfg, d, meta, run.raw_model)
 
     logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
-    n_params = raw_model.num_params()
-    flops_per_token = raw_model.flops_per_token(cfg.block_size)
+    n_params = run.raw_model.num_params()
     peak, device_name = common.peak_flops(d.device_type, cfg.peak_flops)
     logger.info(f"model {cfg.model if cfg.init_from == 'scratch' else cfg.init_from}: {n_params / 1e6:.2f}M "
-                f"non-embedding params, vocab {raw_model.config.vocab_size} | device {d.device} x{d.world_size} "
+                f"non-embedding params, vocab {run.raw_model.config.vocab_size} | device {d.device} x{d.world_size} "
                 f"({device_name}), {str(dtype).replace('torch.', '')}, compile {cfg.compile and d.device_type == 'cuda'}"
                 f" | {cfg.total_batch_size} tokens/step = {cfg.micro_batch_size} x {cfg.block_size} x "
                 f"{d.world_size} ranks x {accum} accum")
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
-
-    def train_step(step):
-        """One optimizer step over `accum` micro batches; returns device tensors (no host sync)."""
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=d.device)
-        for micro in range(accum):
-            x, y = train_loader.next_batch()
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            # DDP all-reduces gradients only on the last micro step; before that they just accumulate
-            # (no_sync must cover the forward too: DDP arms its reducer there)
-            with model.no_sync() if d.ddp and micro < accum - 1 else contextlib.nullcontext():
-                with autocast:
-                    _, loss = model(x, y)
-                loss = loss / accum  # the mean over the whole step, not a sum over micro batches
-                loss_accum += loss.detach()
-                loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = common.lr_at(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
-        common.set_lr(optimizer, lr)
-        optimizer.step()
-        return loss_accum, grad_norm, lr
-
     if cfg.bench:
-        return bench(cfg, d, train_step, logger, n_params, flops_per_token, peak, device_name, accum)
-
-    def save(step):
-        return common.save_training_checkpoint(cfg.out_dir, step, {
-            "kind": "gpt", "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
-            "tokenizer": meta["tokenizer"], "config": common.config_dict(cfg), "identity": run_identity, "step": step,
-            "optimizer": optimizer.state_dict(), "loader": train_loader.state(), "rng": common.rng_state(),
-            "val_loss": val_loss, "val_bpb": val_bpb}, d, cfg.keep_last_k)
-
+        return bench(cfg, d, run, autocast, accum, logger)
     stopped = common.stopped_before_start(stop, d, logger, start_step)
     if stopped:
         return stopped
 
     # ---- the loop
     watch = common.NonFiniteWatch(d.device)  # NaN/Inf in loss or gradients, remembered without a host sync
-    timer = common.StepTimer(d.device_type, flops_per_token, peak, d.world_size)
+    timer = common.StepTimer(d.device_type, run.raw_model.flops_per_token(cfg.block_size), peak, d.world_size)
     run_t0 = time.time()
     train_loss, hellaswag, status, step = None, None, "done", start_step - 1
     logger.progress(total=cfg.max_steps, initial=start_step)
     for step in range(start_step, cfg.max_steps):
-        loss_accum, grad_norm, lr = train_step(step)
+        loss_accum, grad_norm, lr = train_step(cfg, d, run, autocast, accum, step)
         timer.step(cfg.total_batch_size)
         watch.update(step, loss_accum, grad_norm)
         logger.bar.update(1)
@@ -337,12 +362,14 @@ def train(cfg, d, stop):
                     "tokens": (step + 1) * cfg.total_batch_size})
         logger.postfix(loss=f"{train_loss:.4f}", tok_s=f"{speed.get('tokens_per_sec', 0):,.0f}")
         if due.eval and cfg.val_steps > 0:
-            val_loss, val_bpb = evaluate_val_loss(raw_model, val_rows, token_bytes, cfg, d, autocast)
+            val_loss, val_bpb = evaluate_val_loss(run.raw_model, val_rows, token_bytes, cfg, d, autocast)
             logger.log({"type": "val", "step": step, "val_loss": val_loss, "val_bpb": val_bpb,
                         "val_rows": len(val_rows)})
         if hella_now:
-            hellaswag = evaluate_hellaswag(raw_model, hellaswag_items, cfg, d, autocast)
+            hellaswag = evaluate_hellaswag(run.raw_model, hellaswag_items, cfg, d, autocast)
             logger.log({"type": "hellaswag", "step": step, **hellaswag})
+        # a signal or stop_after_step ends the run here, after its checkpoint (the last step ends it anyway)
+        save = lambda s: save_run(cfg, d, run, meta, run_identity, s, val_loss, val_bpb)  # noqa: E731
         status = common.save_or_exit(due, signal_stop, stop, step, save, logger) or status
         if status != "done":
             break
@@ -377,15 +404,17 @@ def plot_curves(out_dir):
                                    ("hellaswag", "acc_norm_char", "acc_norm_char (per character)")])])
 
 
-def bench(cfg, d, train_step, logger, n_params, flops_per_token, peak, device_name, accum):
+def bench(cfg, d, run, autocast, accum, logger):
     """Throughput of full optimizer steps: bench_warmup untimed steps (compile, allocator), then bench_steps."""
+    n_params, flops_per_token = run.raw_model.num_params(), run.raw_model.flops_per_token(cfg.block_size)
+    peak, device_name = common.peak_flops(d.device_type, cfg.peak_flops)
     for step in common.progress(range(cfg.bench_warmup), master=d.master, desc="bench warm-up"):
-        train_step(step)
+        train_step(cfg, d, run, autocast, accum, step)
     common.synchronize(d.device_type)
     t0 = time.time()
     for step in common.progress(range(cfg.bench_warmup, cfg.bench_warmup + cfg.bench_steps), master=d.master,
                                 desc="bench"):
-        loss_accum, _, _ = train_step(step)
+        loss_accum, _, _ = train_step(cfg, d, run, autocast, accum, step)
     loss = loss_accum.item()
     common.synchronize(d.device_type)
     seconds = time.time() - t0
