@@ -935,19 +935,20 @@ class ShardLoader:
         return x, y
 
 
-def validation_rows(data_dir, n_rows, T):
-    """The first n_rows (T+1)-token windows of the val split: one fixed validation set, whatever the world size
-    (each rank scores rows rank, rank + W, ...). Fewer rows when the split is shorter."""
+def validation_rows(data_dir, n_rows, T, split="val"):
+    """The first n_rows (T+1)-token windows of a split's shards (split_*.bin; val unless asked): one fixed
+    validation set, whatever the world size (each rank scores rows rank, rank + W, ...). Fewer rows when the
+    split is shorter; the tail of each shard shorter than a window is left out."""
     rows = []
     vocab_size = load_meta(data_dir)["vocab_size"] if os.path.isfile(os.path.join(data_dir, "meta.json")) else None
-    for path in find_shards(data_dir, "val"):
+    for path in find_shards(data_dir, split):
         tokens = read_shard(path, vocab_size, scan=True)
         for start in range(0, len(tokens) - T, T):
             if len(rows) == n_rows:
                 return torch.from_numpy(np.stack(rows).astype(np.int64))
             rows.append(tokens[start:start + T + 1])
     if not rows:
-        raise ShardError(f"the val split of {data_dir} is shorter than one row of {T + 1} tokens")
+        raise ShardError(f"the {split} split of {data_dir} is shorter than one row of {T + 1} tokens")
     return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 

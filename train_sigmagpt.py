@@ -63,7 +63,6 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -392,30 +391,13 @@ def validation_set(cfg, spec, vocab_size, device, split="val"):
     """The fixed rows of block_size tokens of a split and the token byte lengths. val: the first eval_rows (or
     val_batches x micro_batch_size) rows, as every validation during training; test: the first eval_rows, or all."""
     n_rows = cfg.eval_rows or (cfg.val_batches * cfg.micro_batch_size if split == "val" else 0)
-    if split == "val":
-        rows = common.validation_rows(cfg.data_dir, n_rows or 1 << 62, cfg.block_size - 1)
-    else:
-        rows = split_rows(cfg.data_dir, split, n_rows, cfg.block_size - 1)
+    # prepare_data writes val always, test only when asked: a missing test split says how to make one
+    if split != "val" and os.path.isdir(cfg.data_dir) and not glob.glob(os.path.join(cfg.data_dir, f"{split}_*.bin")):
+        raise common.ConfigError(f"{cfg.data_dir} has no {split} split ({split}_*.bin): prepare it with prepare_data.py "
+                                 "test_split=test (or test_path=FILE), as configs/data_wikitext103.yaml does")
+    rows = common.validation_rows(cfg.data_dir, n_rows or 1 << 62, cfg.block_size - 1, split)
     token_bytes = common.token_byte_lengths(common.Tokenizer.from_spec(spec, cfg.tokenizer_file), vocab_size)
     return rows, token_bytes.to(device)
-
-
-def split_rows(data_dir, split, n_rows, T):
-    """The first n_rows (0 = all) (T+1)-token windows of a split's shards, cut as common.validation_rows cuts the
-    val split (the tail of each shard shorter than a window is left out)."""
-    if os.path.isdir(data_dir) and not glob.glob(os.path.join(data_dir, f"{split}_*.bin")):
-        raise common.ConfigError(f"{data_dir} has no {split} split ({split}_*.bin): prepare it with prepare_data.py "
-                                 f"test_split=test (or test_path=FILE), as configs/data_wikitext103.yaml does")
-    shards = common.find_shards(data_dir, split)
-    vocab_size = common.load_meta(data_dir)["vocab_size"]
-    rows = []
-    for path in shards:
-        tokens = common.read_shard(path, vocab_size, scan=True)
-        rows += [tokens[s:s + T + 1] for s in range(0, len(tokens) - T, T)]
-    rows = rows[:n_rows] if n_rows else rows
-    if not rows:
-        raise common.ShardError(f"the {split} split of {data_dir} is shorter than one row of {T + 1} tokens")
-    return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
 # -----------------------------------------------------------------------------
