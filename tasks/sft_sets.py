@@ -59,7 +59,8 @@ class SFTSet:
     doc: str = ""
 
 
-REGISTRY = {}
+REGISTRY = {}  # the sets defined below: what the registry has, the same in every process
+_DERIVED = {}  # NAME_CONFIG entries registry_name made for hub configs the registry does not list (never in REGISTRY)
 
 
 def register(entry):
@@ -81,7 +82,8 @@ def registry_name(name, config=None):
     `glue` + `sst2`, `openai/gsm8k` + `main`) -> the registry name. A hub config the registry does not list for a
     set it has (Financial PhraseBank's sentences_50agree, ...) becomes an entry of its own, NAME_CONFIG."""
     config = None if config in (None, "", "None", "none", "null") else config
-    if name in REFUSED or (name in REGISTRY and config in (None, REGISTRY[name].config)):
+    known = REGISTRY.get(name) or _DERIVED.get(name)
+    if name in REFUSED or (known and config in (None, known.config)):
         return name
     hub = HUB_ALIASES.get(name.lower(), name)
     on_hub = [e for e in REGISTRY.values() if e.hub and e.hub.lower() == hub.lower()]
@@ -95,18 +97,21 @@ def registry_name(name, config=None):
     if config and len(on_hub) == 1:  # another config of a set the registry has
         derived = dataclasses.replace(on_hub[0], name=f"{on_hub[0].name}_{config}", config=config,
                                       doc=f"{on_hub[0].doc} (config {config})")
-        return register(derived).name
+        _DERIVED[derived.name] = derived
+        return derived.name
     configs = ", ".join(sorted(str(e.config) for e in on_hub))
     raise dataio.ConfigError(f"dataset '{name}' has several configs in the registry ({configs}): name one with "
                              f"dataset_configs=, e.g. dataset_configs=[{on_hub[0].config}]")
 
 
 def get_set(name):
+    """The entry of a registry name, or of a NAME_CONFIG that registry_name derived."""
     if name in REFUSED:
         raise dataio.ConfigError(f"dataset '{name}' is {REFUSED[name]}")
-    if name not in REGISTRY:
+    entry = REGISTRY.get(name) or _DERIVED.get(name)
+    if entry is None:
         raise dataio.ConfigError(f"unknown dataset '{name}'; the registry has: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    return entry
 
 
 # -----------------------------------------------------------------------------

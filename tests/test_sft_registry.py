@@ -8,6 +8,7 @@ import os
 import pytest
 
 import common
+import engine as engine_lib
 import grpo
 import sft
 import tasks
@@ -193,7 +194,7 @@ def test_sft_set_task_prompts_scores_and_rewards(tmp_path):
     # the prompt is the text sft.py's user_assistant format puts before the reply
     entry = sft_sets.get_set("sst2")
     messages = sft_sets.to_example(entry, sst2_rows(2)[1])["messages"]
-    tok = sft.NativeTok(common.Tokenizer("byte"), False)
+    tok = engine_lib.NativeTokenizer(common.Tokenizer("byte"), False)
     assert tok.tok.decode(sft.prompt_ids(messages, "user_assistant", tok)) == task.prompt(ex)
     assert task.prompt(ex).endswith("Sentence: a awful film\nSentiment:\nAssistant:") and "User:" in task.stop()
     completions = [" negative", " positive", "Negative.", " banana"]
@@ -238,6 +239,7 @@ def test_dataset_names_as_the_seed_types_them_map_to_the_registry():
     name = sft_sets.registry_name("takala/financial_phrasebank", "sentences_50agree")
     assert name == "financial_phrasebank_sentences_50agree"
     assert sft_sets.get_set(name).config == "sentences_50agree"
+    assert name not in sft_sets.REGISTRY  # a derived entry never changes what the registry lists (test_sft.py)
     assert sft_sets.get_set("financial_phrasebank").config == "sentences_allagree"  # the default is untouched
     cfg = common.load_config(sft.Config, ["model=gpt2", "datasets=[stanfordnlp/imdb,glue]",
                                           "dataset_configs=[None,sst2]", "mixture_rates=[0.7,0.3]"])
