@@ -24,6 +24,7 @@ VLLMEngine gives the same interface through vLLM on CUDA (imported only there), 
 new policy weights into a running engine (GRPO).
 """
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -37,46 +38,71 @@ from tasks.base import cut_at_stop
 
 
 # -----------------------------------------------------------------------------
-# models and tokenizers: one interface for native checkpoints and HF models
+# models and tokenizers: one loader and one tokenizer interface for every stage (sft, grpo, eval, gen_plans)
 
 
 class NativeTokenizer:
-    """common.Tokenizer behind the interface the tasks use (ids exactly as in training)."""
+    """common.Tokenizer behind the interface every stage uses (ids exactly as in pretraining).
 
-    def __init__(self, tok):
+    eos_id is the id a trained reply ends with; eos_ids the ids that end a generation (here the same one).
+    Prompts are encoded as pretraining encoded text (a product becomes a multiplication token when the tokenizer
+    has them); an SFT reply only with inject_mul_tokens, else by the same tokenizer without them (every other id
+    is identical)."""
+    chat_template = None
+
+    def __init__(self, tok, inject_mul_tokens=False, tokenizer_file=None):
         self.tok = tok
+        self.eos_id = self.pad_id = tok.eot_id
         self.eos_ids = {tok.eot_id}
-        self.pad_id = tok.eot_id
         self.vocab_size = tok.vocab_size
+        self.has_mul_tokens = bool(tok.mul_ids)
+        self.inject_mul_tokens, self.tokenizer_file = inject_mul_tokens, tokenizer_file
+        self._plain = None
 
-    def encode(self, text):
+    def encode(self, text, first=False):
         return self.tok.encode(text)
 
     def encode_prompt(self, text):
-        return self.tok.encode(text)
+        return self.encode(text, first=True)
+
+    def encode_reply(self, text):
+        if self.inject_mul_tokens or not self.tok.mul_range:
+            return self.tok.encode(text)
+        if self._plain is None:  # built on first use: eval never needs it
+            self._plain = common.Tokenizer(self.tok.kind, self.tok.extra_tokens, None, self.tokenizer_file)
+        return self._plain.encode(text)
 
     def decode(self, ids):
         return self.tok.decode(ids)
 
 
 class HFTokenizer:
+    """An HF tokenizer. eos_id is the tokenizer's EOS (what SFT appends to a reply, and what sft.py writes into
+    the saved generation config); eos_ids adds the generation config's (chat models end a turn on e.g.
+    <|im_end|> or <|eot_id|>), so generation stops where the model's authors say it does. The first piece of a
+    sequence (encode(first=True), encode_prompt) gets the BOS the model wants; continuations get none."""
+
     def __init__(self, tok, generation_config=None):
         self.tok = tok
-        eos = set()
-        for e in (getattr(generation_config, "eos_token_id", None), tok.eos_token_id):
-            if isinstance(e, int):
-                eos.add(e)
-            elif e:
-                eos.update(e)
+        self.chat_template = getattr(tok, "chat_template", None)
+        self.eos_id = tok.eos_token_id
+        eos = set() if self.eos_id is None else {self.eos_id}
+        extra = getattr(generation_config, "eos_token_id", None)
+        eos.update([extra] if isinstance(extra, int) else extra or [])
         self.eos_ids = eos
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
+        fallback = self.eos_id if self.eos_id is not None else min(eos) if eos else 0
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else fallback
         self.vocab_size = len(tok)
+        self.has_mul_tokens = "2*3=6" in tok.get_vocab()
 
-    def encode(self, text):  # continuation pieces (HellaSwag endings): no BOS
-        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+    def encode(self, text, first=False):
+        return self.tok(text, add_special_tokens=first, verbose=False)["input_ids"]
 
-    def encode_prompt(self, text):  # a whole prompt: BOS where the model wants one
-        return self.tok(text, add_special_tokens=True, verbose=False)["input_ids"]
+    def encode_prompt(self, text):
+        return self.encode(text, first=True)
+
+    def encode_reply(self, text):
+        return self.encode(text)
 
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -84,14 +110,16 @@ class HFTokenizer:
 
 @dataclasses.dataclass
 class LoadedModel:
-    model: torch.nn.Module       # model.GPT (native) or a transformers causal LM (hf)
+    model: torch.nn.Module       # model.GPT (native), a transformers causal LM (hf) or encoder-decoder (seq2seq)
     tok: object                  # NativeTokenizer | HFTokenizer
     name: str                    # what the user passed
-    kind: str                    # native | hf
+    kind: str                    # native | hf | seq2seq
     max_positions: Optional[int]
-    info: dict                   # checkpoint path, step, val_loss
+    info: dict                   # where it came from: checkpoint path, step, val_loss (or the HF folder / hub id)
     hf_dir: Optional[str] = None  # a folder vLLM can load (None for native)
     native_checkpoint: Optional[str] = None
+    attn: str = "sdpa"           # the attention kernel an HF model runs (native: model.attention dispatches)
+    lora_targets: Optional[List[str]] = None  # the modules given LoRA adapters (train=True, lora=...)
 
     @property
     def device(self):
@@ -124,33 +152,212 @@ def check_model_path(name):
         raise FileNotFoundError(f"model={name}: no such checkpoint, run folder or HF folder")
 
 
-def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32):
-    """A native checkpoint / run folder / RUN/latest, an HF folder or an HF hub id, in eval mode."""
-    if not name:
-        raise common.ConfigError("model= is required (a checkpoint, run folder, RUN/latest, HF folder or hub id)")
-    if is_native(name):
-        gpt, tok, ckpt = model_lib.from_checkpoint(name, tokenizer_file or None)
-        gpt.to(device=device, dtype=dtype)
-        info = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
-                "tokenizer": tok.spec}
-        return LoadedModel(gpt, NativeTokenizer(tok), name, "native", gpt.config.block_size, info,
-                           native_checkpoint=ckpt["path"])
-    check_model_path(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def exported_spec(name):
+    """The native tokenizer spec of a folder written by export_hf.py / sft.py from a native model, else None."""
+    path = os.path.join(name, "export_info.json")
+    if os.path.isdir(name) and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get("tokenizer")
+    return None
+
+
+def model_kind(name, trust_remote_code=False, exported_as_native=False):
+    """'native' | 'hf' (a causal LM) | 'seq2seq' (an encoder-decoder), read from the HF config before any weight
+    is loaded. exported_as_native: a folder exported from a native model counts as native (training continues
+    on model.GPT with the run's own tokenizer; evaluation reads it as the HF model it is, which vLLM can load).
+    Encoder-only models (BERT, RoBERTa, ...) are refused: every stage here generates text."""
+    if is_native(name) or (exported_as_native and exported_spec(name)):
+        return "native"
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
     try:
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-        tok = AutoTokenizer.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no such folder or hub id (or offline), or a config transformers can't read
+        raise common.ConfigError(f"cannot read the model config of {name}: {str(e).splitlines()[0][:300]}") from e
+    if config.is_encoder_decoder:
+        return "seq2seq"
+    archs = config.architectures or []
+    # BERT-like types also have a CausalLM class in transformers, but only a checkpoint saved as a decoder is one
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False))
+    if causal or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "hf"
+    raise common.ConfigError(f"{name} is an encoder-only model ({config.model_type}: {', '.join(archs) or 'no head'})"
+                             f": it has no generation head, and this repository trains and scores replies as "
+                             f"generated text. Use a causal LM or an encoder-decoder (T5, BART)")
+
+
+def resolve_attn(attn_implementation, device_type):
+    """The attention kernel to ask an HF model for: flash-attn 2 when installed on CUDA, else SDPA; eager on MPS
+    (SDPA gives NaN there on some models)."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    if device_type == "cuda":
+        import importlib.util
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "eager" if device_type == "mps" else "sdpa"
+
+
+def from_pretrained(auto_model, name, **kwargs):
+    """auto_model.from_pretrained, with one-line errors: a weights file (pytorch_model.bin) that would build
+    objects other than tensors, which torch.load(weights_only=True) refuses, and a name nothing loads under."""
+    import pickle
+    import re
+    try:
+        return auto_model.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError as e:
+        why = re.search(r"WeightsUnpickler error: (.+?)(?= Check the documentation|$)", " ".join(str(e).split()))
+        raise common.ConfigError(f"model={name}: its weights file holds objects other than tensors, numbers, "
+                                 f"strings and lists; refusing to load it (a weights file is a pickle and could "
+                                 f"run code){': ' + why.group(1) if why else ''}. Use a safetensors copy") from None
     except OSError as e:  # transformers' words for "no such hub repo" and "not a model folder"
         raise FileNotFoundError(f"model={name} is not a checkpoint, run folder or HF folder here, and no HF model "
                                 f"loads under that name: {str(e).splitlines()[0]}") from e
+
+
+def load_native(name, tokenizer_file, inject_mul_tokens):
+    """A checkpoint / run folder / RUN/latest, or a folder exported from one, as model.GPT + NativeTokenizer."""
+    if is_native(name):
+        gpt, tok, ckpt = model_lib.from_checkpoint(name, tokenizer_file or None)
+        info = {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
+                "tokenizer": tok.spec}
+        tokenizer_file = tokenizer_file or model_lib.run_tokenizer_file(ckpt)
+    else:  # an exported folder: the same GPT-2 weights, with the run's own tokenizer
+        gpt = model_lib.from_hf(name)
+        tok = common.Tokenizer.from_spec(exported_spec(name), tokenizer_file or None)
+        info, ckpt = {"hf_folder": name, "tokenizer": tok.spec}, {}
+    if tok.vocab_size > gpt.config.vocab_size:
+        raise common.ConfigError(f"{name}: tokenizer has {tok.vocab_size} ids, the model only "
+                                 f"{gpt.config.vocab_size} rows")
+    return LoadedModel(gpt, NativeTokenizer(tok, inject_mul_tokens, tokenizer_file), name, "native",
+                       gpt.config.block_size, info, native_checkpoint=ckpt.get("path"))
+
+
+def load_hf(name, kind, dtype, device, attn_implementation, quantize, trust_remote_code):
+    """An HF folder or hub id: AutoModelForCausalLM (or Seq2SeqLM) + its tokenizer. quantize='4bit'|'8bit' loads
+    the weights through bitsandbytes onto `device` (CUDA); an attention kernel the architecture lacks falls back
+    to eager with a warning."""
+    import sys
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    auto_model = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quantize:
+        from transformers import BitsAndBytesConfig
+        kwargs = {**kwargs, "dtype": torch.bfloat16, "device_map": {"": device},
+                  "quantization_config": BitsAndBytesConfig(
+                      load_in_4bit=quantize == "4bit", load_in_8bit=quantize == "8bit",
+                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        hf = from_pretrained(auto_model, name, **kwargs)
+    except (ValueError, ImportError) as e:  # this architecture has no such kernel: fall back to eager
+        if kwargs.get("attn_implementation", "eager") == "eager" or isinstance(e, common.ConfigError):
+            raise
+        print(f"warning: attn_implementation={attn_implementation} unavailable for {name} "
+              f"({str(e).splitlines()[0][:120]}); using eager", file=sys.stderr)
+        hf = from_pretrained(auto_model, name, **{**kwargs, "attn_implementation": "eager"})
+    if not quantize:
+        hf.to(device)
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     c = hf.config
     max_pos = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
-    info = {}
+    info = {"hf_model": name}
     if os.path.isfile(os.path.join(name, "export_info.json")):
         with open(os.path.join(name, "export_info.json")) as f:
             e = json.load(f)
         info = {"checkpoint": e.get("source_checkpoint"), "step": e.get("step"), "val_loss": e.get("val_loss")}
-    return LoadedModel(hf, HFTokenizer(tok, hf.generation_config), name, "hf", max_pos, info, hf_dir=name)
+    return LoadedModel(hf, HFTokenizer(tok, hf.generation_config), name, kind, max_pos, info, hf_dir=name,
+                       attn=c._attn_implementation)
+
+
+def load_model(name, tokenizer_file="", device="cpu", dtype=torch.float32, train=False, lora=None,
+               attn_implementation=None, quantize="", trust_remote_code=False, inject_mul_tokens=False,
+               gradient_checkpointing=False):
+    """Any model this repository makes or reads: a native checkpoint / run folder / RUN/latest, an HF folder or
+    an HF hub id, on `device` in `dtype`, in eval mode; with train=True in train mode, ready for an optimizer:
+    - a folder exported from a native model loads as model.GPT with the run's tokenizer (so training keeps its
+      kernels and multiplication tokens), an MoE returns its router logits (the load-balancing loss counts);
+    - lora={"r", "alpha", "dropout", "target_modules"} wraps it with peft LoRA adapters (a native model first
+      becomes its HF GPT-2 twin); quantize='4bit'|'8bit' loads the base through bitsandbytes (CUDA, with LoRA);
+    - gradient_checkpointing recomputes each block's activations in the backward pass.
+    attn_implementation: HF's kernel name, 'auto' (flash-attn 2 on CUDA when installed, else SDPA) or None
+    (transformers' default)."""
+    if not name:
+        raise common.ConfigError("model= is required (a checkpoint, run folder, RUN/latest, HF folder or hub id)")
+    if not is_native(name):  # (RUN/latest names the newest checkpoint, not a file)
+        check_model_path(name)
+    kind = model_kind(name, trust_remote_code, exported_as_native=train)
+    if kind == "native":
+        lm = load_native(name, tokenizer_file, inject_mul_tokens)
+        lm.model.to(device=device, dtype=dtype)
+    else:
+        attn = resolve_attn(attn_implementation, torch.device(device).type) if attn_implementation else None
+        lm = load_hf(name, kind, dtype, device, attn, quantize, trust_remote_code)
+    if not train:
+        lm.model.eval()
+        return lm
+    if getattr(lm.model.config, "output_router_logits", None) is False:
+        lm.model.config.output_router_logits = True
+    if lora and lm.kind == "native":  # LoRA goes through peft on the equivalent HF GPT-2
+        lm.model = model_lib.to_hf(lm.model, lm.tok.tok).to(device)
+        lm.model.config._attn_implementation = "sdpa"
+        lm.kind = "hf"
+    if lora:
+        lm.model, lm.lora_targets = add_lora(lm.model, quantized=bool(quantize),
+                                             gradient_checkpointing=gradient_checkpointing, **lora)
+        if not quantize:  # the adapters beside their base weights
+            lm.model.to(device)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(lm.model, lm.kind)
+    lm.model.train()
+    return lm
+
+
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for t in ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma2",
+                 "phi3", "olmo", "olmo2", "smollm3")},
+    # encoder-decoder: the attention's query and value projections (T5's LoRA paper setting)
+    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "switch_transformers")},
+    **{t: ["q_proj", "v_proj"] for t in ("bart", "mbart", "pegasus", "marian")},
+}
+
+
+def add_lora(model, r=8, alpha=16, dropout=0.05, target_modules=(), quantized=False, gradient_checkpointing=False):
+    """Wrap `model` with peft LoRA adapters on the architecture's target modules (checked to exist); -> (peft
+    model, target module names)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    arch = model.config.model_type
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+               if type(m).__name__ in ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt") and name}
+    wanted = list(target_modules) or [t for t in LORA_TARGETS.get(arch, sorted(present - {"lm_head"}))
+                                      if t in present]
+    missing = [t for t in wanted if t not in present]
+    if missing or not wanted:
+        raise common.ConfigError(f"LoRA target modules {missing or wanted} are not in this {arch} model; its linear "
+                                 f"layers are: {', '.join(sorted(present))}")
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=wanted, task_type=task,
+                        fan_in_fan_out=arch == "gpt2")  # GPT-2's Conv1D stores (in, out)
+    return get_peft_model(model, config), wanted
+
+
+def checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_gradient_checkpointing(model, kind):
+    """Recompute each block's activations in the backward pass instead of keeping them."""
+    if kind != "native":  # HF causal LMs and encoder-decoders
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    for block in model.transformer.h:  # an instance attribute: nn.Module.__call__ finds it, state_dict is unchanged
+        block.forward = functools.partial(checkpointed, block.forward)
 
 
 # -----------------------------------------------------------------------------
@@ -248,6 +455,9 @@ class Engine:
         self.lm, self.batch_size = lm, batch_size
 
     def decoder(self):
+        if self.lm.kind == "seq2seq":
+            raise common.ConfigError(f"{self.lm.name} is an encoder-decoder: the engine's KV cache is decoder-only "
+                                     f"(sft.py scores encoder-decoders with HF generate)")
         return NativeDecoder(self.lm.model) if self.lm.kind == "native" else HFDecoder(self.lm.model)
 
     @torch.no_grad()

@@ -235,19 +235,14 @@ class TransformersBackend:
 
     def __init__(self, cfg):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import engine
         self.torch, self.cfg = torch, cfg
         self.device = common.autodetect_device() if cfg.device == "auto" else cfg.device
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        except OSError as e:  # transformers' words for "no such hub repo" and "not a model folder"
-            raise FileNotFoundError(f"model={cfg.model}: no HF model loads under that name: "
-                                    f"{str(e).splitlines()[0]}") from e
+        lm = engine.load_model(cfg.model, device=self.device, dtype=common.resolve_dtype(cfg.dtype, self.device))
+        self.model, self.tokenizer = lm.model, lm.tok.tok
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = common.resolve_dtype(cfg.dtype, self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device).eval()
 
     def generate(self, conversations, temperature, seeds):
         torch = self.torch

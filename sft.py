@@ -51,7 +51,6 @@ import functools
 import glob
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -62,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import engine as engine_lib
 import model as model_lib
 from tasks import sft_sets, text_sets
 from tasks.chat import prompt_text, render_segments, stop_strings  # the one chat format (eval prompts too)
@@ -109,7 +109,7 @@ class Config:
     lora_r: int = 16                  # LoRA rank
     lora_alpha: int = 32              # LoRA scaling numerator (scale = alpha / r)
     lora_dropout: float = 0.05        # dropout on the LoRA branch
-    lora_target_modules: List[str] = field(default_factory=list)  # [] = the architecture's defaults (LORA_TARGETS)
+    lora_target_modules: List[str] = field(default_factory=list)  # [] = the architecture's defaults (engine.LORA_TARGETS)
     merge_lora: bool = True           # save the merged model (an ordinary HF folder); false: the adapter only
     load_in_4bit: bool = False        # 4-bit NF4 base weights (bitsandbytes, CUDA; needs lora=true)
     load_in_8bit: bool = False        # 8-bit base weights (bitsandbytes, CUDA; needs lora=true)
@@ -141,16 +141,6 @@ class Config:
 
 PROMPT_FORMATS = ("auto", "chat_template", "user_assistant", "plain", "eos_turns")
 OBJECTIVES = ("sft", "lm")
-# LoRA's default target modules per architecture (HF model_type); others: every linear layer but the head
-LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-       for t in ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma2",
-                 "phi3", "olmo", "olmo2", "smollm3")},
-    # encoder-decoder: the attention's query and value projections (T5's LoRA paper setting)
-    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "switch_transformers")},
-    **{t: ["q_proj", "v_proj"] for t in ("bart", "mbart", "pegasus", "marian")},
-}
 
 
 def check_config(cfg):
@@ -194,53 +184,6 @@ def check_config(cfg):
                                  "eval_samples > 0 and fsdp=false")
     if cfg.fsdp and (cfg.load_in_4bit or cfg.load_in_8bit):
         raise common.ConfigError("fsdp=true shards full-precision weights; a 4/8-bit model trains with DDP (fsdp=false)")
-
-
-# -----------------------------------------------------------------------------
-# tokenizers: the native one (common.Tokenizer, exactly as in pretraining) or the model's HF tokenizer
-
-
-class NativeTok:
-    """common.Tokenizer for SFT. Prompts are encoded as eval encodes them (products become multiplication tokens
-    when the tokenizer has them); assistant replies only with inject_mul_tokens, else as plain text."""
-    chat_template = None
-
-    def __init__(self, tok, inject_mul_tokens, tokenizer_file=None):
-        self.tok, self.eos_id, self.pad_id, self.vocab_size = tok, tok.eot_id, tok.eot_id, tok.vocab_size
-        # the same tokenizer without multiplication tokens: the other ids are identical
-        self.plain = common.Tokenizer(tok.kind, tok.extra_tokens, None, tokenizer_file) if tok.mul_range else tok
-        self.reply_tok = tok if inject_mul_tokens else self.plain
-
-    def encode(self, text, first=False):
-        return self.tok.encode(text)
-
-    def encode_reply(self, text):
-        return self.reply_tok.encode(text)
-
-
-class HFTok:
-    """An HF tokenizer. The first piece of a sequence gets the BOS the model wants (as eval's encode_prompt)."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.chat_template = getattr(tok, "chat_template", None)
-        self.eos_id = tok.eos_token_id
-        if self.eos_id is None:
-            raise common.ConfigError("the model's tokenizer has no EOS token: replies could never end")
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
-        self.vocab_size = len(tok)
-
-    def encode(self, text, first=False):
-        return self.tok(text, add_special_tokens=first, verbose=False)["input_ids"]
-
-    def encode_reply(self, text):
-        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-
-def has_mul_tokens(tok):
-    if isinstance(tok, NativeTok):
-        return bool(tok.tok.mul_ids)
-    return "2*3=6" in tok.tok.get_vocab()
 
 
 # -----------------------------------------------------------------------------
@@ -395,155 +338,6 @@ def pack_documents(docs, max_length, eos_id, keep_tail=False):
         rows.append(list(range(len(examples), len(examples) + len(cuts) - 1)))
         examples += [(stream[i:j], stream[i + 1:j + 1]) for i, j in zip(cuts, cuts[1:])]
     return examples, rows
-
-
-# -----------------------------------------------------------------------------
-# models
-
-
-def is_native(name):
-    if os.path.isfile(name):
-        return name.endswith(".pt")
-    return os.path.basename(name) == "latest" or (os.path.isdir(name) and bool(common.list_checkpoints(name)))
-
-
-def exported_spec(name):
-    """The native tokenizer spec of a folder written by export_hf.py / sft.py from a native model, else None."""
-    import json
-    path = os.path.join(name, "export_info.json")
-    if os.path.isdir(name) and os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f).get("tokenizer")
-    return None
-
-
-def model_kind(name, trust_remote_code=False):
-    """'native' | 'hf' (a causal LM) | 'seq2seq' (an encoder-decoder), read from the HF config before any weight
-    is loaded. Encoder-only models (BERT, RoBERTa, ...) are refused: sft.py trains the reply as generated text."""
-    if is_native(name) or exported_spec(name):
-        return "native"
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # no such folder or hub id (or offline), or a config transformers can't read
-        raise common.ConfigError(f"cannot read the model config of {name}: {str(e).splitlines()[0][:300]}") from e
-    if config.is_encoder_decoder:
-        return "seq2seq"
-    archs = config.architectures or []
-    # BERT-like types also have a CausalLM class in transformers, but only a checkpoint saved as a decoder is one
-    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-        config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False))
-    if causal or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "hf"
-    raise common.ConfigError(f"{name} is an encoder-only model ({config.model_type}: {', '.join(archs) or 'no head'})"
-                             f": it has no generation head, and sft.py trains the reply as generated text. Use a "
-                             f"causal LM or an encoder-decoder (T5, BART), or a classification head elsewhere")
-
-
-def resolve_attn(cfg, d):
-    """The attention kernel to ask an HF model for: flash-attn 2 when installed on CUDA, else SDPA; eager on MPS
-    (SDPA gives NaN there on some models)."""
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
-    if d.device_type == "cuda":
-        import importlib.util
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-    return "eager" if d.device_type == "mps" else "sdpa"
-
-
-def from_pretrained(auto_model, name, **kwargs):
-    """auto_model.from_pretrained; a pickled weights file (pytorch_model.bin) that would build objects other than
-    tensors, which torch.load(weights_only=True) refuses, is a one-line error that names the model."""
-    try:
-        return auto_model.from_pretrained(name, **kwargs)
-    except pickle.UnpicklingError as e:
-        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-        raise common.ConfigError(f"{name}: its weights file holds objects other than tensors; refusing to load it "
-                                 f"(a pickle could run code){': ' + blocked[0] if blocked else ''}. Use a safetensors "
-                                 f"copy of the model") from e
-
-
-def load_model(cfg, d, dtype, kind):
-    """-> (model, tokenizer wrapper, kind 'native'|'hf'|'seq2seq', attention implementation, source info)."""
-    spec = None if is_native(cfg.model) else exported_spec(cfg.model)
-    if is_native(cfg.model) or spec:
-        if is_native(cfg.model):
-            gpt, tok, ckpt = model_lib.from_checkpoint(cfg.model, cfg.tokenizer_file or None)
-            source = {"checkpoint": ckpt["path"], "step": ckpt.get("step")}
-            tokenizer_file = cfg.tokenizer_file or model_lib.run_tokenizer_file(ckpt)
-        else:  # an exported folder: the same GPT-2 weights, trained natively with the run's own tokenizer
-            gpt = model_lib.from_hf(cfg.model)
-            tok = common.Tokenizer.from_spec(spec, cfg.tokenizer_file or None)
-            source = {"hf_folder": cfg.model}
-            tokenizer_file = cfg.tokenizer_file or None
-        if tok.vocab_size > gpt.config.vocab_size:
-            raise common.ConfigError(f"{cfg.model}: tokenizer has {tok.vocab_size} ids, the model only "
-                                     f"{gpt.config.vocab_size} rows")
-        ntok = NativeTok(tok, cfg.inject_mul_tokens, tokenizer_file)
-        if not cfg.lora:
-            attn = "flash_attn (varlen when packing)" if (d.device_type == "cuda" and model_lib.flash_attn_func
-                                                          and dtype != torch.float32) else "sdpa"
-            return gpt.train(), ntok, "native", attn, source
-        hf = model_lib.to_hf(gpt, tok)  # LoRA goes through peft on the equivalent HF GPT-2
-        hf.config._attn_implementation = "sdpa"
-        return hf.train(), ntok, "hf", "sdpa", source
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-    auto_model = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    attn = resolve_attn(cfg, d)
-    kwargs = {"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-        kwargs = {"dtype": torch.bfloat16, "device_map": {"": d.local_rank},
-                  "quantization_config": BitsAndBytesConfig(
-                      load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
-                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")}
-    try:
-        hf = from_pretrained(auto_model, cfg.model, attn_implementation=attn, **kwargs)
-    except (ValueError, ImportError) as e:  # this architecture has no such kernel: fall back to eager
-        if attn == "eager":
-            raise
-        print(f"warning: attn_implementation={attn} unavailable for {cfg.model} ({str(e).splitlines()[0][:120]}); "
-              f"using eager", file=sys.stderr)
-        hf = from_pretrained(auto_model, cfg.model, attn_implementation="eager", **kwargs)
-    tok = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if getattr(hf.config, "output_router_logits", None) is False:  # an MoE: its router's load-balancing loss counts
-        hf.config.output_router_logits = True
-    return hf.train(), HFTok(tok), kind, hf.config._attn_implementation, {"hf_model": cfg.model}
-
-
-def add_lora(cfg, model):
-    """Wrap `model` with peft LoRA adapters on the architecture's target modules (checked to exist)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    arch = model.config.model_type
-    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-               if type(m).__name__ in ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt") and name}
-    wanted = list(cfg.lora_target_modules) or [t for t in LORA_TARGETS.get(arch, sorted(present - {"lm_head"}))
-                                               if t in present]
-    missing = [t for t in wanted if t not in present]
-    if missing or not wanted:
-        raise common.ConfigError(f"LoRA target modules {missing or wanted} are not in this {arch} model; its linear "
-                                 f"layers are: {', '.join(sorted(present))}")
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=wanted,
-                      task_type=task, fan_in_fan_out=arch == "gpt2")  # GPT-2's Conv1D stores (in, out)
-    return get_peft_model(model, lora), wanted
-
-
-def checkpointed(forward, *args, **kwargs):
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def enable_gradient_checkpointing(model, kind):
-    """Recompute each block's activations in the backward pass instead of keeping them."""
-    if kind != "native":  # HF causal LMs and encoder-decoders
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return
-    for block in model.transformer.h:  # an instance attribute: nn.Module.__call__ finds it, state_dict is unchanged
-        block.forward = functools.partial(checkpointed, block.forward)
 
 
 def summed_loss(model, kind, x, y, pos, doc, attn, router_aux=False):
@@ -733,7 +527,7 @@ def unsharded_copy(cfg, model, kind, full_state):
         plain = model_lib.GPT(config) if kind == "native" else AutoModelForCausalLM.from_config(
             config, trust_remote_code=cfg.trust_remote_code)
         if cfg.lora:
-            plain, _ = add_lora(cfg, plain)
+            plain, _ = engine_lib.add_lora(plain, **lora_settings(cfg))
     plain.load_state_dict(full_state, assign=True)
     if hasattr(plain, "tie_weights"):
         plain.tie_weights()
@@ -749,14 +543,14 @@ def save_hf(cfg, model, kind, tok, folder, info):
         model = model.merge_and_unload()
     elif cfg.lora:
         info["note"] = "LoRA adapter only (merge_lora=false or a quantised base): load it with peft on " + cfg.model
-    if isinstance(tok, NativeTok) and kind == "native":
+    if isinstance(tok, engine_lib.NativeTokenizer) and kind == "native":
         model_lib.save_hf_folder(model, tok.tok, tmp, {**info, "tokenizer": tok.tok.spec})
-    elif isinstance(tok, NativeTok) and not (cfg.lora and not cfg.merge_lora):  # merged LoRA on a native model
+    elif isinstance(tok, engine_lib.NativeTokenizer) and not (cfg.lora and not cfg.merge_lora):  # merged LoRA on a native model
         model_lib.save_hf_folder(model_lib.from_hf(model), tok.tok, tmp, {**info, "tokenizer": tok.tok.spec})
     else:
         from transformers import GenerationConfig
         model.save_pretrained(tmp, safe_serialization=True)
-        if isinstance(tok, NativeTok):
+        if isinstance(tok, engine_lib.NativeTokenizer):
             common.hf_tokenizer(tok.tok, cfg.max_length).save_pretrained(tmp)
         else:
             tok.tok.save_pretrained(tmp)
@@ -771,9 +565,8 @@ def save_hf(cfg, model, kind, tok, folder, info):
 
 def engine_replies(cfg, folder, fmt, tok, d):
     """Greedy replies of the saved causal model through engine.py: a function raw examples -> reply texts."""
-    import engine
-    lm = engine.load_model(folder, device=d.device, dtype=common.resolve_dtype(cfg.dtype, d.device))
-    gen = engine.Engine(lm, batch_size=cfg.gen_batch_size)
+    lm = engine_lib.load_model(folder, device=d.device, dtype=common.resolve_dtype(cfg.dtype, d.device))
+    gen = engine_lib.Engine(lm, batch_size=cfg.gen_batch_size)
     room = (lm.max_positions or 10**9) - cfg.gen_max_new_tokens  # long prompts lose their left end
 
     def replies(raw):
@@ -786,8 +579,7 @@ def engine_replies(cfg, folder, fmt, tok, d):
 
 def seq2seq_replies(cfg, folder, fmt, tok, d):
     """Greedy replies of the saved encoder-decoder through HF generate (engine.py's KV cache is decoder-only)."""
-    from transformers import AutoModelForSeq2SeqLM
-    lm = AutoModelForSeq2SeqLM.from_pretrained(folder).to(d.device).eval()
+    lm = engine_lib.load_model(folder, device=d.device).model
 
     @torch.no_grad()
     def replies(raw):
@@ -919,59 +711,60 @@ def identity(cfg, world_size):
                                rows_per_step=cfg.micro_batch_size * cfg.grad_accum_steps * world_size)
 
 
-def train(cfg, d, stop):
-    run_identity = identity(cfg, d.world_size)
-    ckpt = common.restore(cfg.out_dir, cfg.resume, "sft", run_identity, d.master)
-    common.seed_everything(cfg.seed, d.device_type)
-    dtype = common.resolve_dtype(cfg.dtype, d.device)
-    autocast = common.autocast(d.device_type, dtype)
+def lora_settings(cfg):
+    """engine.add_lora's settings from the config, or None without lora=true."""
+    return {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+            "target_modules": cfg.lora_target_modules} if cfg.lora else None
 
-    # ---- model and tokenizer: what kind of model it is first, from its config
+
+def setup_model(cfg, d, dtype):
+    """The model to train, through engine.load_model -> (LoadedModel, prompt format, attention kernel). What kind
+    of model it is is read from its config first, so a mismatch is refused before any weight is loaded."""
     if cfg.trust_remote_code and d.master:
         print(f"trust_remote_code=true: running the Python code that ships with {cfg.model}", file=sys.stderr)
-    kind = model_kind(cfg.model, cfg.trust_remote_code)
+    kind = engine_lib.model_kind(cfg.model, cfg.trust_remote_code, exported_as_native=True)
     if kind == "seq2seq" and cfg.packing:
         raise common.ConfigError(f"packing=true is for decoder-only models; {cfg.model} is an encoder-decoder (each "
                                  f"row holds one prompt and its reply): set packing=false")
     if kind == "seq2seq" and cfg.objective == "lm":
         raise common.ConfigError(f"objective=lm trains a causal LM on plain text; {cfg.model} is an encoder-decoder")
-    model, tok, kind, attn, source = load_model(cfg, d, dtype, kind)
-    fmt = resolve_format(cfg, tok, kind) if cfg.objective == "sft" else "text"
-    if cfg.inject_mul_tokens and not has_mul_tokens(tok):
+    quantize = "4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else ""
+    # fp32 master weights (autocast runs the forward pass in `dtype`)
+    lm = engine_lib.load_model(cfg.model, cfg.tokenizer_file, d.device, torch.float32, train=True,
+                               lora=lora_settings(cfg), attn_implementation=cfg.attn_implementation,
+                               quantize=quantize, trust_remote_code=cfg.trust_remote_code,
+                               inject_mul_tokens=cfg.inject_mul_tokens,
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+    if lm.tok.eos_id is None:
+        raise common.ConfigError(f"{cfg.model}'s tokenizer has no EOS token: replies could never end")
+    fmt = resolve_format(cfg, lm.tok, lm.kind) if cfg.objective == "sft" else "text"
+    if cfg.inject_mul_tokens and not lm.tok.has_mul_tokens:
         raise common.ConfigError(f"inject_mul_tokens=true needs a tokenizer with multiplication tokens; {cfg.model}'s "
                                  f"has none (pretrain on mul_tokens data, or set inject_mul_tokens=false)")
-    positions = (model.config.block_size if kind == "native" else getattr(model.config, "n_positions", None)
-                 or getattr(model.config, "max_position_embeddings", None))
-    if positions and cfg.max_length > positions:
-        raise common.ConfigError(f"max_length {cfg.max_length} exceeds the {positions} positions of {cfg.model}")
-    lora_targets = None
-    if cfg.lora:
-        model, lora_targets = add_lora(cfg, model)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, kind)
-    if not (cfg.load_in_4bit or cfg.load_in_8bit):
-        model.to(d.device)
-    memory = memory_estimate(cfg, model, kind, d)
-    if cfg.estimate_memory:
-        return memory
-    if cfg.fsdp:  # before the optimizer is built: the parameters become this rank's shards
-        common.shard_model(model, d, dtype, cfg.cpu_offload)
+    if lm.max_positions and cfg.max_length > lm.max_positions:
+        raise common.ConfigError(f"max_length {cfg.max_length} exceeds the {lm.max_positions} positions of {cfg.model}")
+    attn = lm.attn
+    if lm.kind == "native":  # model.attention's dispatch
+        fast = d.device_type == "cuda" and model_lib.flash_attn_func and dtype != torch.float32
+        attn = "flash_attn (varlen when packing)" if fast else "sdpa"
+    return lm, fmt, attn
 
-    # ---- data: the whole stream, fixed from the seed
+
+def build_data(cfg, lm, fmt, d):
+    """The whole stream of training rows, fixed from the seed -> (examples, rows, evals, max_steps, budget)."""
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps * d.world_size
     if cfg.objective == "lm":
-        per_set, evals = load_documents(cfg, tok, d.master)
+        per_set, evals = load_documents(cfg, lm.tok, d.master)
         counts = {"cut": 0}
-        examples, rows = make_rows(cfg, per_set, per_step,
-                                   functools.partial(pack_documents, max_length=cfg.max_length, eos_id=tok.eos_id))
+        examples, rows = make_rows(cfg, per_set, per_step, functools.partial(
+            pack_documents, max_length=cfg.max_length, eos_id=lm.tok.eos_id))
     else:
-        start_id = getattr(model.config, "decoder_start_token_id", None) if kind == "seq2seq" else None
-        if kind == "seq2seq" and start_id is None:
+        start_id = getattr(lm.model.config, "decoder_start_token_id", None) if lm.kind == "seq2seq" else None
+        if lm.kind == "seq2seq" and start_id is None:
             raise common.ConfigError(f"{cfg.model}'s config has no decoder_start_token_id: its decoder cannot start")
-        per_set, evals, counts = load_examples(cfg, tok, fmt, kind, start_id, d.master)
+        per_set, evals, counts = load_examples(cfg, lm.tok, fmt, lm.kind, start_id, d.master)
         examples, rows = make_rows(cfg, per_set, per_step,
                                    lambda items: (items, build_rows(items, cfg.max_length, cfg.packing)))
-    packed = cfg.packing or cfg.objective == "lm"  # lm rows hold document pieces: collate them as packed examples
     max_steps = len(rows) // per_step  # a last partial step is left out
     if cfg.max_steps:
         max_steps = min(max_steps, cfg.max_steps)
@@ -983,100 +776,176 @@ def train(cfg, d, stop):
     completion_tokens = sum(int(np.count_nonzero(np.asarray(examples[i][1]) != -100)) for i in used)
     budget = {"steps": max_steps, "examples": len(used), "tokens": sum(len(examples[i][0]) for i in used),
               "completion_tokens": completion_tokens, "rows": len(used_rows), "cut_examples": counts["cut"]}
+    return examples, rows, evals, max_steps, budget
 
-    # ---- optimizer, and where to start
+
+def make_optimizer(cfg, model):
+    """AdamW over the trainable parameters (weight decay on matrices only) -> (optimizer, those parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2))
-    start_step = 0
-    if ckpt and ckpt.get("sharded"):  # torch.distributed.checkpoint: re-cut for this world size, or whole
+    return optimizer, params
+
+
+def resume_from(ckpt, cfg, model, optimizer, d):
+    """Load a checkpoint's weights, optimizer and RNG -> the step to start at (0 without one)."""
+    if not ckpt:
+        return 0
+    if ckpt.get("sharded"):  # torch.distributed.checkpoint: re-cut for this world size, or whole
         common.load_sharded_checkpoint(ckpt["path"], model, optimizer, d.rank)
-    elif ckpt and cfg.fsdp:
+    elif cfg.fsdp:
         raise common.ConfigError(f"{ckpt['path']} is a single-file checkpoint of a run without fsdp: resume it with "
                                  "fsdp=false (a sharded run writes and resumes ckpt_*.dcp folders)")
-    elif ckpt:
+    else:
         _, unexpected = model.load_state_dict(ckpt["model"], strict=not cfg.lora)  # LoRA: the adapters only
         if unexpected:
             raise common.ConfigError(f"{ckpt['path']} does not fit this model ({unexpected[:3]})")
         optimizer.load_state_dict(ckpt["optimizer"])
         common.set_rng_state(ckpt["rng"])
-    if ckpt:
-        start_step = ckpt["step"] + 1
-        if start_step >= max_steps and os.path.isfile(os.path.join(cfg.out_dir, "hf", "config.json")):
-            if d.master:
-                print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {max_steps} steps")
-            return {"status": "already_finished", "step": ckpt["step"]}
-        # a run stopped between its last checkpoint and its HF folder: the loop is empty, the folder is written
-    raw_model = model
-    model = model if cfg.fsdp else common.wrap_model(model, d, cfg.compile)
-    warmup_steps = int(cfg.warmup_ratio * max_steps)
+    return ckpt["step"] + 1
 
-    # ---- logging: config.json, log.jsonl/log.txt, TensorBoard / W&B, the run's metadata at step 0
-    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
-                           wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
-    n_total = sum(p.numel() for p in raw_model.parameters())
+
+def run_meta(cfg, d, lm, attn, fmt, params, dtype, budget):
+    """The run's step-0 record: the model, its trainable share, the kernels, the data and the budget."""
+    n_total = sum(p.numel() for p in lm.model.parameters())
     n_trainable = sum(p.numel() for p in params)
-    meta = {"type": "meta", "step": 0, "model": cfg.model, "model_kind": kind, "source": str(source),
+    return {"type": "meta", "step": 0, "model": cfg.model, "model_kind": lm.kind, "source": str(lm.info),
             "total_params": n_total, "trainable_params": n_trainable, "trainable_ratio": n_trainable / n_total,
             "attn_implementation": attn, "device": f"{d.device} x{d.world_size}",
             "precision": str(dtype).replace("torch.", "") + (" autocast" if dtype != torch.float32 else ""),
             "prompt_format": fmt, "datasets": ",".join(cfg.datasets),
             "mixture_rates": ",".join(f"{r:g}" for r in (cfg.mixture_rates or [])) or "concatenated",
-            "packing": packed, "lora_targets": ",".join(lora_targets or []),
+            "packing": cfg.packing or cfg.objective == "lm", "lora_targets": ",".join(lm.lora_targets or []),
             **{f"budget_{k}": v for k, v in budget.items()}}
+
+
+def save_checkpoint(cfg, d, step, model, optimizer, kind, run_identity):
+    """ckpt_<step>.pt (the trainable weights, optimizer, RNG), or under fsdp a ckpt_<step>.dcp folder of shards."""
+    about = {"kind": "sft", "model_config": {"model": cfg.model, "kind": kind, "lora": cfg.lora},
+             "config": common.config_dict(cfg), "identity": run_identity}
+    if cfg.fsdp:  # every rank writes its shards
+        return common.save_sharded_checkpoint(cfg.out_dir, step, model, optimizer, about, d, cfg.keep_last_k)
+    state = {**about, "model": trainable_state(model, cfg.lora), "step": step,
+             "optimizer": optimizer.state_dict(), "rng": common.rng_state()}
+    return common.save_training_checkpoint(cfg.out_dir, step, state, d, cfg.keep_last_k)
+
+
+def step_batches(cfg, d, rows, examples, step, kind, pad_id):
+    """This rank's grad_accum_steps micro batches of one optimizer step."""
+    pad_to = cfg.max_length - 1 if cfg.pad_to_max_length else 0
+    packed = cfg.packing or cfg.objective == "lm"  # lm rows hold document pieces: collated as packed examples
+    return [collate_batch(kind, step_rows(rows, step, m, cfg, d), examples, pad_id, packed, pad_to)
+            for m in range(cfg.grad_accum_steps)]
+
+
+def train_step(cfg, d, model, optimizer, params, micro_batches, lr, kind, attn, autocast):
+    """One optimizer step -> (summed loss / completion tokens over all ranks, grad norm, completion tokens)."""
+    n_tokens = torch.tensor(float(sum((b[1] != -100).sum() for b in micro_batches)), device=d.device)
+    n_global = common.all_reduce(n_tokens.clone(), "sum", d).clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=d.device)
+    for m, batch in enumerate(micro_batches):
+        batch = [t.to(d.device) if t is not None else None for t in batch]
+        sync = m == cfg.grad_accum_steps - 1  # gradients are reduced over ranks on the last micro batch only
+        if cfg.fsdp:
+            model.set_requires_gradient_sync(sync)
+        with model.no_sync() if d.ddp and not cfg.fsdp and not sync else contextlib.nullcontext():
+            with autocast:
+                loss = batch_loss(model, kind, batch, attn, router_aux=True)
+            # DDP averages gradients over ranks: scale by world size so the sum over ranks / n_global remains
+            (loss * d.world_size / n_global).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+        grad_norm = grad_norm.full_tensor()
+    common.set_lr(optimizer, lr)
+    optimizer.step()
+    return common.all_reduce(loss_sum, "sum", d) / n_global, grad_norm, n_global
+
+
+def evaluate(cfg, d, step, model, kind, evals, pad_id, attn, autocast):
+    """The eval sets' losses (objective=lm: also bits per byte) -> (log record, losses, bits per byte)."""
+    losses = {name: eval_loss(model, kind, enc, cfg, d, pad_id, attn, autocast)
+              for name, (enc, _) in evals.items() if enc}
+    record = {"type": "eval", "step": step, **{f"eval_loss_{n}": v for n, v in losses.items()}}
+    if losses:
+        record["eval_loss"] = sum(losses.values()) / len(losses)
+    bpb = None
+    if cfg.objective == "lm":  # text: also in bits per byte, comparable across tokenizers
+        bpb = {n: bits_per_byte(v, *evals[n]) for n, v in losses.items()}
+        record.update({f"eval_bpb_{n}": v for n, v in bpb.items()})
+    return record, losses, bpb
+
+
+def write_hf_folder(cfg, d, model, lm, fmt, step, eval_losses, evals, logger):
+    """out_dir/hf from the trained weights (under fsdp gathered to rank 0; the best eval step's with
+    load_best_model_at_end), then generation accuracy on the eval sets -> results to add."""
+    results, folder, export = {}, os.path.join(cfg.out_dir, "hf"), model
+    if cfg.load_best_model_at_end and d.master:  # the best eval checkpoint's weights, as HF Trainer does
+        best = common.load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), expected_kind="sft_best")
+        model.load_state_dict(best["model"], strict=not cfg.lora)
+        results.update(best_step=best["step"], best_eval_loss=best["eval_loss"])
+    if cfg.fsdp:  # the weights gathered from every rank, then an ordinary copy on rank 0
+        full = common.full_model_state(model)
+        export = unsharded_copy(cfg, model, lm.kind, full) if d.master else None
+    if d.master:
+        save_hf(cfg, export, lm.kind, lm.tok, folder, {"source": lm.info, "sft_config": common.config_dict(cfg),
+                                                       "step": step, "eval_loss": eval_losses})
+        logger.info(f"saved {folder}")
+        results["hf_folder"] = folder
+        if cfg.gen_eval and cfg.objective == "sft" and not (cfg.lora and not cfg.merge_lora):
+            replies = (seq2seq_replies if lm.kind == "seq2seq" else engine_replies)(cfg, folder, fmt, lm.tok, d)
+            results["generation"] = generation_accuracy(replies, evals, logger)
+    common.barrier(d)
+    return results
+
+
+def train(cfg, d, stop):
+    run_identity = identity(cfg, d.world_size)
+    ckpt = common.restore(cfg.out_dir, cfg.resume, "sft", run_identity, d.master)
+    common.seed_everything(cfg.seed, d.device_type)
+    dtype = common.resolve_dtype(cfg.dtype, d.device)
+    autocast = common.autocast(d.device_type, dtype)
+
+    # ---- model, data, optimizer, and where to start
+    lm, fmt, attn = setup_model(cfg, d, dtype)
+    memory = memory_estimate(cfg, lm.model, lm.kind, d)
+    if cfg.estimate_memory:
+        return memory
+    if cfg.fsdp:  # before the optimizer is built: the parameters become this rank's shards
+        common.shard_model(lm.model, d, dtype, cfg.cpu_offload)
+    examples, rows, evals, max_steps, budget = build_data(cfg, lm, fmt, d)
+    optimizer, params = make_optimizer(cfg, lm.model)
+    start_step = resume_from(ckpt, cfg, lm.model, optimizer, d)
+    if ckpt and start_step >= max_steps and os.path.isfile(os.path.join(cfg.out_dir, "hf", "config.json")):
+        if d.master:
+            print(f"{ckpt['path']} is step {ckpt['step']}: the run already finished {max_steps} steps")
+        return {"status": "already_finished", "step": ckpt["step"]}
+    # (a run stopped between its last checkpoint and its HF folder: the loop is empty, the folder is written)
+    raw_model = lm.model
+    model = raw_model if cfg.fsdp else common.wrap_model(raw_model, d, cfg.compile)
+    warmup_steps = int(cfg.warmup_ratio * max_steps)
+
+    # ---- logging: config.json, log.jsonl/log.txt, TensorBoard / W&B, the run's metadata at step 0
+    logger = common.Logger(cfg.out_dir, d.master, resume=ckpt is not None, tensorboard=cfg.tensorboard,
+                           wandb_project=cfg.wandb_project, run_config=common.config_dict(cfg))
+    meta = run_meta(cfg, d, lm, attn, fmt, params, dtype, budget)
     if d.master:
         common.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), common.config_dict(cfg))
     if not ckpt:
         logger.log(meta, echo=False)  # its numbers are TensorBoard's meta/* scalars at step 0
         if logger.tb is not None:  # and the whole record as a text table beside them
             logger.tb.add_text("meta", "\n".join(f"    {k}: {v}" for k, v in meta.items()), 0)
-    logger.info(f"model {cfg.model} ({kind}, {attn}): {n_trainable:,} of {n_total:,} params trained | "
-                f"{max_steps} steps of {per_step} rows = {cfg.micro_batch_size} x {cfg.grad_accum_steps} accum x "
-                f"{d.world_size} ranks | {budget['completion_tokens']:,} completion tokens | {fmt}")
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * d.world_size
+    logger.info(f"model {cfg.model} ({lm.kind}, {attn}): {meta['trainable_params']:,} of {meta['total_params']:,} "
+                f"params trained | {max_steps} steps of {per_step} rows = {cfg.micro_batch_size} x "
+                f"{cfg.grad_accum_steps} accum x {d.world_size} ranks | {budget['completion_tokens']:,} completion "
+                f"tokens | {fmt}")
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
-
-    def save(step):
-        about = {"kind": "sft", "model_config": {"model": cfg.model, "kind": kind, "lora": cfg.lora},
-                 "config": common.config_dict(cfg), "identity": run_identity}
-        if cfg.fsdp:  # every rank writes its shards
-            return common.save_sharded_checkpoint(cfg.out_dir, step, raw_model, optimizer, about, d, cfg.keep_last_k)
-        state = {**about, "model": trainable_state(raw_model, cfg.lora), "step": step,
-                 "optimizer": optimizer.state_dict(), "rng": common.rng_state()}
-        return common.save_training_checkpoint(cfg.out_dir, step, state, d, cfg.keep_last_k)
-
-    def train_step(step):
-        """One optimizer step; returns (summed loss / completion tokens, grad norm, lr, completion tokens)."""
-        pad_to = cfg.max_length - 1 if cfg.pad_to_max_length else 0
-        micro_batches = [collate_batch(kind, step_rows(rows, step, m, cfg, d), examples, tok.pad_id, packed, pad_to)
-                         for m in range(cfg.grad_accum_steps)]
-        n_tokens = torch.tensor(float(sum((b[1] != -100).sum() for b in micro_batches)), device=d.device)
-        n_global = common.all_reduce(n_tokens.clone(), "sum", d).clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=d.device)
-        for m, batch in enumerate(micro_batches):
-            batch = [t.to(d.device) if t is not None else None for t in batch]
-            sync = m == cfg.grad_accum_steps - 1  # gradients are reduced over ranks on the last micro batch only
-            if cfg.fsdp:
-                model.set_requires_gradient_sync(sync)
-            with model.no_sync() if d.ddp and not cfg.fsdp and not sync else contextlib.nullcontext():
-                with autocast:
-                    loss = batch_loss(model, kind, batch, attn, router_aux=True)
-                # DDP averages gradients over ranks: scale by world size so the sum over ranks / n_global remains
-                (loss * d.world_size / n_global).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
-            grad_norm = grad_norm.full_tensor()
-        lr = common.lr_at(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, warmup_steps, max_steps,
-                          cfg.lr_schedule)
-        common.set_lr(optimizer, lr)
-        optimizer.step()
-        return common.all_reduce(loss_sum, "sum", d) / n_global, grad_norm, lr, n_global
-
     stopped = common.stopped_before_start(stop, d, logger, start_step)
     if stopped:
         return stopped
@@ -1086,10 +955,15 @@ def train(cfg, d, stop):
     timer = common.StepTimer(d.device_type, world_size=d.world_size)  # counts completion tokens
     run_t0 = time.time()
     train_loss = eval_losses = eval_bpb = None
+    save = functools.partial(save_checkpoint, cfg, d, model=raw_model, optimizer=optimizer, kind=lm.kind,
+                             run_identity=run_identity)
     status, step = "done", start_step - 1
     logger.progress(total=max_steps, initial=start_step, desc=cfg.objective)
     for step in range(start_step, max_steps):
-        loss, grad_norm, lr, n_tok = train_step(step)
+        lr = common.lr_at(step, cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, warmup_steps, max_steps,
+                          cfg.lr_schedule)
+        batches = step_batches(cfg, d, rows, examples, step, lm.kind, lm.tok.pad_id)
+        loss, grad_norm, n_tok = train_step(cfg, d, model, optimizer, params, batches, lr, lm.kind, attn, autocast)
         timer.step(n_tok)
         watch.update(step, loss, grad_norm)
         logger.bar.update(1)
@@ -1108,14 +982,8 @@ def train(cfg, d, stop):
                     **speed})
         logger.postfix(loss=f"{train_loss:.4f}")
         if due.eval:
-            eval_losses = {name: eval_loss(raw_model, kind, enc, cfg, d, tok.pad_id, attn, autocast)
-                           for name, (enc, _) in evals.items() if enc}
-            record = {"type": "eval", "step": step, **{f"eval_loss_{n}": v for n, v in eval_losses.items()}}
-            if eval_losses:
-                record["eval_loss"] = sum(eval_losses.values()) / len(eval_losses)
-            if cfg.objective == "lm":  # text: also in bits per byte, comparable across tokenizers
-                eval_bpb = {n: bits_per_byte(v, *evals[n]) for n, v in eval_losses.items()}
-                record.update({f"eval_bpb_{n}": v for n, v in eval_bpb.items()})
+            record, eval_losses, eval_bpb = evaluate(cfg, d, step, raw_model, lm.kind, evals, lm.tok.pad_id, attn,
+                                                     autocast)
             logger.log(record)
             if cfg.load_best_model_at_end and d.master and eval_losses:
                 keep_if_best(cfg.out_dir, raw_model, cfg.lora, step, record["eval_loss"])
@@ -1132,24 +1000,7 @@ def train(cfg, d, stop):
                "seconds": time.time() - run_t0, "attn_implementation": attn, "prompt_format": fmt,
                "resumed_from_step": start_step - 1 if ckpt else None, **budget}
     if status == "done":
-        folder = os.path.join(cfg.out_dir, "hf")
-        export = raw_model
-        if cfg.load_best_model_at_end and d.master:  # the best eval checkpoint's weights, as HF Trainer does
-            best = common.load_checkpoint(os.path.join(cfg.out_dir, "best.pt"), expected_kind="sft_best")
-            raw_model.load_state_dict(best["model"], strict=not cfg.lora)
-            results.update(best_step=best["step"], best_eval_loss=best["eval_loss"])
-        if cfg.fsdp:  # the weights gathered from every rank, then an ordinary copy on rank 0
-            full = common.full_model_state(raw_model)
-            export = unsharded_copy(cfg, raw_model, kind, full) if d.master else None
-        if d.master:
-            save_hf(cfg, export, kind, tok, folder, {"source": source, "sft_config": common.config_dict(cfg),
-                                                        "step": step, "eval_loss": eval_losses})
-            logger.info(f"saved {folder}")
-            results["hf_folder"] = folder
-            if cfg.gen_eval and cfg.objective == "sft" and not (cfg.lora and not cfg.merge_lora):
-                replies = (seq2seq_replies if kind == "seq2seq" else engine_replies)(cfg, folder, fmt, tok, d)
-                results["generation"] = generation_accuracy(replies, evals, logger)
-        common.barrier(d)
+        results.update(write_hf_folder(cfg, d, raw_model, lm, fmt, step, eval_losses, evals, logger))
     common.finish(cfg.out_dir, results, d, logger)
     if d.master:
         unit = "nats/token" if cfg.objective == "lm" else "nats/completion token"

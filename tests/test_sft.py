@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import engine as engine_lib
 import model as model_lib
 import sft
 from tasks import sft_sets
@@ -21,14 +22,14 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "sft_sets.json")
 
 
 def byte_tok():
-    return sft.NativeTok(common.Tokenizer("byte"), False)
+    return engine_lib.NativeTokenizer(common.Tokenizer("byte"), False)
 
 
 def hf_byte_tok(chat_template=None):
     """An HF fast tokenizer over bytes (no download), optionally with a ChatML-like template."""
     tok = common.hf_tokenizer(common.Tokenizer("byte", extra_tokens=["<|im_start|>", "<|im_end|>"]), 512)
     tok.chat_template = chat_template
-    return sft.HFTok(tok)
+    return engine_lib.HFTokenizer(tok)
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -114,8 +115,8 @@ def test_long_prompts_are_cut_from_the_left_and_counted():
 def test_mul_tokens_only_in_replies_when_asked():
     mul = common.Tokenizer("byte", mul_range=(1, 12))
     msgs = [{"role": "user", "content": "What is 3*4=12?"}, {"role": "assistant", "content": "3*4=12"}]
-    plain = sft.encode_example(msgs, "user_assistant", sft.NativeTok(mul, False), 512)[0]
-    injected = sft.encode_example(msgs, "user_assistant", sft.NativeTok(mul, True), 512)[0]
+    plain = sft.encode_example(msgs, "user_assistant", engine_lib.NativeTokenizer(mul, False), 512)[0]
+    injected = sft.encode_example(msgs, "user_assistant", engine_lib.NativeTokenizer(mul, True), 512)[0]
     def facts(ids):  # multiplication tokens of 3*4=12 (with or without their leading space)
         return sum(mul.id_to_text.get(i, "").strip() == "3*4=12" for i in ids if i >= 257)
     assert facts(plain) == 1 and facts(injected) == 2  # prompts: as eval encodes them
@@ -163,7 +164,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         m = tiny_native()
         if checkpointing:
-            sft.enable_gradient_checkpointing(m, "native")
+            engine_lib.enable_gradient_checkpointing(m, "native")
         sft.summed_loss(m, "native", x, y, pos, doc, "sdpa").backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
@@ -283,9 +284,8 @@ def test_bad_input_errors(tmp_path, capsys):
             sft.check_config(sft.Config(model="x", load_in_4bit=True, lora=True))
     with pytest.raises(common.ConfigError, match="tokenizes to nothing"):
         sft_sets.check_labels(sft_sets.SFTSet("x", labels=("yes", "")), byte_tok().encode_reply)
-    cfg = sft.Config(model="x", lora=True, lora_target_modules=["q_proj"])
     with pytest.raises(common.ConfigError, match=r"\['q_proj'\] are not in this gpt2 model.*c_attn"):
-        sft.add_lora(cfg, tiny_hf("gpt2"))
+        engine_lib.add_lora(tiny_hf("gpt2"), target_modules=["q_proj"])
     save_native(str(tmp_path / "base" / "ckpt_000000.pt"), tiny_native(), common.Tokenizer("byte"))
     with pytest.raises(common.ConfigError, match="multiplication tokens"):
         sft.main([f"model={tmp_path / 'base'}/latest", "datasets=[synthetic]", "inject_mul_tokens=true",
@@ -305,7 +305,7 @@ def test_bad_input_errors(tmp_path, capsys):
     for argv, words in [
             ([f"model={base}", "datasets=[jsonl]", f"data_paths=[{empty}]"], "dataset 'jsonl' has no train rows in"),
             ([f"model={base}", "datasets=[jsonl]", f"data_paths=[{one_row}]"], "dataset 'jsonl' has no train examples"),
-            ([f"model={crafted}", "datasets=[synthetic]"], "holds objects other than tensors; refusing to load it"),
+            ([f"model={crafted}", "datasets=[synthetic]"], "holds objects other than tensors, numbers, strings and lists; refusing to load it"),
             ([f"model={base}", "datasets=[arithmetic]", "resume=latest", f"out_dir={tmp_path / 'run'}"],
              "datasets=['synthetic'] in the checkpoint but ['arithmetic'] now")]:
         assert words in one_line_error(sft.main, [f"out_dir={tmp_path / 'bad'}", *argv, *small], capsys)
@@ -323,8 +323,8 @@ def test_bad_input_errors(tmp_path, capsys):
 def test_lora_trains_adapters_only_and_merges_exactly(arch):
     m = tiny_hf(arch)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    peft_model, targets = sft.add_lora(sft.Config(model="x", lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0), m)
-    assert targets == sft.LORA_TARGETS[arch]
+    peft_model, targets = engine_lib.add_lora(m, r=4, alpha=8, dropout=0.0)
+    assert targets == engine_lib.LORA_TARGETS[arch]
     params = [p for p in peft_model.parameters() if p.requires_grad]
     assert params and all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -439,7 +439,7 @@ def test_dialogpt_turns_joined_by_eos(tmp_path):
     folder = tmp_path / "DialoGPT-tiny"
     tiny_hf("gpt2", vocab=257).save_pretrained(folder)
     common.hf_tokenizer(common.Tokenizer("byte"), 512).save_pretrained(folder)
-    tok = sft.HFTok(AutoTokenizer.from_pretrained(folder))
+    tok = engine_lib.HFTokenizer(AutoTokenizer.from_pretrained(folder))
     assert tok.chat_template is None and tok.eos_id == 256
     assert sft.resolve_format(sft.Config(model=str(folder)), tok, "hf") == "eos_turns"
     assert sft.resolve_format(sft.Config(model="gpt2"), tok, "hf") == "user_assistant"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import engine as engine_lib
 import sft
 from test_sft import train_losses
 
@@ -52,7 +53,7 @@ QA = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "cont
 
 
 def test_prompt_to_encoder_reply_to_decoder_and_the_loss_is_hfs():
-    tok = sft.HFTok(byte_tokenizer())
+    tok = engine_lib.HFTokenizer(byte_tokenizer())
     (source, labels, decoder_in), cut = sft.encode_seq2seq(QA, "plain", tok, 64, start_id=256)
     assert not cut and tok.tok.decode(source) == "What is 2 + 3?"
     assert tok.tok.decode(labels) == "2 + 3 = 5\n#### 5<|endoftext|>" and decoder_in == [256] + labels[:-1]
@@ -96,7 +97,7 @@ def test_seq2seq_fine_tunes_on_synthetic_math_and_scores_generations(arch, folde
 @pytest.mark.parametrize("arch", ["t5", "switch", "bart"])
 def test_lora_targets_the_attention_q_and_v(arch):
     m = tiny_seq2seq(arch)
-    peft_model, targets = sft.add_lora(sft.Config(model="x", lora=True, lora_r=4, lora_dropout=0.0), m)
+    peft_model, targets = engine_lib.add_lora(m, r=4, dropout=0.0)
     assert targets == (["q_proj", "v_proj"] if arch == "bart" else ["q", "v"])
     assert type(peft_model).__name__ == "PeftModelForSeq2SeqLM"
     trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -109,15 +110,15 @@ def test_refused_before_loading_weights(tmp_path, folders):
         path = tmp_path / cfg.model_type
         cfg.save_pretrained(path)
         with pytest.raises(common.ConfigError, match=r"encoder-only model \(.*no generation head"):
-            sft.model_kind(str(path))
-    assert sft.model_kind(folders["t5"]) == "seq2seq"
+            engine_lib.model_kind(str(path))
+    assert engine_lib.model_kind(folders["t5"]) == "seq2seq"
     with pytest.raises(common.ConfigError, match="packing=true is for decoder-only models"):
         sft.main([f"model={folders['bart']}", "datasets=[synthetic]", "packing=true", f"out_dir={tmp_path / 'o'}"])
     with pytest.raises(common.ConfigError, match="prompt_format=chat_template"):
         sft.main([f"model={folders['t5']}", "datasets=[synthetic]", "prompt_format=chat_template", "max_samples=20",
                   f"out_dir={tmp_path / 'o'}"])
     with pytest.raises(common.ConfigError, match="cannot read the model config of"):
-        sft.model_kind(str(tmp_path / "no_such_model"))
+        engine_lib.model_kind(str(tmp_path / "no_such_model"))
 
 
 def test_seq2seq_lora_resume_is_exact(folders, tmp_path):
