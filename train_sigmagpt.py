@@ -53,6 +53,7 @@ import common  # first: its import installs the stop-signal handlers, before tor
 import contextlib
 import csv
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -896,9 +897,7 @@ def train(cfg, d, stop):
     if ckpt:
         logger.info(f"resumed from {ckpt['path']} at step {start_step}")
 
-    def save(step):
-        return save_state(out_dir, step, state, cfg, meta, run_identity, d)
-
+    save = functools.partial(save_state, out_dir, state=state, cfg=cfg, meta=meta, run_identity=run_identity, d=d)
     stopped = common.stopped_before_start(stop, d, logger, start_step)
     if stopped:
         return stopped
