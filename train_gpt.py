@@ -248,7 +248,8 @@ def eval_data(cfg, d, meta, raw_model):
     """What evaluation reads, prepared once: the fixed validation rows, the token byte lengths for bits per byte
     (None without a tokenizer) and the tokenized HellaSwag items (None unless hellaswag_file is set)."""
     # every val shard is read now (a corrupt one fails here, not at the first validation hours in)
-    val_rows = common.validation_rows(cfg.data_dir, cfg.val_steps * cfg.micro_batch_size, cfg.block_size)
+    val_rows = (common.validation_rows(cfg.data_dir, cfg.val_steps * cfg.micro_batch_size, cfg.block_size)
+                if cfg.val_steps > 0 else None)  # val_steps=0: no validation
     tokenizer = token_bytes = hellaswag_items = None
     try:
         tokenizer = common.Tokenizer.from_spec(meta["tokenizer"], cfg.tokenizer_file)

@@ -175,6 +175,10 @@ def test_results_json_has_the_promised_fields(data_dir, tmp_path):
     assert os.path.getsize(os.path.join(out, "log.txt")) > 0
     with open(os.path.join(out, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # val_steps=0: a run without validation (no val rows read, no val records)
+    quiet = str(tmp_path / "no_val")
+    results = train_gpt.main(tiny_args(data_dir, quiet, max_steps=2, val_interval=1, val_steps=0))
+    assert results["status"] == "done" and results["final_val_loss"] is None and not records(quiet, "val")
 
 
 def test_nan_loss_stops_with_the_step_and_last_good_checkpoint(data_dir, tmp_path):
