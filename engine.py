@@ -769,10 +769,11 @@ def bd3lm_layout(ckpt):
             "segment_names": list(info["segment_names"]), "data": info["data"]}
 
 
-def load_block_diffusion_model(name, tokenizer_file="", device="cpu", dtype=torch.float32, use_ema=True):
+def load_block_diffusion_model(name, tokenizer_file="", device="cpu", dtype=torch.float32, use_ema=True, ckpt=None):
     """A train_bd3lm.py checkpoint (file, run folder, RUN/latest) as a LoadedModel of kind 'bd3lm', with the EMA
-    weights unless use_ema=False; info['bd3lm'] holds its row layout (bd3lm_layout)."""
-    ckpt = common.load_checkpoint(name, expected_kind="bd3lm")
+    weights unless use_ema=False; info['bd3lm'] holds its row layout (bd3lm_layout). ckpt: the checkpoint, when
+    the caller has read it already (train_bd3lm.py's mode=sample also needs its training config)."""
+    ckpt = ckpt or common.load_checkpoint(name, expected_kind="bd3lm")
     gpt = model_lib.GPT(model_lib.GPTConfig(**ckpt["model_config"]))
     gpt.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"])
     gpt.to(device=device, dtype=dtype).eval()
@@ -825,6 +826,7 @@ class BlockDiffusionEngine:
         self.sampling = sampling or BlockSampling()
         self.layout = lm.info["bd3lm"]
         self.generator = torch.Generator(device=lm.device).manual_seed(seed)
+        self.network_calls = 0  # forward passes that denoised a block so far (NFE; the cache's pushes not counted)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=None, top_p=None, top_k=0, stop=(), num_samples=1,
@@ -854,10 +856,11 @@ class BlockDiffusionEngine:
         ends = [sum(segment_lens[:i + 1]) for i in range(len(segment_lens))]
         exec_positions = model_lib.exec_positions_of(segment_lens, self.lm.model.config.exec_layers)
         with common.autocast(device.type, self.lm.dtype):
-            out, _ = block_diffusion_generate(self.lm.model, x.to(device), fixed.to(device),
-                                              model_lib.make_block_ids(segment_lens, lay["block_size"]), ends,
-                                              lay["mask_id"], lay["n_vocab"], tok.pad_id, sampling, generator,
-                                              self.kv_cache, exec_positions, temperature)
+            out, nfe = block_diffusion_generate(self.lm.model, x.to(device), fixed.to(device),
+                                                model_lib.make_block_ids(segment_lens, lay["block_size"]), ends,
+                                                lay["mask_id"], lay["n_vocab"], tok.pad_id, sampling, generator,
+                                                self.kv_cache, exec_positions, temperature)
+        self.network_calls += nfe
         out, completions = out.cpu(), []
         for i in range(len(prompts)):
             segments = segment_ids(out[i].tolist(), fixed[i].tolist(), segment_lens, lay["segment_names"],

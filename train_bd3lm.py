@@ -24,8 +24,9 @@ clean tokens see clean tokens of their own and earlier blocks. Only the noisy ha
 
 Sampling (engine.block_diffusion_generate) generates block by block: a block starts all [MASK] and is denoised
 (first-hitting: one token per network call; or T ancestral steps), then its clean tokens are pushed once through
-the network into a KV cache that every later block reads. eval_gsm8k.py scores these models through
-engine.BlockDiffusionEngine, with the prompts, scoring, results.json and compare of every other model.
+the network into a KV cache that every later block reads. mode=sample and eval_gsm8k.py both sample through
+engine.BlockDiffusionEngine; eval_gsm8k.py scores these models with the prompts, scoring, results.json and compare
+of every other model.
 
 Hierarchical data (data=hierarchical) lays a problem out as [question | plan | execution] segments of fixed
 lengths; blocks restart at every segment boundary, so the segments are causal by segment with block
@@ -50,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from tasks import gsm8k as gsm8k_task, synthetic
-from engine import BlockKVCache, block_diffusion_generate as generate
+from engine import BlockDiffusionEngine, BlockKVCache, BlockSampling, load_block_diffusion_model
+from engine import block_diffusion_generate as generate  # noqa: F401  bench/bench_bd3lm.py calls bd.generate
 from model import (GPT, GPTConfig, MODEL_SIZES, block_diffusion_mask, exec_positions_of, flex_block_diffusion_mask,
                    is_published_bd3lm, make_block_ids, model_config, published_bd3lm)
 
@@ -187,7 +189,9 @@ def check_config(cfg):
         if getattr(cfg, key) not in allowed:
             raise common.ConfigError(f"{key} '{getattr(cfg, key)}' is not one of {', '.join(allowed)}")
     common.resolve_dtype(cfg.dtype, "cpu")  # an unknown dtype name stops here
-    for key in ("seq_len", "block_size", "batch_size", "micro_batch_size", "max_steps", "log_interval"):
+    positive = ("seq_len", "block_size", "batch_size", "micro_batch_size", "max_steps", "log_interval",
+                "eval_batch_size") + (("num_samples",) if cfg.mode == "sample" else ())
+    for key in positive:
         if getattr(cfg, key) <= 0:
             raise common.ConfigError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
     if cfg.data == "hierarchical":
@@ -1019,9 +1023,9 @@ def bench(cfg, d, train_step, logger, tokens_per_step):
 # evaluation modes
 
 
-def eval_setup(cfg, d):
-    """Model, checkpoint facts and the config as the checkpoint trained it (data layout, block size)."""
-    model, ckpt = load_for_eval(cfg, d.device)
+def adopt_trained_layout(cfg, ckpt):
+    """The config as the checkpoint trained it: data layout, block size, data files unless set, the synthetic
+    problems' seed."""
     info = ckpt["bd3lm"]
     trained = ckpt["config"]
     for key in ("question_len", "plan_len", "exec_len", "flat_plans", "tokenizer", "block_size", "synthetic_plans",
@@ -1032,8 +1036,13 @@ def eval_setup(cfg, d):
     if cfg.data_seed is None:  # the synthetic problems of the trained run, whatever this evaluation's seed
         cfg.data_seed = trained.get("data_seed") if trained.get("data_seed") is not None else trained.get("seed")
     cfg.data, cfg.seq_len = info["data"], info["seq_len"]
-    tok = load_tokenizer(cfg, ckpt["tokenizer"])
-    return model, ckpt, info, tok
+
+
+def eval_setup(cfg, d):
+    """Model, checkpoint facts and the config as the checkpoint trained it (data layout, block size)."""
+    model, ckpt = load_for_eval(cfg, d.device)
+    adopt_trained_layout(cfg, ckpt)
+    return model, ckpt, ckpt["bd3lm"], load_tokenizer(cfg, ckpt["tokenizer"])
 
 
 def ppl_eval(cfg, d):
@@ -1091,71 +1100,32 @@ def ppl_eval(cfg, d):
     return results
 
 
-def prompt_rows(cfg, tok, info, prompts):
-    """Rows of L ids with the prompt tokens fixed: flat: the prompt text at the start; hierarchical: the
-    question segment, padded as in training."""
-    L = info["seq_len"]
-    x = torch.full((len(prompts), L), tok.eot_id, dtype=torch.long)
-    fixed = torch.zeros(len(prompts), L, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        if cfg.data == "hierarchical":
-            ids, _, _ = pad_to(tok.encode(f"Question: {p}\n") + [tok.eot_id], info["segment_lens"][0], tok.eot_id)
-        else:
-            ids = tok.encode(p)[:L - 1] if p else []
-        x[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        fixed[i, :len(ids)] = True
-    return x, fixed
-
-
-def segment_ends(info):
-    ends, pos = [], 0
-    for n in info["segment_lens"]:
-        pos += n
-        ends.append(pos)
-    return ends
-
-
-def decode_segments(tok, row, fixed_row, info):
-    """Text of each segment of a generated row, cut at its first generated end of text."""
-    out, pos = {}, 0
-    for name, n in zip(info["segment_names"], info["segment_lens"]):
-        ids = [t for t, f in zip(row[pos:pos + n], fixed_row[pos:pos + n]) if not f]
-        if tok.eot_id in ids:
-            ids = ids[:ids.index(tok.eot_id)]
-        out[name] = tok.decode(ids)
-        pos += n
-    return out
-
-
-def run_generation(cfg, d, model, info, tok, prompts):
-    block_ids = make_block_ids(info["segment_lens"], cfg.block_size)
-    x, fixed = prompt_rows(cfg, tok, info, prompts)
-    x, fixed = x.to(d.device), fixed.to(d.device)
-    g = torch.Generator(device=d.device).manual_seed(cfg.seed)
-    autocast = common.autocast(d.device_type, common.resolve_dtype(cfg.dtype, d.device))
-    t0 = time.time()
-    with autocast:
-        out, nfe = generate(model, x, fixed.clone(), block_ids, segment_ends(info), info["mask_id"],
-                            info["n_vocab"], tok.eot_id, cfg, g, cfg.kv_cache,
-                            exec_positions_of(info["segment_lens"], model.config.exec_layers))
-    seconds = time.time() - t0
-    return out.cpu(), fixed.cpu(), nfe, seconds
-
-
 def sample(cfg, d):
-    """num_samples unconditional (flat) or question-conditioned (hierarchical) samples -> samples.jsonl."""
-    model, ckpt, info, tok = eval_setup(cfg, d)
-    if cfg.data == "hierarchical":
+    """num_samples unconditional (flat) or question-conditioned (hierarchical: the validation questions) samples
+    at temperature 1 -> samples.jsonl, through engine.BlockDiffusionEngine, the sampler eval_gsm8k.py scores with:
+    a hierarchical question becomes the question segment as in training, a flat row is generated whole."""
+    ckpt = load_any_checkpoint(cfg.checkpoint, (KIND,))
+    adopt_trained_layout(cfg, ckpt)
+    lm = load_block_diffusion_model(ckpt["path"], cfg.tokenizer_file or "", d.device,
+                                    common.resolve_dtype(cfg.dtype, d.device), cfg.use_ema, ckpt=ckpt)
+    sampling = BlockSampling(cfg.sampler, cfg.sample_steps, cfg.top_p, cfg.top_p_rule, temperature=1.0)
+    sampler = BlockDiffusionEngine(lm, cfg.eval_batch_size, sampling, cfg.kv_cache, seed=cfg.seed)
+    hierarchical = cfg.data == "hierarchical"
+    if hierarchical:
         prompts = [r["question"] for r in plan_items(cfg, "val")][:cfg.num_samples]
     else:
         prompts = [""] * cfg.num_samples
-    out, fixed, nfe, seconds = run_generation(cfg, d, model, info, tok, prompts)
-    generated = int((~fixed).sum())
+    t0 = time.time()
+    outs = sampler.generate([lm.tok.encode(p) for p in prompts], max_new_tokens=cfg.seq_len)
+    seconds = time.time() - t0
+    nfe = sampler.network_calls
+    # the positions the sampler filled per row (everything but the question segment; padding after an end of
+    # text included), so tokens/s compares across samplers and with the cache on or off
+    generated = len(prompts) * (cfg.seq_len - (ckpt["bd3lm"]["segment_lens"][0] if hierarchical else 0))
     records = []
-    for i, p in enumerate(prompts):
-        segs = decode_segments(tok, out[i].tolist(), fixed[i].tolist(), info)  # each cut at its end of text
-        records.append({"id": i, "prompt": p, "text": "".join(segs.values()),
-                        **({"segments": segs} if cfg.data == "hierarchical" else {})})
+    for i, (p, (c,)) in enumerate(zip(prompts, outs)):  # every segment's text is cut at its end of text
+        records.append({"id": i, "prompt": p, "text": "".join(c.segments.values()) if hierarchical else c.text,
+                        **({"segments": c.segments} if hierarchical else {})})
     results = {"mode": "sample", "checkpoint": ckpt["path"], "sampler": cfg.sampler, "kv_cache": cfg.kv_cache,
                "block_size": cfg.block_size, "top_p": cfg.top_p, "top_p_rule": cfg.top_p_rule,
                "num_samples": len(prompts), "nfe": nfe, "generated_tokens": generated, "seconds": seconds,

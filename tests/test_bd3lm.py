@@ -172,8 +172,8 @@ def test_kv_cached_sampling_gives_the_same_tokens(sampler, segments):
     fixed[0, :5], fixed[1, :9] = True, True  # prompts of different lengths, not on block boundaries
     out = {}
     for cache in (True, False):
-        out[cache] = bd.generate(model, prompt, fixed.clone(), ids, ends, 38, 38, 37, cfg,
-                                 torch.Generator().manual_seed(11), cache)
+        out[cache] = engine.block_diffusion_generate(model, prompt, fixed.clone(), ids, ends, 38, 38, 37, cfg,
+                                                     torch.Generator().manual_seed(11), cache)
     (a, nfe_a), (b, nfe_b) = out[True], out[False]
     assert torch.equal(a, b) and nfe_a == nfe_b > 0
     assert torch.equal(a[fixed], prompt[fixed]) and not (a == 38).any()  # prompt kept, nothing left masked
@@ -418,8 +418,8 @@ def test_transfer_execution_module_starts_as_a_copy_and_freeze_plan_trains_only_
     model.load_state_dict(after)
     fixed = torch.zeros(2, 128, dtype=torch.bool)
     fixed[:, :48] = True
-    outs = [bd.generate(model, x0, fixed.clone(), ids, [48, 96, 128], 257, 257, 256, bd.Config(),
-                        torch.Generator().manual_seed(3), cache, ex)[0] for cache in (True, False)]
+    outs = [engine.block_diffusion_generate(model, x0, fixed.clone(), ids, [48, 96, 128], 257, 257, 256, bd.Config(),
+                                            torch.Generator().manual_seed(3), cache, ex)[0] for cache in (True, False)]
     assert torch.equal(outs[0], outs[1])
 
 
@@ -659,17 +659,45 @@ def test_block_diffusion_engine_reproduces_the_direct_sampler_on_the_question_se
                for q in questions]
     outs = eng.generate(prompts, max_new_tokens=32, stop=["Question:"])
 
-    cfg = bd.Config(sampler="ancestral", sample_steps=2, top_p=0.9, data="hierarchical")
-    info = lm.info["bd3lm"]
-    x, fixed = bd.prompt_rows(cfg, lm.tok.tok, info, questions)
-    ids = bd.make_block_ids(info["segment_lens"], info["block_size"])
-    direct, _ = bd.generate(lm.model, x, fixed.clone(), ids, bd.segment_ends(info), info["mask_id"], info["n_vocab"],
-                            lm.tok.tok.eot_id, cfg, torch.Generator().manual_seed(7), True)
+    info, tok = lm.info["bd3lm"], lm.tok.tok
+    lens = info["segment_lens"]
+    x = torch.full((2, sum(lens)), tok.eot_id)  # the question segment as train_bd3lm lays it out
+    for i, q in enumerate(questions):
+        x[i, :lens[0]] = torch.tensor(bd.pad_to(tok.encode(f"Question: {q}\n") + [tok.eot_id], lens[0], tok.eot_id)[0])
+    fixed = torch.zeros_like(x, dtype=torch.bool)
+    fixed[:, :lens[0]] = True
+    ids = bd.make_block_ids(lens, info["block_size"])
+    direct, _ = engine.block_diffusion_generate(lm.model, x, fixed.clone(), ids, [48, 96, 128], info["mask_id"],
+                                                info["n_vocab"], tok.eot_id, sampling, torch.Generator().manual_seed(7),
+                                                True, temperature=1.0)
     for i, (c,) in enumerate(outs):
-        segs = bd.decode_segments(lm.tok.tok, direct[i].tolist(), fixed[i].tolist(), info)
+        segs = engine.segment_ids(direct[i].tolist(), fixed[i].tolist(), lens, info["segment_names"], {tok.eot_id})
+        segs = {k: tok.decode(engine.strip_eos(v, lm.tok)) for k, v in segs.items()}
         assert c.segments["plan"] == segs["plan"] and c.record == {"plan": segs["plan"]}
         assert c.text == segs["execution"].split("Question:")[0] and len(c.content_ids) <= 32
         assert c.finish_reason in ("eos", "stop", "length")
+
+
+def test_mode_sample_is_the_engine_sampler_at_temperature_one(gsm8k_files, tmp_path):
+    """mode=sample samples through engine.BlockDiffusionEngine: a flat row generated whole from all [MASK] with the
+    run's seed at temperature 1, each text cut at its first end of text; results.json counts the network calls and
+    the positions filled."""
+    run, out = str(tmp_path / "flat"), str(tmp_path / "s")
+    bd.main(gsm8k_args(gsm8k_files, run, max_steps=2))
+    res = bd.main(gsm8k_args(gsm8k_files, out, mode="sample", checkpoint=run, num_samples=3, sampler="ancestral",
+                             sample_steps=2, seed=9))
+    got = common.read_jsonl(os.path.join(out, "samples.jsonl"))
+    lm = engine.load_block_diffusion_model(run)
+    eot = lm.tok.tok.eot_id
+    direct, nfe = engine.block_diffusion_generate(
+        lm.model, torch.full((3, 64), eot), torch.zeros(3, 64, dtype=torch.bool), bd.make_block_ids([64], 8), [64],
+        257, 257, eot, bd.Config(sampler="ancestral", sample_steps=2), torch.Generator().manual_seed(9), True)
+    texts = [lm.tok.decode(row[:row.index(eot)] if eot in row else row) for row in direct.tolist()]
+    assert [r["text"] for r in got] == texts and all(r["prompt"] == "" and r["nfe"] == nfe for r in got)
+    assert res["nfe"] == nfe > 0 and res["generated_tokens"] == 3 * 64 and res["num_samples"] == 3
+    assert json.load(open(os.path.join(out, "results.json")))["nfe"] == nfe
+    with pytest.raises(common.ConfigError, match="'num_samples' must be positive"):
+        bd.main(gsm8k_args(gsm8k_files, out, mode="sample", checkpoint=run, num_samples=0))
 
 
 def test_flat_engine_keeps_the_prompt_and_greedy_is_repeatable(gsm8k_files, tmp_path):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import engine
 import model as model_lib
 import train_bd3lm as bd
 from model import GPT, block_diffusion_mask
@@ -186,8 +187,8 @@ def test_mapped_model_samples_the_same_with_and_without_kv_cache():
     outs = []
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(0)
-        out, _ = bd.generate(model, x.clone(), fixed.clone(), block_ids, [n], n_vocab - 1, n_vocab - 1, 0, cfg, g,
-                             use_cache)
+        out, _ = engine.block_diffusion_generate(model, x.clone(), fixed.clone(), block_ids, [n], n_vocab - 1,
+                                                 n_vocab - 1, 0, cfg, g, use_cache)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     assert (outs[0][:, 3:] != n_vocab - 1).all()  # every masked position was filled
