@@ -534,18 +534,24 @@ def unsharded_copy(cfg, model, kind, full_state):
     return plain
 
 
+def adapter_only(cfg):
+    """out_dir/hf holds the LoRA adapter, not a whole model: merge_lora=false, or a 4/8-bit base (a merge into
+    quantised weights would lose the adapter's precision)."""
+    return cfg.lora and (not cfg.merge_lora or cfg.load_in_4bit or cfg.load_in_8bit)
+
+
 def save_hf(cfg, model, kind, tok, folder, info):
     """out_dir/hf: native GPT -> model.save_hf_folder; HF -> save_pretrained + tokenizer + generation config."""
     import shutil
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.lora and cfg.merge_lora and not (cfg.load_in_4bit or cfg.load_in_8bit):
+    if cfg.lora and not adapter_only(cfg):
         model = model.merge_and_unload()
     elif cfg.lora:
         info["note"] = "LoRA adapter only (merge_lora=false or a quantised base): load it with peft on " + cfg.model
     if isinstance(tok, engine_lib.NativeTokenizer) and kind == "native":
         model_lib.save_hf_folder(model, tok.tok, tmp, {**info, "tokenizer": tok.tok.spec})
-    elif isinstance(tok, engine_lib.NativeTokenizer) and not (cfg.lora and not cfg.merge_lora):  # merged LoRA on a native model
+    elif isinstance(tok, engine_lib.NativeTokenizer) and not adapter_only(cfg):  # merged LoRA on a native model
         model_lib.save_hf_folder(model_lib.from_hf(model), tok.tok, tmp, {**info, "tokenizer": tok.tok.spec})
     else:
         from transformers import GenerationConfig
@@ -554,7 +560,7 @@ def save_hf(cfg, model, kind, tok, folder, info):
             common.hf_tokenizer(tok.tok, cfg.max_length).save_pretrained(tmp)
         else:
             tok.tok.save_pretrained(tmp)
-        if not (cfg.lora and not cfg.merge_lora):
+        if not adapter_only(cfg):
             gen = getattr(model, "generation_config", None) or GenerationConfig()
             gen.eos_token_id, gen.pad_token_id = tok.eos_id, tok.pad_id
             gen.save_pretrained(tmp)
@@ -896,7 +902,7 @@ def write_hf_folder(cfg, d, model, lm, fmt, step, eval_losses, evals, logger):
                                                        "step": step, "eval_loss": eval_losses})
         logger.info(f"saved {folder}")
         results["hf_folder"] = folder
-        if cfg.gen_eval and cfg.objective == "sft" and not (cfg.lora and not cfg.merge_lora):
+        if cfg.gen_eval and cfg.objective == "sft" and not adapter_only(cfg):
             replies = (seq2seq_replies if lm.kind == "seq2seq" else engine_replies)(cfg, folder, fmt, lm.tok, d)
             results["generation"] = generation_accuracy(replies, evals, logger)
     common.barrier(d)
