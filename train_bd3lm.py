@@ -52,7 +52,6 @@ import torch.nn.functional as F
 
 from tasks import gsm8k as gsm8k_task, synthetic
 from engine import BlockDiffusionEngine, BlockKVCache, BlockSampling, load_block_diffusion_model
-from engine import block_diffusion_generate as generate  # noqa: F401  bench/bench_bd3lm.py calls bd.generate
 from model import (GPT, GPTConfig, MODEL_SIZES, block_diffusion_mask, exec_positions_of, flex_block_diffusion_mask,
                    is_published_bd3lm, make_block_ids, model_config, published_bd3lm)
 

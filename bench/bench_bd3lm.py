@@ -15,7 +15,7 @@ every variant once, in a rotated order, and there are `repeats` rounds. Reported
 rounds with the lowest and highest, tokens per CPU-second (process CPU time, the figure that holds on a machine
 busy with other work), and the median over rounds of the ratio to AR in the same round (slow drift cancels).
 
-Sampling (train_bd3lm.generate, first-hitting and ancestral): the same samples with and without the KV cache of
+Sampling (engine.block_diffusion_generate, first-hitting and ancestral): the same samples with and without the KV cache of
 clean blocks (same seed, same tokens: the script checks it), network calls (NFE) and generated tokens/s, medians
 over `repeats`. A checkpoint= samples a trained model; by default a fresh one (NFE and speed do not need a
 trained model, only the tokens do).
@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import engine  # noqa: E402
 import train_bd3lm as bd  # noqa: E402
 from model import GPT, model_config  # noqa: E402
 
@@ -151,8 +152,8 @@ def bench_sampling(cfg, device):
                 g = torch.Generator(device=device).manual_seed(cfg.seed)
                 common.synchronize(device.type)
                 t0 = time.perf_counter()
-                out, nfe = bd.generate(model, x.clone(), fixed.clone(), block_ids, [L], mask_id, n_vocab, eos, scfg,
-                                       g, use_cache)
+                out, nfe = engine.block_diffusion_generate(model, x.clone(), fixed.clone(), block_ids, [L], mask_id,
+                                                           n_vocab, eos, scfg, g, use_cache)
                 common.synchronize(device.type)
                 speeds.append(int((~fixed).sum()) / (time.perf_counter() - t0))
             results[use_cache] = (out, nfe, speeds)
