@@ -154,3 +154,39 @@ def test_stop_strings_eos_and_finish_reasons(models):
     assert all(out[0].finish_reason in ("stop", "length") for out in stopped)
     with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
         engine.generate(prompts, 64)
+
+
+def test_one_tokenizer_interface_and_its_two_eos_rules():
+    """eos_id is what a trained reply ends with (the tokenizer's EOS); eos_ids, what ends a generation, adds the
+    generation config's end-of-turn ids. The native tokenizer gives the same interface with one id for both."""
+    import common
+    from transformers import GenerationConfig
+    base = common.Tokenizer("byte", extra_tokens=["<|im_start|>", "<|im_end|>"])
+    hf_tok = common.hf_tokenizer(base, 512)
+    end_of_turn = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    tok = engine_lib.HFTokenizer(hf_tok, GenerationConfig(eos_token_id=[end_of_turn]))
+    assert tok.eos_id == hf_tok.eos_token_id != end_of_turn
+    assert tok.eos_ids == {tok.eos_id, end_of_turn}
+    assert tok.pad_id in (hf_tok.pad_token_id, tok.eos_id)
+    assert engine_lib.HFTokenizer(hf_tok).eos_ids == {tok.eos_id}  # no generation config: the tokenizer's alone
+    native = engine_lib.NativeTokenizer(base)
+    assert native.eos_ids == {native.eos_id} and native.eos_id == base.eot_id
+    for t in (tok, native):  # the same methods, the same ids for plain text
+        assert t.encode_reply("7*8=56") == t.encode("7*8=56") and t.decode(t.encode("12 + 3")) == "12 + 3"
+        assert not t.has_mul_tokens
+
+
+def test_load_model_for_training_adds_lora_on_the_hf_twin_of_a_native_checkpoint(models):
+    """train=True with lora: a native checkpoint becomes its HF GPT-2 twin with peft adapters, in train mode; its
+    logits before any step are the eval load's (LoRA's B starts at zero)."""
+    path = models[0].name
+    lm = engine_lib.load_model(path, train=True, lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": []})
+    assert lm.kind == "hf" and lm.model.training and lm.lora_targets == engine_lib.LORA_TARGETS["gpt2"]
+    trained = [n for n, p in lm.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    ref = engine_lib.load_model(path)
+    assert ref.kind == "native" and not ref.model.training
+    ids = torch.tensor([ref.tok.encode("Q: 2+3?\nA:")])
+    lm.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lm.logits(ids)[..., :ref.tok.vocab_size], ref.logits(ids), atol=1e-4, rtol=0)
